@@ -1,0 +1,41 @@
+# flowpress: `make quantize` (the main job) and `make test`. Both create .venv when missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RECIPE ?= recipes/digits-unet-int8.yaml
+TEACHER_RECIPE ?= recipes/digits-teacher.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: install quantize compare engines teacher classifier test quality clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the CPU build of torch first (a local wheel on these machines), then the rest
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quantize: $(STAMP)
+	$(PY) -m flowpress quantize --recipe $(RECIPE)
+
+compare: $(STAMP)
+	$(PY) -m flowpress compare --recipe $(RECIPE)
+
+teacher: $(STAMP)
+	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)
+
+classifier: $(STAMP)
+	$(PY) -m flowpress classifier
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+quality: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf runs .pytest_cache

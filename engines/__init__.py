@@ -1,0 +1,34 @@
+"""Engines: runtimes behind one protocol, the engine-driven sampler, compare / report / gate."""
+
+from engines.base import Engine, EngineVelocity, OrtEngine, TorchEngine, check_steps
+from engines.compare import (
+    CompareConfig,
+    Comparison,
+    GateConfig,
+    compare,
+    frechet_distance,
+    median_step_ms,
+    psnr_db,
+    quality,
+    rel_l2,
+)
+from engines.report import report_dict, write_report
+
+__all__ = [
+    "CompareConfig",
+    "Comparison",
+    "Engine",
+    "EngineVelocity",
+    "GateConfig",
+    "OrtEngine",
+    "TorchEngine",
+    "check_steps",
+    "compare",
+    "frechet_distance",
+    "median_step_ms",
+    "psnr_db",
+    "quality",
+    "rel_l2",
+    "report_dict",
+    "write_report",
+]

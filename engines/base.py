@@ -1,0 +1,86 @@
+"""The Engine protocol: anything that maps (x, step, cond) -> v on a fixed schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from export import StepModel, ort_session
+from sampling import FlowpressError, Schedule
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """v = engine(x, step, cond).  x: (B, C, H, W); step: (B,) int64 grid index; cond: (B,) int64."""
+
+    name: str
+    schedule: Schedule
+
+    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor: ...
+
+
+def check_steps(engine: Engine, step: Tensor) -> None:
+    last = engine.schedule.n_steps
+    if int(step.min()) < 0 or int(step.max()) > last:
+        raise FlowpressError(
+            f"engine {engine.name}: step {int(step.max())} is outside its schedule (0..{last}, "
+            f"{engine.schedule.n_steps} steps); rebuild the engine for this step count (`make engines`)"
+        )
+
+
+class TorchEngine:
+    """Any VelocityModel (FP or fake-quant) as an engine: the reference for every comparison."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, name: str = "torch"):
+        self.name = name
+        self.schedule = schedule
+        self.step_model = StepModel(model, schedule).eval()
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+        check_steps(self, step)
+        return self.step_model(x, step, cond)
+
+
+class OrtEngine:
+    """An ONNX graph (x, step[, class_labels]) -> v run by onnxruntime on the CPU provider."""
+
+    def __init__(self, path: str | Path, schedule: Schedule, name: str = "onnxruntime", threads: int = 0):
+        self.name = name
+        self.schedule = schedule
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FlowpressError(f"{self.path}: engine file missing; build it with `make engines`")
+        self.session = ort_session(self.path, "all", threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+        check_steps(self, step)
+        feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
+        if "class_labels" in self.input_names:
+            if cond is None:
+                raise FlowpressError(f"engine {self.path}: this engine needs class labels")
+            feeds["class_labels"] = cond.numpy()
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+class EngineVelocity:
+    """An engine behind the sampler's (x, t, cond) -> v call: t is looked up in the schedule."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.times = engine.schedule.times
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        distance = (t.reshape(-1, 1) - self.times.reshape(1, -1)).abs()
+        gap, step = distance.min(dim=1)
+        if float(gap.max()) > 1e-6:
+            raise FlowpressError(
+                f"engine {self.engine.name}: t={float(t[int(gap.argmax())]):.6f} is not on its "
+                f"{self.engine.schedule.n_steps}-step schedule; rebuild the engine (`make engines`)"
+            )
+        return self.engine(x, step, cond)

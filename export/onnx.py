@@ -1,0 +1,179 @@
+"""torch -> ONNX: the engine-facing graph (x, step, class_labels) -> v, with Q/DQ flavours."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from compress import LayerQuant, QuantizedModel
+from sampling import FlowpressError, Schedule
+
+Flavour = Literal["ort-cpu", "tensorrt"]
+INPUTS_COND = ["x", "step", "class_labels"]
+INPUTS_UNCOND = ["x", "step"]
+WRAPPED = "model"  # attribute name of the wrapped VelocityModel inside StepModel
+
+
+class StepModel(nn.Module):
+    """Engine-facing model: v = model(x, times[step], class_labels); the schedule is baked in."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.model = model
+        self.register_buffer("times", schedule.times)
+
+    def forward(self, x: Tensor, step: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.model(x, self.times[step], class_labels)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """flavour: 'ort-cpu' (uint8 activations, zero-point 128; int8 per-channel weights; Conv
+    outputs quantized so onnxruntime fuses QLinearConv) or 'tensorrt' (all int8, zero-point 0)."""
+
+    flavour: Flavour = "ort-cpu"
+    opset: int = 19
+
+    def __post_init__(self) -> None:
+        if self.flavour not in ("ort-cpu", "tensorrt"):
+            raise FlowpressError(f"export: flavour must be 'ort-cpu' or 'tensorrt', got {self.flavour!r}")
+
+
+def export_onnx(
+    model: nn.Module,
+    schedule: Schedule,
+    path: str | Path,
+    config: ExportConfig = ExportConfig(),
+    quant: QuantizedModel | None = None,
+) -> Path:
+    """Write the FP graph of `model` (a VelocityModel) to `path`, with Q/DQ when `quant` is given.
+
+    Q/DQ nodes are placed from quant.layers (modelopt's calibrated amax values) on the
+    full-precision graph, so placement is ours and the same for every backend.
+    """
+    import onnx
+
+    path = Path(path)
+    conditional = bool(getattr(model, "num_classes", None))
+    step_model = StepModel(model, schedule).eval()
+    shape = tuple(getattr(model, "sample_shape"))
+    example = [torch.zeros(2, *shape), torch.tensor([0, schedule.n_steps - 1], dtype=torch.int64)]
+    names = INPUTS_COND if conditional else INPUTS_UNCOND
+    if conditional:
+        example.append(torch.zeros(2, dtype=torch.int64))
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            step_model,
+            tuple(example),
+            str(tmp),
+            input_names=names,
+            output_names=["v"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
+            opset_version=config.opset,
+            dynamo=False,
+        )
+    proto = onnx.load(str(tmp))
+    if quant is not None:
+        insert_qdq(proto, quant.layers, config.flavour)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _module_of(node_name: str) -> str:
+    """'/model/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet.down_blocks.0.resnets.0.conv1'."""
+    scope = node_name.strip("/").split("/")[:-1]
+    if scope and scope[0] == WRAPPED:
+        scope = scope[1:]
+    return ".".join(scope)
+
+
+def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None:  # noqa: ANN001
+    """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(int8 W) and Q/DQ(x)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    act_dtype, act_zp = (np.uint8, 128) if flavour == "ort-cpu" else (np.int8, 0)
+    new_nodes = []
+    new_inits = []
+    found: set[str] = set()
+    for node in graph.node:
+        name = _module_of(node.name)
+        layer = layers.get(name)
+        if layer is None or node.op_type not in ("Conv", "MatMul", "Gemm") or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        found.add(name)
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                raise FlowpressError(f"export: Gemm {node.name} has transA/alpha/beta; cannot place Q/DQ on it")
+            if attrs.get("transB", 0):
+                weight = weight.T
+        axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
+        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / 127.0
+        bshape = [1] * weight.ndim
+        bshape[axis] = -1
+        w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -128, 127).astype(np.int8)
+        prefix = name
+        new_inits += [
+            numpy_helper.from_array(w_int8, f"{prefix}.weight_int8"),
+            numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
+            numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
+            numpy_helper.from_array(np.array(_act_scale(layer.input_amax), np.float32), f"{prefix}.input_scale"),
+            numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
+        ]
+        x_in = node.input[0]
+        new_nodes += [
+            helper.make_node("QuantizeLinear", [x_in, f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_q"], name=f"{prefix}.input_Q"),
+            helper.make_node("DequantizeLinear", [f"{prefix}.input_q", f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_dq"], name=f"{prefix}.input_DQ"),
+            helper.make_node("DequantizeLinear", [f"{prefix}.weight_int8", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis),
+        ]  # fmt: skip
+        out = node.output[0]
+        quant_out = flavour == "ort-cpu" and layer.output_amax is not None
+        y = f"{prefix}.output_float" if quant_out else out
+        if node.op_type == "Gemm":
+            bias = list(node.input[2:3])
+            mm_out = f"{prefix}.matmul_out" if bias else y
+            new_nodes.append(helper.make_node("MatMul", [f"{prefix}.input_dq", f"{prefix}.weight_dq"], [mm_out], name=node.name + "_MatMul"))
+            if bias:
+                new_nodes.append(helper.make_node("Add", [mm_out, bias[0]], [y], name=node.name + "_Add"))
+        else:
+            inputs = [f"{prefix}.input_dq", f"{prefix}.weight_dq", *node.input[2:]]
+            new_nodes.append(helper.make_node(node.op_type, inputs, [y], name=node.name, domain=node.domain))
+            new_nodes[-1].attribute.extend(node.attribute)
+        if quant_out:
+            assert layer.output_amax is not None
+            new_inits += [
+                numpy_helper.from_array(np.array(_act_scale(layer.output_amax), np.float32), f"{prefix}.output_scale"),
+                numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.output_zero_point"),
+            ]
+            new_nodes += [
+                helper.make_node("QuantizeLinear", [y, f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [f"{prefix}.output_q"], name=f"{prefix}.output_Q"),
+                helper.make_node("DequantizeLinear", [f"{prefix}.output_q", f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [out], name=f"{prefix}.output_DQ"),
+            ]  # fmt: skip
+    missing = sorted(set(layers) - found)
+    if missing:
+        raise FlowpressError(f"export: quantized layers not found in the ONNX graph: {', '.join(missing[:5])}")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+
+
+def _act_scale(amax: float) -> float:
+    return max(float(amax), 1e-12) / 127.0

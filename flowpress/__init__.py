@@ -1,0 +1,1 @@
+"""flowpress: CLI, recipe schema, stage chaining, run directory and manifest."""

@@ -1,0 +1,5 @@
+import sys
+
+from flowpress.cli import main
+
+sys.exit(main())

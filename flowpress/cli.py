@@ -1,0 +1,67 @@
+"""`flowpress` command line: one subcommand per user task; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sampling import FlowpressError
+
+DEFAULT_RECIPE = "recipes/digits-unet-int8.yaml"
+DEFAULT_TEACHER = "recipes/digits-teacher.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowpress", description="Compress flow / diffusion image models into validated engines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="calibrate, quantize, export, build the engine and compare it with FP")
+    q.add_argument("--recipe", default=DEFAULT_RECIPE)
+    q.add_argument("--runs", default="runs", help="parent directory of run directories")
+    c = sub.add_parser("compare", help="re-run the FP-vs-engine comparison of an existing run")
+    c.add_argument("--recipe", default=DEFAULT_RECIPE)
+    c.add_argument("--runs", default="runs")
+    t = sub.add_parser("teacher", help="train the default teacher (and the digit classifier when missing)")
+    t.add_argument("--recipe", default=DEFAULT_TEACHER)
+    k = sub.add_parser("classifier", help="train the digit classifier used for quality metrics")
+    k.add_argument("--out", default="checkpoints/digits-classifier")
+    for p in (q, c, t, k):
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    progress = not args.quiet
+    try:
+
+        from flowpress import pipeline
+        from flowpress.recipe import load_recipe, load_teacher_recipe
+
+        if args.command in ("quantize", "compare"):
+            recipe = load_recipe(args.recipe)
+            run = pipeline.run_quantize if args.command == "quantize" else pipeline.run_compare
+            run_dir, report = run(recipe, args.runs, progress)
+            print(f"[flowpress] {run_dir}: report.json, report.md, samples.png, trajectory_error.png")
+            for line in pipeline.summary_lines(report):
+                print(f"[flowpress] {line}")
+            return 0 if report["gate"]["passed"] else 1
+        if args.command == "teacher":
+            pipeline.run_teacher(load_teacher_recipe(args.recipe), progress)
+            return 0
+        if args.command == "classifier":
+            from models.classifier import ClassifierConfig, train_classifier
+
+            out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
+            print(f"[flowpress] classifier {out}: held-out accuracy {accuracy:.2%}")
+            return 0
+    except FlowpressError as err:
+        print(f"flowpress: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowpress: interrupted; the run directory was not replaced", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

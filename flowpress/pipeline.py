@@ -1,0 +1,264 @@
+"""Stage chaining: recipe -> model -> calibration -> quantize -> export -> engine -> compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibration import CalibrationSet, capture
+from compress import QuantizedModel, quantize, set_output_quant
+from engines import (
+    CompareConfig,
+    OrtEngine,
+    TorchEngine,
+    compare,
+    median_step_ms,
+    report_dict,
+    write_report,
+)
+from export import ExportConfig, StepModel, check_parity, export_onnx, float_weight_ops, ort_session
+from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
+from flowpress.rundir import staged_run, tree_hashes
+from models import DiffusersUNetVelocity, load_digits, load_model
+from models.classifier import ClassifierConfig, DigitClassifier, classifier_accuracy, load_classifier, train_classifier
+from models.teacher import train_teacher
+from sampling import FlowpressError, Schedule, noise_for_seeds, sample
+
+# ||ORT - fake-quant|| / ||fake-quant - FP|| per forward: measured 0.18 with onnxruntime
+# optimizations off and 1.08 with them on (rounding flips amplify through chained
+# quantizers); a broken export (wrong scale or axis) lands far above 2.
+PARITY_MAX_NOISE_RATIO = 2.0
+PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "diffusers", "numpy", "scikit-learn")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):  # noqa: ANN201
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+# ---------------------------------------------------------------- teacher and classifier
+
+
+def ensure_classifier(path: str, progress: bool = True) -> DigitClassifier:
+    if not (Path(path) / "model.safetensors").is_file():
+        print(f"[flowpress] classifier missing at {path}: training it (about half a minute)")
+        train_classifier(ClassifierConfig(out=path), progress)
+    return load_classifier(path)
+
+
+@torch.no_grad()
+def teacher_accuracy(model: DiffusersUNetVelocity, classifier: DigitClassifier, n: int, steps: int, guidance: float) -> float:
+    """Fraction of n samples (steps Euler steps, labels cycling 0..9) recognised as their class."""
+    labels = torch.arange(n) % 10
+    finals = []
+    for start in range(0, n, 100):
+        chunk = list(range(start, min(n, start + 100)))
+        traj = sample(model, noise_for_seeds(chunk, model.sample_shape), labels[chunk], Schedule(steps), guidance, model.null_label)
+        finals.append(traj.final.clamp(-1, 1))
+    return classifier_accuracy(classifier, torch.cat(finals), labels)
+
+
+def run_teacher(recipe: TeacherRecipe, progress: bool = True) -> dict[str, Any]:
+    """Train the teacher (and the classifier when missing), then measure the teacher's bar."""
+    classifier = ensure_classifier(recipe.classifier.path, progress)
+    config = recipe.teacher
+    out = train_teacher(config, progress)
+    model = load_model(out)
+    accuracy = teacher_accuracy(model, classifier, config.eval_samples, config.eval_steps, config.eval_guidance)
+    meta_path = out / "flowpress.json"
+    meta = json.loads(meta_path.read_text())
+    meta["eval"] = {"classifier_acc": accuracy, "samples": config.eval_samples, "steps": config.eval_steps, "guidance": config.eval_guidance}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"[flowpress] teacher {out}: {accuracy:.1%} of {config.eval_samples} samples ({config.eval_steps} Euler steps, guidance {config.eval_guidance}) recognised as their class")
+    return meta
+
+
+def ensure_model(recipe: Recipe, progress: bool = True) -> DiffusersUNetVelocity:
+    path = Path(recipe.model.path)
+    if not path.exists() and recipe.model.teacher_recipe:
+        print(f"[flowpress] model missing at {path}: training it with {recipe.model.teacher_recipe}")
+        teacher = load_teacher_recipe(recipe.model.teacher_recipe)
+        if Path(teacher.teacher.out) != path:
+            raise FlowpressError(f"{recipe.model.teacher_recipe}: teacher.out {teacher.teacher.out!r} differs from model.path {str(path)!r}")
+        run_teacher(teacher, progress)
+    return load_model(path, recipe.model.time_scale)
+
+
+# ---------------------------------------------------------------- quantize, end to end
+
+
+def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]:
+    """n calibration inputs spread over all steps, as engine feeds."""
+    index = torch.linspace(0, len(calib) - 1, n).long()
+    feeds = {"x": calib.x[index], "step": calib.step[index]}
+    if calib.cond is not None:
+        feeds["class_labels"] = calib.cond[index]
+    return feeds
+
+
+def _export_checked(
+    model: DiffusersUNetVelocity, qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet
+) -> dict[str, Any]:
+    """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
+    export_onnx(model, schedule, path, ExportConfig(flavour=flavour), qmodel)  # type: ignore[arg-type]
+    set_output_quant(qmodel, flavour == "ort-cpu")
+    feeds = _parity_feeds(calib)
+    reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(model, schedule).eval()
+    parity = check_parity(path, reference, feeds, fp, PARITY_MAX_NOISE_RATIO)
+    set_output_quant(qmodel, True)
+    return {"flavour": flavour, "parity": [dataclasses.asdict(p) for p in parity], "float_weight_ops": float_weight_ops(path)}
+
+
+def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The whole chain into runs/<name>/; returns (run dir, report). The gate decides the exit code."""
+    timer = Timer()
+    schedule = recipe.sampling.schedule()
+    final_dir = Path(runs_root) / recipe.name
+    with timer.stage("load"):
+        model = ensure_model(recipe, progress)
+        classifier = ensure_classifier(recipe.classifier.path, progress)
+    if not model.num_classes:
+        raise FlowpressError(f"{recipe.model.path}: flowpress compares class-conditional models for now (num_class_embeds is unset)")
+    guidance, null = recipe.sampling.guidance, model.null_label
+    with staged_run(final_dir) as run:
+        with timer.stage("calibrate"):
+            calib = capture(model, model.sample_shape, model.num_classes, schedule, recipe.calibration, guidance, null)
+            (run / "calibration").mkdir()
+            calib.save(run / "calibration" / "inputs.safetensors")
+        with timer.stage("quantize"):
+            qmodel = quantize(model, recipe.quantize, calib)
+        with timer.stage("export"):
+            export_onnx(model, schedule, run / "fp32.onnx")
+            fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
+            check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
+            flavour = recipe.export.flavour
+            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+            exports = [
+                _export_checked(model, qmodel, schedule, flavour, run / "model.onnx", calib),
+                _export_checked(model, qmodel, schedule, other, run / f"model.{other}.onnx", calib),
+            ]
+        with timer.stage("engine"):
+            (run / "engine").mkdir()
+            ort_session(run / "model.onnx", "extended", optimized_path=str(run / "engine" / "model.opt.onnx"))
+            engine_manifest = {
+                "runtime": "onnxruntime",
+                "provider": "CPUExecutionProvider",
+                "flavour": flavour,
+                "source": "model.onnx",
+                "schedule": schedule.as_dict(),
+                "onnxruntime": metadata.version("onnxruntime"),
+            }
+            (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
+        report = _compare_stage(recipe, model, classifier, run, timer, progress)
+        manifest = {
+            "recipe": to_dict(recipe),
+            "versions": versions(),
+            "schedule": schedule.as_dict(),
+            "calibration": {"seeds": [recipe.calibration.seed_base, recipe.calibration.seed_base + recipe.calibration.n_samples - 1], "inputs": len(calib)},
+            "quantized_layers": sorted(qmodel.layers),
+            "exports": exports,
+            "inputs": {"model": tree_hashes(Path(recipe.model.path)), "classifier": tree_hashes(Path(recipe.classifier.path))},
+            "stage_seconds": timer.seconds,
+        }
+        manifest["outputs"] = tree_hashes(run)
+        (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return final_dir, report
+
+
+def _compare_stage(
+    recipe: Recipe, model: DiffusersUNetVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
+) -> dict[str, Any]:
+    schedule = recipe.sampling.schedule()
+    config = CompareConfig(
+        n_samples=recipe.compare.n_samples,
+        seed_base=recipe.compare.seed_base,
+        batch_size=recipe.compare.batch_size,
+        guidance=recipe.sampling.guidance,
+        null_label=model.null_label,
+        gate=recipe.gate,
+    )
+    reference = TorchEngine(model, schedule, "torch-fp32")
+    engine = OrtEngine(run / "engine" / "model.opt.onnx", schedule, "ort-int8")
+    real = load_digits("all").images
+    with torch.no_grad():
+        real_features = torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
+    with timer.stage("compare"):
+        comparison = compare(reference, engine, config, classifier, real_features, model.sample_shape, model.num_classes, progress)
+    with timer.stage("latency"):
+        runtimes = {"torch_fp32": reference, "ort_fp32": OrtEngine(run / "fp32.onnx", schedule, "ort-fp32"), "engine": engine}
+        latency = {
+            name: {f"b{b}": median_step_ms(rt, b, model.sample_shape, recipe.compare.latency_runs) for b in (1, 8)}
+            for name, rt in runtimes.items()
+        }
+    sizes = {"fp32_onnx": (run / "fp32.onnx").stat().st_size, "engine": (run / "engine" / "model.opt.onnx").stat().st_size}
+    extra = {
+        "recipe": recipe.name,
+        "precision": recipe.quantize.precision,
+        "flavour": recipe.export.flavour,
+        "engine": engine.name,
+        "schedule": {"n_steps": schedule.n_steps, "method": schedule.method, "guidance": recipe.sampling.guidance},
+        "latency_note": "median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
+        f"{recipe.compare.latency_runs} runs after warm-up, {torch.get_num_threads()} torch threads",
+    }
+    report = report_dict(comparison, latency, sizes, extra)
+    write_report(run, comparison, report, f"{recipe.name}: {engine.name} vs FP")
+    return report
+
+
+def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Re-run the compare stage on an existing run directory (staged, then swapped in)."""
+    final_dir = Path(runs_root) / recipe.name
+    if not (final_dir / "manifest.json").is_file():
+        raise FlowpressError(f"{final_dir}: no finished run to compare; run `make quantize RECIPE=...` first")
+    model = ensure_model(recipe, progress)
+    classifier = ensure_classifier(recipe.classifier.path, progress)
+    timer = Timer()
+    with staged_run(final_dir) as run:
+        shutil.copytree(final_dir, run, dirs_exist_ok=True)
+        report = _compare_stage(recipe, model, classifier, run, timer, progress)
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["stage_seconds"].update(timer.seconds)
+        manifest["outputs"] = tree_hashes(run)
+        (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return final_dir, report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    q, lat = report["quality"], report["latency_ms"]
+    lines = [
+        f"final PSNR vs FP {report['final']['psnr_db']:.2f} dB, rel L2 {report['final']['rel_l2']:.4f}",
+        f"classifier acc FP {q['reference']['classifier_acc']:.3f} / engine {q['engine']['classifier_acc']:.3f}; "
+        f"FD FP {q['reference']['fd']:.3f} / engine {q['engine']['fd']:.3f}",
+        "ms per forward b8: " + ", ".join(f"{k} {v['b8']:.2f}" for k, v in lat.items()),
+    ]
+    for check in report["gate"]["checks"]:
+        status = "ok" if check["passed"] else "FAILED"
+        lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
+    lines.append("gate: PASSED" if report["gate"]["passed"] else "gate: FAILED")
+    return lines
+
