@@ -69,7 +69,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     from scipy import linalg
 
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    # ReLU features have dead dimensions: a tiny ridge keeps the covariances invertible.
+    ridge = 1e-6 * np.eye(features_a.shape[1])
+    cov_a, cov_b = np.cov(features_a, rowvar=False) + ridge, np.cov(features_b, rowvar=False) + ridge
     covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 

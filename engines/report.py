@@ -76,7 +76,7 @@ def _grid(images: Tensor, rows: int, cols: int) -> np.ndarray:
 
 
 def plot_samples(comparison: Comparison, path: Path) -> None:
-    """FP (left) and engine (right) samples of the same seeds; one row per class."""
+    """FP (left) and engine (right) samples of the same seeds; one column per class."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def plot_samples(comparison: Comparison, path: Path) -> None:
     n = min(100, len(comparison.seeds))
     cols = 10
     order = torch.arange(n)
-    if comparison.labels is not None:  # rows = classes, columns = successive seeds of that class
+    if comparison.labels is not None:  # columns = classes, rows = successive seeds of that class
         order = torch.argsort(comparison.labels[:n] * n + torch.arange(n), stable=True)
         order = order.reshape(-1, cols).T.reshape(-1) if n % cols == 0 else order
     rows = (n + cols - 1) // cols

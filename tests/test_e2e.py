@@ -1,0 +1,90 @@
+"""The whole chain on a tiny model through the CLI, as a user runs it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engines import EngineVelocity, OrtEngine
+from flowpress.cli import main
+from sampling import FlowpressError, Schedule
+
+from .conftest import CLASSIFIER
+
+RECIPE = """
+name: tiny-int8
+model: {{path: {model}}}
+sampling: {{steps: 4, guidance: 2.0}}
+calibration: {{n_samples: 8}}
+compare: {{n_samples: 20, batch_size: 10, latency_runs: 3}}
+gate: {{min_final_psnr_db: {psnr}, max_classifier_acc_drop: 0.5}}
+classifier: {{path: {classifier}}}
+"""
+
+
+def recipe_file(tmp_path, model, psnr=10.0, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(RECIPE.format(model=model, psnr=psnr, classifier=CLASSIFIER))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    code = main(["quantize", "--recipe", str(recipe_file(tmp, tiny_model_dir)), "--runs", str(tmp / "runs"), "--quiet"])
+    return code, tmp / "runs" / "tiny-int8"
+
+
+@pytest.mark.slow
+def test_quantize_writes_the_run_directory_contract(run):
+    code, run_dir = run
+    assert code == 0
+    for name in ["manifest.json", "calibration/inputs.safetensors", "model.onnx", "engine/model.opt.onnx",
+                 "report.json", "report.md", "trajectory_error.png", "samples.png", "samples.npz"]:  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["gate"]["passed"] is True and report["gate"]["thresholds"]["min_final_psnr_db"] == 10.0
+    assert [row["step"] for row in report["per_step"]] == [0, 1, 2, 3, 4]
+    assert report["per_step"][0]["rel_l2"] == 0.0  # same noise for FP and engine
+    assert 0 < report["per_step"][-1]["rel_l2"] < 0.5 and report["final"]["psnr_db"] > 20
+    for key in ("classifier_acc", "fd"):
+        assert key in report["quality"]["reference"] and key in report["quality"]["engine"]
+    for runtime in ("torch_fp32", "ort_fp32", "engine"):
+        assert report["latency_ms"][runtime]["b1"] > 0 and report["latency_ms"][runtime]["b8"] > 0
+    assert 0 < report["size_bytes"]["engine"] < report["size_bytes"]["fp32_onnx"]
+    samples = np.load(run_dir / "samples.npz")
+    assert samples["fp"].shape == samples["engine"].shape == (20, 1, 16, 16)
+    assert samples["labels"].tolist() == [i % 10 for i in range(20)] and samples["seeds"].tolist() == list(range(20))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["schedule"]["n_steps"] == 4 and manifest["outputs"]["model.onnx"]
+    assert not list(run_dir.parent.glob(".*"))  # no temporary siblings left behind
+
+
+@pytest.mark.slow
+def test_engine_refuses_a_step_outside_its_schedule(run):
+    _, run_dir = run
+    engine = OrtEngine(run_dir / "engine" / "model.opt.onnx", Schedule(4))
+    x = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(FlowpressError, match="outside its schedule"):
+        engine(x, torch.tensor([7]), torch.tensor([1]))
+    with pytest.raises(FlowpressError, match="not on its 4-step schedule"):
+        EngineVelocity(engine)(x, torch.tensor([0.55]), torch.tensor([1]))
+
+
+@pytest.mark.slow
+def test_failed_gate_exits_1_and_says_which_threshold(tiny_model_dir, tmp_path, capsys):
+    code = main(["quantize", "--recipe", str(recipe_file(tmp_path, tiny_model_dir, psnr=200.0)), "--runs", str(tmp_path / "runs"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "gate final_psnr_db" in out and ">= 200: FAILED" in out
+
+
+def test_bad_checkpoint_exits_2_and_leaves_no_run(tmp_path, capsys):
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    code = main(["quantize", "--recipe", str(recipe_file(tmp_path, bad)), "--runs", str(tmp_path / "runs"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(bad) in err
+    assert not (tmp_path / "runs" / "tiny-int8").exists()
