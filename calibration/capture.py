@@ -22,7 +22,9 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.batch_size < 1:
-            raise FlowpressError(f"calibration: n_samples and batch_size must be >= 1, got {self.n_samples}, {self.batch_size}")
+            raise FlowpressError(
+                f"calibration: n_samples and batch_size must be >= 1, got {self.n_samples}, {self.batch_size}"
+            )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,9 @@ def _modelopt_config(config: QuantConfig) -> dict:
     int8 = {"num_bits": 8, "axis": None}
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for parent in ("nn.Conv2d", "nn.Linear"):
-        quant_cfg.append({"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": {"num_bits": 8, "axis": 0}})
+        quant_cfg.append(
+            {"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": {"num_bits": 8, "axis": 0}}
+        )
         quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": int8})
     if config.conv_output_quant:
         quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": int8})
@@ -91,7 +93,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib: CalibrationSet) -> Qu
     for name, module in qmodel.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or _excluded(name, config.exclude):
             continue
-        inq, wq = module.input_quantizer, module.weight_quantizer
+        inq: Any = module.input_quantizer
+        wq: Any = module.weight_quantizer
         if not (inq.is_enabled and wq.is_enabled) or inq.amax is None or wq.amax is None:
             continue
         outq = getattr(module, "output_quantizer", None)

@@ -35,7 +35,9 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if self.n_samples < 2 or self.batch_size < 1:
-            raise FlowpressError(f"compare: n_samples must be >= 2 and batch_size >= 1, got {self.n_samples}, {self.batch_size}")
+            raise FlowpressError(
+                f"compare: n_samples must be >= 2 and batch_size >= 1, got {self.n_samples}, {self.batch_size}"
+            )
 
 
 @dataclass
@@ -77,7 +79,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def quality(classifier: DigitClassifier, samples: Tensor, labels: Tensor, real_features: np.ndarray) -> dict[str, float]:
+def quality(
+    classifier: DigitClassifier, samples: Tensor, labels: Tensor, real_features: np.ndarray
+) -> dict[str, float]:
     """classifier_acc: fraction recognised as the requested class; fd: vs real digits' features."""
     logits = torch.cat([classifier(chunk.clamp(-1, 1)) for chunk in samples.split(256)])
     features = torch.cat([classifier.embed(chunk.clamp(-1, 1)) for chunk in samples.split(256)]).numpy()
@@ -91,17 +95,29 @@ def evaluate_gate(gate: GateConfig, final: dict[str, float], quality_: dict[str,
     checks = []
     ref, eng = quality_["reference"], quality_["engine"]
     if gate.min_final_psnr_db is not None:
-        checks.append(("final_psnr_db", final["psnr_db"], ">=", gate.min_final_psnr_db, final["psnr_db"] >= gate.min_final_psnr_db))
+        checks.append(
+            (
+                "final_psnr_db",
+                final["psnr_db"],
+                ">=",
+                gate.min_final_psnr_db,
+                final["psnr_db"] >= gate.min_final_psnr_db,
+            )
+        )
     if gate.max_classifier_acc_drop is not None:
         drop = ref["classifier_acc"] - eng["classifier_acc"]
-        checks.append(("classifier_acc_drop", drop, "<=", gate.max_classifier_acc_drop, drop <= gate.max_classifier_acc_drop))
+        checks.append(
+            ("classifier_acc_drop", drop, "<=", gate.max_classifier_acc_drop, drop <= gate.max_classifier_acc_drop)
+        )
     if gate.max_fd_ratio is not None:
         ratio = eng["fd"] / max(ref["fd"], 1e-12)
         checks.append(("fd_ratio", ratio, "<=", gate.max_fd_ratio, ratio <= gate.max_fd_ratio))
     return {
         "passed": all(c[4] for c in checks),
         "thresholds": {k: v for k, v in asdict(gate).items() if v is not None},
-        "checks": [{"name": n, "value": v, "op": op, "threshold": th, "passed": bool(ok)} for n, v, op, th, ok in checks],
+        "checks": [
+            {"name": n, "value": v, "op": op, "threshold": th, "passed": bool(ok)} for n, v, op, th, ok in checks
+        ],
     }
 
 
@@ -119,7 +135,9 @@ def compare(
     from tqdm import tqdm
 
     if reference.schedule != engine.schedule:
-        raise FlowpressError(f"compare: engine schedule {engine.schedule} differs from the reference's {reference.schedule}")
+        raise FlowpressError(
+            f"compare: engine schedule {engine.schedule} differs from the reference's {reference.schedule}"
+        )
     schedule = engine.schedule
     seeds = torch.arange(config.seed_base, config.seed_base + config.n_samples)
     labels = torch.arange(config.n_samples) % num_classes if num_classes else None
@@ -144,7 +162,12 @@ def compare(
     fp, eng = torch.cat(finals_fp), torch.cat(finals_engine)
     times = schedule.times.tolist()
     per_step = [
-        {"step": k, "t": times[k], "rel_l2": float(rel_sum[k] / config.n_samples), "cosine": float(cos_sum[k] / config.n_samples)}
+        {
+            "step": k,
+            "t": times[k],
+            "rel_l2": float(rel_sum[k] / config.n_samples),
+            "cosine": float(cos_sum[k] / config.n_samples),
+        }
         for k in range(n_grid)
     ]
     final = {"psnr_db": psnr_db(fp, eng), "rel_l2": float(rel_l2(fp, eng).mean())}

@@ -66,10 +66,10 @@ def plot_trajectory_error(per_step: list[dict[str, float]], path: Path, title: s
 
 
 def _grid(images: Tensor, rows: int, cols: int) -> np.ndarray:
-    images = ((images[: rows * cols].clamp(-1, 1) + 1) / 2).numpy()[:, 0]
-    h, w = images.shape[1:]
+    pixels = ((images[: rows * cols].clamp(-1, 1) + 1) / 2).numpy()[:, 0]
+    h, w = pixels.shape[1:]
     canvas = np.ones((rows * (h + 1), cols * (w + 1)))
-    for i, image in enumerate(images):
+    for i, image in enumerate(pixels):
         r, c = divmod(i, cols)
         canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
     return canvas
@@ -103,7 +103,10 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     gate = report["gate"]
     lines = [f"# {title}", "", f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
     lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']:.4g} | {c['op']} {c['threshold']:g} | {'yes' if c['passed'] else 'NO'} |" for c in gate["checks"]]
+    lines += [
+        f"| {c['name']} | {c['value']:.4g} | {c['op']} {c['threshold']:g} | {'yes' if c['passed'] else 'NO'} |"
+        for c in gate["checks"]
+    ]
     q = report["quality"]
     lines += [
         "",

@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ WRAPPED = "model"  # attribute name of the wrapped VelocityModel inside StepMode
 
 class StepModel(nn.Module):
     """Engine-facing model: v = model(x, times[step], class_labels); the schedule is baked in."""
+
+    times: Tensor
 
     def __init__(self, model: nn.Module, schedule: Schedule):
         super().__init__()
@@ -63,7 +65,7 @@ def export_onnx(
     path = Path(path)
     conditional = bool(getattr(model, "num_classes", None))
     step_model = StepModel(model, schedule).eval()
-    shape = tuple(getattr(model, "sample_shape"))
+    shape = cast(tuple[int, ...], model.sample_shape)
     example = [torch.zeros(2, *shape), torch.tensor([0, schedule.n_steps - 1], dtype=torch.int64)]
     names = INPUTS_COND if conditional else INPUTS_UNCOND
     if conditional:
@@ -147,7 +149,11 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         if node.op_type == "Gemm":
             bias = list(node.input[2:3])
             mm_out = f"{prefix}.matmul_out" if bias else y
-            new_nodes.append(helper.make_node("MatMul", [f"{prefix}.input_dq", f"{prefix}.weight_dq"], [mm_out], name=node.name + "_MatMul"))
+            new_nodes.append(
+                helper.make_node(
+                    "MatMul", [f"{prefix}.input_dq", f"{prefix}.weight_dq"], [mm_out], name=node.name + "_MatMul"
+                )
+            )
             if bias:
                 new_nodes.append(helper.make_node("Add", [mm_out, bias[0]], [y], name=node.name + "_Add"))
         else:

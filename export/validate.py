@@ -77,7 +77,11 @@ def check_parity(
         results.append(Parity(level, cos, ratio))
         broken = (ratio is not None and not ratio <= max_noise_ratio) or (ratio is None and not cos >= min_cosine)
         if broken:
-            measure = f"noise ratio {ratio:.3f} > {max_noise_ratio}" if ratio is not None else f"min cosine {cos:.6f} < {min_cosine}"
+            measure = (
+                f"noise ratio {ratio:.3f} > {max_noise_ratio}"
+                if ratio is not None
+                else f"min cosine {cos:.6f} < {min_cosine}"
+            )
             raise FlowpressError(
                 f"{path}: onnxruntime (optimizations {level}) disagrees with the torch model ({measure}); the export is broken"
             )
@@ -94,5 +98,7 @@ def float_weight_ops(path: str | Path) -> list[str]:
         ort_session(path, "extended", optimized_path=out)
         graph = onnx.load(out).graph
     constants = {init.name for init in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output}
+    constants |= {
+        o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output
+    }
     return [n.name for n in graph.node if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in constants]

@@ -12,7 +12,9 @@ DEFAULT_TEACHER = "recipes/digits-teacher.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowpress", description="Compress flow / diffusion image models into validated engines.")
+    parser = argparse.ArgumentParser(
+        prog="flowpress", description="Compress flow / diffusion image models into validated engines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="calibrate, quantize, export, build the engine and compare it with FP")
     q.add_argument("--recipe", default=DEFAULT_RECIPE)
@@ -33,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     progress = not args.quiet
     try:
-
         from flowpress import pipeline
         from flowpress.recipe import load_recipe, load_teacher_recipe
 

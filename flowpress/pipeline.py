@@ -18,6 +18,7 @@ from calibration import CalibrationSet, capture
 from compress import QuantizedModel, quantize, set_output_quant
 from engines import (
     CompareConfig,
+    Engine,
     OrtEngine,
     TorchEngine,
     compare,
@@ -72,13 +73,22 @@ def ensure_classifier(path: str, progress: bool = True) -> DigitClassifier:
 
 
 @torch.no_grad()
-def teacher_accuracy(model: DiffusersUNetVelocity, classifier: DigitClassifier, n: int, steps: int, guidance: float) -> float:
+def teacher_accuracy(
+    model: DiffusersUNetVelocity, classifier: DigitClassifier, n: int, steps: int, guidance: float
+) -> float:
     """Fraction of n samples (steps Euler steps, labels cycling 0..9) recognised as their class."""
     labels = torch.arange(n) % 10
     finals = []
     for start in range(0, n, 100):
         chunk = list(range(start, min(n, start + 100)))
-        traj = sample(model, noise_for_seeds(chunk, model.sample_shape), labels[chunk], Schedule(steps), guidance, model.null_label)
+        traj = sample(
+            model,
+            noise_for_seeds(chunk, model.sample_shape),
+            labels[chunk],
+            Schedule(steps),
+            guidance,
+            model.null_label,
+        )
         finals.append(traj.final.clamp(-1, 1))
     return classifier_accuracy(classifier, torch.cat(finals), labels)
 
@@ -92,9 +102,16 @@ def run_teacher(recipe: TeacherRecipe, progress: bool = True) -> dict[str, Any]:
     accuracy = teacher_accuracy(model, classifier, config.eval_samples, config.eval_steps, config.eval_guidance)
     meta_path = out / "flowpress.json"
     meta = json.loads(meta_path.read_text())
-    meta["eval"] = {"classifier_acc": accuracy, "samples": config.eval_samples, "steps": config.eval_steps, "guidance": config.eval_guidance}
+    meta["eval"] = {
+        "classifier_acc": accuracy,
+        "samples": config.eval_samples,
+        "steps": config.eval_steps,
+        "guidance": config.eval_guidance,
+    }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"[flowpress] teacher {out}: {accuracy:.1%} of {config.eval_samples} samples ({config.eval_steps} Euler steps, guidance {config.eval_guidance}) recognised as their class")
+    print(
+        f"[flowpress] teacher {out}: {accuracy:.1%} of {config.eval_samples} samples ({config.eval_steps} Euler steps, guidance {config.eval_guidance}) recognised as their class"
+    )
     return meta
 
 
@@ -104,7 +121,9 @@ def ensure_model(recipe: Recipe, progress: bool = True) -> DiffusersUNetVelocity
         print(f"[flowpress] model missing at {path}: training it with {recipe.model.teacher_recipe}")
         teacher = load_teacher_recipe(recipe.model.teacher_recipe)
         if Path(teacher.teacher.out) != path:
-            raise FlowpressError(f"{recipe.model.teacher_recipe}: teacher.out {teacher.teacher.out!r} differs from model.path {str(path)!r}")
+            raise FlowpressError(
+                f"{recipe.model.teacher_recipe}: teacher.out {teacher.teacher.out!r} differs from model.path {str(path)!r}"
+            )
         run_teacher(teacher, progress)
     return load_model(path, recipe.model.time_scale)
 
@@ -122,7 +141,12 @@ def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]
 
 
 def _export_checked(
-    model: DiffusersUNetVelocity, qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet
+    model: DiffusersUNetVelocity,
+    qmodel: QuantizedModel,
+    schedule: Schedule,
+    flavour: str,
+    path: Path,
+    calib: CalibrationSet,
 ) -> dict[str, Any]:
     """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
     export_onnx(model, schedule, path, ExportConfig(flavour=flavour), qmodel)  # type: ignore[arg-type]
@@ -131,7 +155,11 @@ def _export_checked(
     reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(model, schedule).eval()
     parity = check_parity(path, reference, feeds, fp, PARITY_MAX_NOISE_RATIO)
     set_output_quant(qmodel, True)
-    return {"flavour": flavour, "parity": [dataclasses.asdict(p) for p in parity], "float_weight_ops": float_weight_ops(path)}
+    return {
+        "flavour": flavour,
+        "parity": [dataclasses.asdict(p) for p in parity],
+        "float_weight_ops": float_weight_ops(path),
+    }
 
 
 def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
@@ -143,7 +171,9 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
         model = ensure_model(recipe, progress)
         classifier = ensure_classifier(recipe.classifier.path, progress)
     if not model.num_classes:
-        raise FlowpressError(f"{recipe.model.path}: flowpress compares class-conditional models for now (num_class_embeds is unset)")
+        raise FlowpressError(
+            f"{recipe.model.path}: flowpress compares class-conditional models for now (num_class_embeds is unset)"
+        )
     guidance, null = recipe.sampling.guidance, model.null_label
     with staged_run(final_dir) as run:
         with timer.stage("calibrate"):
@@ -179,10 +209,19 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             "recipe": to_dict(recipe),
             "versions": versions(),
             "schedule": schedule.as_dict(),
-            "calibration": {"seeds": [recipe.calibration.seed_base, recipe.calibration.seed_base + recipe.calibration.n_samples - 1], "inputs": len(calib)},
+            "calibration": {
+                "seeds": [
+                    recipe.calibration.seed_base,
+                    recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
+                ],
+                "inputs": len(calib),
+            },
             "quantized_layers": sorted(qmodel.layers),
             "exports": exports,
-            "inputs": {"model": tree_hashes(Path(recipe.model.path)), "classifier": tree_hashes(Path(recipe.classifier.path))},
+            "inputs": {
+                "model": tree_hashes(Path(recipe.model.path)),
+                "classifier": tree_hashes(Path(recipe.classifier.path)),
+            },
             "stage_seconds": timer.seconds,
         }
         manifest["outputs"] = tree_hashes(run)
@@ -208,14 +247,23 @@ def _compare_stage(
     with torch.no_grad():
         real_features = torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
     with timer.stage("compare"):
-        comparison = compare(reference, engine, config, classifier, real_features, model.sample_shape, model.num_classes, progress)
+        comparison = compare(
+            reference, engine, config, classifier, real_features, model.sample_shape, model.num_classes, progress
+        )
     with timer.stage("latency"):
-        runtimes = {"torch_fp32": reference, "ort_fp32": OrtEngine(run / "fp32.onnx", schedule, "ort-fp32"), "engine": engine}
+        runtimes: dict[str, Engine] = {
+            "torch_fp32": reference,
+            "ort_fp32": OrtEngine(run / "fp32.onnx", schedule, "ort-fp32"),
+            "engine": engine,
+        }
         latency = {
             name: {f"b{b}": median_step_ms(rt, b, model.sample_shape, recipe.compare.latency_runs) for b in (1, 8)}
             for name, rt in runtimes.items()
         }
-    sizes = {"fp32_onnx": (run / "fp32.onnx").stat().st_size, "engine": (run / "engine" / "model.opt.onnx").stat().st_size}
+    sizes = {
+        "fp32_onnx": (run / "fp32.onnx").stat().st_size,
+        "engine": (run / "engine" / "model.opt.onnx").stat().st_size,
+    }
     extra = {
         "recipe": recipe.name,
         "precision": recipe.quantize.precision,
@@ -261,4 +309,3 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
     lines.append("gate: PASSED" if report["gate"]["passed"] else "gate: FAILED")
     return lines
-

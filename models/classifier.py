@@ -106,5 +106,7 @@ def load_classifier(path: str | Path) -> DigitClassifier:
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as err:
-        raise FlowpressError(f"{weights}: cannot load classifier ({type(err).__name__}); run `make classifier`") from None
+        raise FlowpressError(
+            f"{weights}: cannot load classifier ({type(err).__name__}); run `make classifier`"
+        ) from None
     return model.eval()

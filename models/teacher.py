@@ -34,9 +34,13 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if not self.block_out_channels or any(c % 8 for c in self.block_out_channels):
-            raise FlowpressError(f"teacher.block_out_channels must be multiples of 8 (GroupNorm groups), got {list(self.block_out_channels)}")
+            raise FlowpressError(
+                f"teacher.block_out_channels must be multiples of 8 (GroupNorm groups), got {list(self.block_out_channels)}"
+            )
         if self.steps < 1 or self.batch_size < 1:
-            raise FlowpressError(f"teacher.steps and teacher.batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+            raise FlowpressError(
+                f"teacher.steps and teacher.batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
 
 
 def build_unet(config: TeacherConfig) -> DiffusersUNetVelocity:

@@ -33,15 +33,21 @@ class DiffusersUNetVelocity(nn.Module):
     0..1000); nothing else in flowpress knows about that scale.
     """
 
-    def __init__(self, unet: nn.Module, time_scale: float = 1000.0, null_label: int | None = None):
+    unet: Any
+    time_scale: float
+    sample_shape: tuple[int, int, int]
+    num_classes: int | None
+    null_label: int | None
+
+    def __init__(self, unet: Any, time_scale: float = 1000.0, null_label: int | None = None):
         super().__init__()
         self.unet = unet
         self.time_scale = float(time_scale)
         cfg = unet.config
         self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-        n_embeds = cfg.num_class_embeds
-        self.null_label = null_label if null_label is not None else (n_embeds - 1 if n_embeds else None)
+        n_embeds: int | None = cfg.num_class_embeds
         self.num_classes = (n_embeds - 1) if n_embeds else None
+        self.null_label = null_label if null_label is not None else self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.unet(x, t * self.time_scale, class_labels=cond).sample
@@ -114,4 +120,6 @@ def check_velocity_model(model: VelocityModel, where: str) -> None:
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
     if tuple(v.shape) != tuple(x.shape):
-        raise FlowpressError(f"{where}: model returned shape {tuple(v.shape)} for input {tuple(x.shape)}; a velocity model must return x's shape")
+        raise FlowpressError(
+            f"{where}: model returned shape {tuple(v.shape)} for input {tuple(x.shape)}; a velocity model must return x's shape"
+        )

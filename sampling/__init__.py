@@ -5,7 +5,6 @@ x_t = (1 - t) * x0 + t * eps, target velocity v = eps - x0, and sampling integra
 dx/dt = v from t = 1 down to t = 0.
 """
 
-from sampling.errors import FlowpressError
 from sampling.core import (
     ModelCall,
     Schedule,
@@ -17,6 +16,7 @@ from sampling.core import (
     sample,
     target_velocity,
 )
+from sampling.errors import FlowpressError
 
 __all__ = [
     "FlowpressError",

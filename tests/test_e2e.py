@@ -74,7 +74,16 @@ def test_engine_refuses_a_step_outside_its_schedule(run):
 
 @pytest.mark.slow
 def test_failed_gate_exits_1_and_says_which_threshold(tiny_model_dir, tmp_path, capsys):
-    code = main(["quantize", "--recipe", str(recipe_file(tmp_path, tiny_model_dir, psnr=200.0)), "--runs", str(tmp_path / "runs"), "--quiet"])
+    code = main(
+        [
+            "quantize",
+            "--recipe",
+            str(recipe_file(tmp_path, tiny_model_dir, psnr=200.0)),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "gate final_psnr_db" in out and ">= 200: FAILED" in out

@@ -16,7 +16,9 @@ SCHEDULE = Schedule(4)
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    calib = capture(model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label)
+    calib = capture(
+        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
+    )
     return model, quantize(model, QuantConfig(), calib), calib
 
 

@@ -25,7 +25,10 @@ def test_euler_and_heun_match_their_closed_forms_on_a_linear_field(n):
 
 def test_heun_is_second_order():
     exact = math.exp(-1)
-    errors = [abs(float(sample(exponential_field, torch.ones(1, 1, 1, 1), None, Schedule(n, "heun")).final) - exact) for n in (10, 20)]
+    errors = [
+        abs(float(sample(exponential_field, torch.ones(1, 1, 1, 1), None, Schedule(n, "heun")).final) - exact)
+        for n in (10, 20)
+    ]
     assert 3.5 < errors[0] / errors[1] < 4.5  # halving h quarters the error
 
 
@@ -42,7 +45,9 @@ def test_time_convention_straight_path_is_integrated_exactly():
 
     traj = sample(true_velocity, eps, None, Schedule(7))
     torch.testing.assert_close(traj.final, x0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(traj.xs[3], interpolate(x0, eps, torch.full((4,), float(traj.times[3]))), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        traj.xs[3], interpolate(x0, eps, torch.full((4,), float(traj.times[3]))), rtol=1e-5, atol=1e-5
+    )
     assert traj.times[0] == 1.0 and traj.times[-1] == 0.0
 
 
