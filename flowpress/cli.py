@@ -26,7 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default=DEFAULT_TEACHER)
     k = sub.add_parser("classifier", help="train the digit classifier used for quality metrics")
     k.add_argument("--out", default="checkpoints/digits-classifier")
-    for p in (q, c, t, k):
+    e = sub.add_parser("engines", help="lint the tensorrt graph of a run; build and validate TensorRT on a GPU host")
+    e.add_argument("--recipe", default=DEFAULT_RECIPE)
+    e.add_argument("--runs", default="runs")
+    g = sub.add_parser("bench-gpu", help="GPU latency of torch fp16, TensorRT fp16/int8/fp8 into the run's report.json")
+    g.add_argument("--recipe", default=DEFAULT_RECIPE)
+    g.add_argument("--runs", default="runs")
+    a = sub.add_parser("ablate", help="every calibration strategy x temporal cache x setting beside the peers")
+    a.add_argument("--recipe", default="recipes/ablation.yaml")
+    a.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -54,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
 
             out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
             print(f"[flowpress] classifier {out}: held-out accuracy {accuracy:.2%}")
+            return 0
+        if args.command == "ablate":
+            from flowpress.ablate import load_ablation_config, run_ablation
+
+            out = run_ablation(load_ablation_config(args.recipe), args.runs, progress)
+            print(f"[flowpress] {out}: ablation.json, ablation.md, error_vs_step.png")
+            return 0
+        if args.command == "engines":
+            from flowpress import gpu
+
+            built = gpu.run_engines(load_recipe(args.recipe), args.runs, progress)
+            for line in gpu.engines_lines(built):
+                print(f"[flowpress] {line}")
+            return 0 if built.passed else 1
+        if args.command == "bench-gpu":
+            from flowpress import gpu
+
+            bench = gpu.run_bench_gpu(load_recipe(args.recipe), args.runs, progress)
+            for line in gpu.bench_lines(bench):
+                print(f"[flowpress] {line}")
             return 0
     except FlowpressError as err:
         print(f"flowpress: error: {err}", file=sys.stderr)

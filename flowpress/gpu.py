@@ -1,0 +1,366 @@
+"""GPU stages on an existing run: `engines` (lint, build, validate) and `bench-gpu` (latency).
+
+Both start from runs/<name>/ as `make quantize` left it.  On a machine without TensorRT or
+a CUDA GPU they do the CPU part (lint, the onnxruntime CPU engine) and say in one line why
+the GPU part was skipped; nothing here imports tensorrt until a GPU is known to be present.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engines import CompareConfig, TorchEngine, compare, median_step_ms, report_dict, write_report
+from export import StepModel, ort_session
+from export.lint import BatchProfile, check_tensorrt
+from export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, sha256_file, tensorrt_unavailable
+from flowpress.recipe import Recipe
+from flowpress.rundir import tree_hashes
+from models import load_digits
+from sampling import FlowpressError, Schedule
+
+BENCH_RUNS = 50  # timed forwards per runtime (median reported)
+BENCH_WARMUP = 10
+
+
+@dataclass(frozen=True)
+class EnginesResult:
+    """What `flowpress engines` did: the linted graph, the CPU engine, and the TensorRT plan or why not."""
+
+    run_dir: Path
+    linted: Path
+    ort_engine: Path
+    skipped: str | None = None
+    plan: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Skipped counts as passed (exit 0): the CPU part is done; a built plan must pass the gate."""
+        return self.skipped is not None or bool(self.report.get("gate", {}).get("passed"))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """`flowpress bench-gpu`: the gpu_bench dict written into report.json, or why it was skipped."""
+
+    run_dir: Path
+    skipped: str | None = None
+    gpu_bench: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def _finished_run(recipe: Recipe, runs_root: str | Path) -> Path:
+    run_dir = Path(runs_root) / recipe.name
+    if not (run_dir / "manifest.json").is_file():
+        raise FlowpressError(f"{run_dir}: no finished run; run `make quantize RECIPE=...` first")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    schedule = recipe.sampling.schedule()
+    built = manifest.get("schedule", {})
+    if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
+        raise FlowpressError(
+            f"{run_dir}: the run was quantized for the {built.get('n_steps')}-step {built.get('method')} schedule, "
+            f"the recipe asks for {schedule.n_steps}-step {schedule.method}; rerun `make quantize`"
+        )
+    return run_dir
+
+
+def tensorrt_onnx(recipe: Recipe, run_dir: Path) -> Path:
+    """The tensorrt-flavour graph: model.onnx when the recipe exports that flavour, else model.tensorrt.onnx."""
+    return run_dir / ("model.onnx" if recipe.export.flavour == "tensorrt" else "model.tensorrt.onnx")
+
+
+def batch_profile(recipe: Recipe) -> BatchProfile:
+    """Tuned for the sampler's forward (compare batch, doubled under classifier-free guidance);
+    min 1 and max at least 8 so the b1 / b8 latency rows of the report fit too."""
+    per_forward = recipe.compare.batch_size * (1 if recipe.sampling.guidance == 1.0 else 2)
+    return BatchProfile(min=1, opt=per_forward, max=max(per_forward, 8))
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _refresh_output_hashes(run_dir: Path) -> None:
+    """Keep manifest.json's output sha256 table true after a stage added or changed files."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    outputs = {k: v for k, v in tree_hashes(run_dir).items() if k != "manifest.json"}
+    if manifest.get("outputs") != outputs:
+        manifest["outputs"] = outputs
+        _write_json_atomic(run_dir / "manifest.json", manifest)
+
+
+def ensure_ort_engine(recipe: Recipe, run_dir: Path) -> Path:
+    """engine/model.opt.onnx (onnxruntime CPU, optimized model.onnx); built atomically when missing."""
+    engine_dir = run_dir / "engine"
+    path = engine_dir / "model.opt.onnx"
+    if path.is_file():
+        return path
+    source = run_dir / "model.onnx"
+    if not source.is_file():
+        raise FlowpressError(f"{source}: missing; rerun `make quantize`")
+    engine_dir.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".ort-") as tmp:
+        ort_session(source, "extended", optimized_path=str(Path(tmp) / path.name))
+        os.replace(Path(tmp) / path.name, path)
+    engine_json = engine_dir / "engine.json"
+    if not engine_json.is_file():
+        _write_json_atomic(
+            engine_json,
+            {
+                "runtime": "onnxruntime",
+                "provider": "CPUExecutionProvider",
+                "flavour": recipe.export.flavour,
+                "source": "model.onnx",
+                "schedule": recipe.sampling.schedule().as_dict(),
+                "onnxruntime": metadata.version("onnxruntime"),
+            },
+        )
+    return path
+
+
+# ---------------------------------------------------------------- engines
+
+
+def run_engines(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> EnginesResult:
+    """Lint the tensorrt-flavour graph, keep the CPU engine, and on a GPU host build + validate the plan."""
+    run_dir = _finished_run(recipe, runs_root)
+    linted = tensorrt_onnx(recipe, run_dir)
+    profile = batch_profile(recipe)
+    check_tensorrt(linted, profile, where=str(linted))
+    ort_engine = ensure_ort_engine(recipe, run_dir)
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        _refresh_output_hashes(run_dir)
+        return EnginesResult(run_dir, linted, ort_engine, skipped=reason)
+    plan, report = _build_and_validate(recipe, run_dir, linted, profile, progress)
+    _refresh_output_hashes(run_dir)
+    return EnginesResult(run_dir, linted, ort_engine, plan=plan, report=report)
+
+
+def _build_and_validate(
+    recipe: Recipe, run_dir: Path, onnx_path: Path, profile: BatchProfile, progress: bool
+) -> tuple[Path, dict[str, Any]]:
+    """Build engine/tensorrt/model.plan and compare it with FP exactly as the CPU engine was."""
+    from engines.tensorrt import TensorRTEngine
+    from export.tensorrt import build_engine
+    from flowpress.pipeline import ensure_classifier, ensure_model
+
+    schedule = recipe.sampling.schedule()
+    final = run_dir / "engine" / "tensorrt"
+    staging = run_dir / "engine" / ".tensorrt.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        calibration = run_dir / "calibration" / "inputs.safetensors"
+        config = TensorRTConfig(profile=profile, timing_cache=str(run_dir / "engine" / "timing.cache"))
+        build = build_engine(
+            onnx_path,
+            staging / "model.plan",
+            schedule,
+            config,
+            sha256_file(calibration) if calibration.is_file() else None,
+        )
+        print(f"[flowpress] tensorrt: built {build.manifest['precision']} plan in {build.seconds:.1f} s")
+        model = ensure_model(recipe, progress)
+        classifier = ensure_classifier(recipe.classifier.path, progress)
+        engine = TensorRTEngine(build.plan, schedule, f"tensorrt-{build.manifest['precision']}")
+        reference = TorchEngine(model, schedule, "torch-fp32")
+        config_cmp = CompareConfig(
+            n_samples=recipe.compare.n_samples,
+            seed_base=recipe.compare.seed_base,
+            batch_size=recipe.compare.batch_size,
+            guidance=recipe.sampling.guidance,
+            null_label=model.null_label,
+            gate=recipe.gate,
+        )
+        with torch.no_grad():
+            real_features = torch.cat([classifier.embed(c) for c in load_digits("all").images.split(256)]).numpy()
+        comparison = compare(
+            reference, engine, config_cmp, classifier, real_features, model.sample_shape, model.num_classes, progress
+        )
+        # torch and onnxruntime CPU latency are in the run's own report.json already
+        latency = {
+            "engine": {
+                f"b{b}": median_step_ms(engine, b, model.sample_shape, recipe.compare.latency_runs) for b in (1, 8)
+            }
+        }
+        extra = {
+            "recipe": recipe.name,
+            "engine": engine.name,
+            "engine_manifest": build.manifest,
+            "schedule": {"n_steps": schedule.n_steps, "method": schedule.method, "guidance": recipe.sampling.guidance},
+            "latency_note": "median wall ms of one forward from CPU tensors (host<->device copies included); "
+            "`make bench-gpu` measures on-device latency with CUDA events",
+        }
+        sizes = {"fp32_onnx": (run_dir / "fp32.onnx").stat().st_size, "engine": build.plan.stat().st_size}
+        report = report_dict(comparison, latency, sizes, extra)
+        write_report(staging, comparison, report, f"{recipe.name}: {engine.name} vs FP")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = run_dir / "engine" / ".tensorrt.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final / "model.plan", report
+
+
+def engines_lines(result: EnginesResult) -> list[str]:
+    """What `flowpress engines` prints: exactly one line when TensorRT was skipped."""
+    if result.skipped is not None:
+        return [f"tensorrt: skipped: {result.skipped}"]
+    from flowpress.pipeline import summary_lines
+
+    head = [
+        f"{result.linted}: TensorRT lint clean",
+        f"{result.plan}: validated against FP; report in {result.plan.parent if result.plan else ''}",
+    ]
+    return head + summary_lines(result.report)
+
+
+# ---------------------------------------------------------------- bench-gpu
+
+
+def cuda_step_ms(
+    forward: Callable[[Tensor, Tensor, Tensor], Any],
+    x: Tensor,
+    step: Tensor,
+    cond: Tensor,
+    runs: int = BENCH_RUNS,
+    warmup: int = BENCH_WARMUP,
+) -> float:
+    """Median ms of forward(x, step, cond) on the current stream, timed with CUDA events after `warmup` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            forward(x, step, cond)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            forward(x, step, cond)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def _row(ms: float, batch: int, schedule: Schedule, guidance: float) -> dict[str, float]:
+    """Per-step latency and the images/s of whole sampling runs it implies."""
+    images_per_forward = batch if guidance == 1.0 else batch / 2
+    seconds_per_image = len(schedule.evaluated_steps) * ms / 1000 / images_per_forward
+    return {"ms_per_step": round(ms, 4), "images_per_s": round(1 / seconds_per_image, 2)}
+
+
+def run_bench_gpu(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> BenchResult:
+    """Latency of torch fp16 and TensorRT fp16 / int8 / fp8 at the engine's profile, into report.json."""
+    run_dir = _finished_run(recipe, runs_root)
+    if not (run_dir / "report.json").is_file():
+        raise FlowpressError(f"{run_dir}: report.json missing; rerun `make quantize`")
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        return BenchResult(run_dir, skipped=reason)
+    bench = _bench(recipe, run_dir, progress)
+    report = json.loads((run_dir / "report.json").read_text())
+    report["gpu_bench"] = bench
+    _write_json_atomic(run_dir / "report.json", report)
+    _refresh_output_hashes(run_dir)
+    return BenchResult(run_dir, gpu_bench=bench)
+
+
+def bench_lines(result: BenchResult) -> list[str]:
+    """What `flowpress bench-gpu` prints: exactly one line when it was skipped."""
+    if result.skipped is not None:
+        return [f"bench-gpu: skipped: {result.skipped}"]
+    bench = result.gpu_bench
+    lines = [f"{result.run_dir / 'report.json'}: gpu_bench on {bench['gpu']['name']}, batch {bench['batch']}"]
+    for name, row in bench["runtimes"].items():
+        detail = row.get("skipped") or f"{row['ms_per_step']:.3f} ms per step, {row['images_per_s']:.1f} images/s"
+        lines.append(f"{name}: {detail}")
+    return lines
+
+
+def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
+    import onnx
+
+    from engines.tensorrt import OrtGpuEngine, TensorRTEngine
+    from export.fp8 import to_fp8
+    from export.tensorrt import build_engine, current_gpu
+    from flowpress.pipeline import ensure_model
+
+    schedule = recipe.sampling.schedule()
+    profile = batch_profile(recipe)
+    gpu = current_gpu()
+    model = ensure_model(recipe, progress)
+    batch = profile.opt
+    shape = tuple(model.sample_shape)
+    device = torch.device("cuda", torch.cuda.current_device())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=generator).to(device)
+    step = torch.full((batch,), schedule.n_steps // 2, dtype=torch.int64, device=device)
+    labels = (torch.arange(batch) % max(model.num_classes or 1, 1)).to(device)
+    rows: dict[str, dict[str, Any]] = {}
+
+    fp16_model = StepModel(copy.deepcopy(model), schedule).eval().to(device).half()
+    ms = cuda_step_ms(fp16_model, x.half(), step, labels)
+    rows["torch_fp16"] = _row(ms, batch, schedule, recipe.sampling.guidance)
+    fp16_model.cpu()
+
+    cache = str(run_dir / "engine" / "timing.cache")
+    with tempfile.TemporaryDirectory(prefix="flowpress-bench-") as tmp:
+        sources = {
+            "tensorrt_fp16": (run_dir / "fp32.onnx", "fp16"),
+            "tensorrt_int8": (tensorrt_onnx(recipe, run_dir), "qdq"),
+        }
+        if gpu.compute_capability >= FP8_MIN_CAPABILITY:
+            fp8_path = Path(tmp) / "model.fp8.onnx"
+            onnx.save(to_fp8(onnx.load(str(tensorrt_onnx(recipe, run_dir)))), str(fp8_path))
+            sources["tensorrt_fp8"] = (fp8_path, "qdq")
+        else:
+            rows["tensorrt_fp8"] = {"skipped": f"compute capability {gpu.as_dict()['compute_capability']} < 8.9"}
+        for name, (onnx_path, precision) in sources.items():
+            config = TensorRTConfig(profile=profile, precision=precision, timing_cache=cache)  # type: ignore[arg-type]
+            build = build_engine(onnx_path, Path(tmp) / f"{name}.plan", schedule, config)
+            engine = TensorRTEngine(build.plan, schedule, name)
+            ms = cuda_step_ms(engine.execute, x, step, labels)
+            rows[name] = {**_row(ms, batch, schedule, recipe.sampling.guidance), "build_seconds": build.seconds}
+    try:
+        ort_engine = OrtGpuEngine(tensorrt_onnx(recipe, run_dir), schedule, "onnxruntime_gpu_int8")
+    except (FlowpressError, ImportError) as err:
+        rows["onnxruntime_gpu_int8"] = {"skipped": str(err)}
+    else:
+        ms = cuda_step_ms(ort_engine.execute, x, step, labels)
+        rows["onnxruntime_gpu_int8"] = {
+            **_row(ms, batch, schedule, recipe.sampling.guidance),
+            "providers": ort_engine.providers,
+        }
+    return {
+        "gpu": gpu.as_dict(),
+        "torch": torch.__version__,
+        "profile": profile.as_dict(),
+        "batch": batch,
+        "runs": BENCH_RUNS,
+        "warmup": BENCH_WARMUP,
+        "note": "median ms of one model forward at the profile's opt batch on device-resident tensors (CUDA events); "
+        "images/s = images per forward / (evaluations per sample x ms); guidance halves the images per forward",
+        "runtimes": rows,
+    }
