@@ -5,7 +5,7 @@ RECIPE ?= recipes/digits-unet-int8.yaml
 TEACHER_RECIPE ?= recipes/digits-teacher.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quantize compare engines teacher classifier test quality clean
+.PHONY: install quantize compare engines ablate teacher classifier test quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ engines: $(STAMP)
 .PHONY: bench-gpu
 bench-gpu: $(STAMP)
 	$(PY) -m flowpress bench-gpu --recipe $(RECIPE)
+
+ablate: $(STAMP)
+	$(PY) -m flowpress ablate --recipe recipes/ablation.yaml
 
 teacher: $(STAMP)
 	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)

@@ -1,5 +1,26 @@
-"""Compression: post-training quantization (modelopt), later brevitas and distillation."""
+"""Compression: post-training quantization (modelopt), shortcut splitting."""
 
-from compress.quantize import TEMPORAL_LAYERS, LayerQuant, QuantConfig, QuantizedModel, quantize, set_output_quant
+from compress.quantize import (
+    LayerQuant,
+    QuantConfig,
+    QuantizedModel,
+    layer_quants,
+    per_step_absmax,
+    prepare,
+    quantize,
+    set_output_quant,
+)
+from compress.shortcut import SplitConv2d, split_shortcuts
 
-__all__ = ["TEMPORAL_LAYERS", "LayerQuant", "QuantConfig", "QuantizedModel", "quantize", "set_output_quant"]
+__all__ = [
+    "LayerQuant",
+    "QuantConfig",
+    "QuantizedModel",
+    "SplitConv2d",
+    "layer_quants",
+    "per_step_absmax",
+    "prepare",
+    "quantize",
+    "set_output_quant",
+    "split_shortcuts",
+]

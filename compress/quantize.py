@@ -10,29 +10,52 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from calibration import CalibrationSet
+from calibration import CachedVelocity, CalibrationSet, discover_temporal
+from compress.shortcut import split_shortcuts
+from models import DiffusersVelocity
 from sampling import FlowpressError
 
-# Everything that depends only on t (or on the class) stays in full precision.
-TEMPORAL_LAYERS = ("*time_embedding*", "*time_emb_proj*", "*time_proj*", "*class_embedding*")
+Temporal = Literal["cache", "fp", "int8"]
+Amax = Literal["max", "mse", "perstep-max", "perstep-mean", "perstep-percentile"]
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """W8A8: weights symmetric int8 per output channel, activations per tensor.
+    """W8A8 (or W8A<activation_bits>): weights symmetric int8 per output channel,
+    activations per tensor.
 
+    temporal: what happens to the modules that depend only on (t, class) — 'cache': gathered
+      from full-precision tables by step (they leave the engine); 'fp': kept in the graph in
+      full precision; 'int8': quantized like everything else.
+    amax: 'max' (modelopt's max calibrator over all calibration inputs); 'mse': per tensor,
+      the clipping range in [0.3, 1] x max whose quantization error on the calibration
+      activations is least (the scale search of PTQ4DM / Q-Diffusion); or per-step
+      statistics — each activation's abs-max recorded per sampler step, then reduced over
+      steps by max, mean or the `percentile`-th percentile.
+    split_shortcuts: Q-Diffusion's shortcut splitting: a UNet decoder's 1x1 shortcut conv on
+      the concatenation [h, skip] becomes two convs with their own input quantizers.
     conv_output_quant: also quantize Conv outputs, so onnxruntime can fuse DQ-Conv-Q into
-    an integer QLinearConv (the `ort-cpu` flavour needs it; `tensorrt` does not).
+      an integer QLinearConv (the `ort-cpu` flavour needs it; `tensorrt` does not).
+    exclude: module-name patterns (fnmatch) left in full precision.
     """
 
     precision: Literal["int8"] = "int8"
-    exclude: tuple[str, ...] = TEMPORAL_LAYERS
+    temporal: Temporal = "cache"
+    amax: Amax = "max"
+    percentile: float = 90.0
+    activation_bits: int = 8
+    split_shortcuts: bool = True
     conv_output_quant: bool = True
+    exclude: tuple[str, ...] = ()
     calib_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.precision != "int8":
             raise FlowpressError(f"quantize: precision {self.precision!r} is not supported yet; use 'int8'")
+        if not 2 <= self.activation_bits <= 8:
+            raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
+        if not 0 < self.percentile <= 100:
+            raise FlowpressError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
 
 
 @dataclass(frozen=True)
@@ -40,79 +63,226 @@ class LayerQuant:
     """What the exporter needs for one quantized Conv2d / Linear.
 
     input_amax: scalar; weight_amax: (C_out,); output_amax: scalar or None.
-    Scales are amax / 127 and the integer range is [-128, 127] (modelopt's convention).
+    Scales are amax / (2^(bits-1) - 1) and the integer range is [-2^(bits-1), 2^(bits-1) - 1]
+    (modelopt's convention).
     """
 
     kind: Literal["conv", "linear"]
     input_amax: float
     weight_amax: Tensor
     output_amax: float | None
+    activation_bits: int = 8
 
 
 @dataclass
 class QuantizedModel:
-    """module: the fake-quant torch model (modelopt); layers: its per-layer amax values."""
+    """module: the fake-quant torch model (modelopt); fp_module: the same structure in full
+    precision (temporal tables, split shortcuts) — what gets exported; layers: per-layer amax."""
 
     module: nn.Module
+    fp_module: nn.Module
     layers: dict[str, LayerQuant]
     config: QuantConfig
+    temporal_modules: list[str]
 
 
-def _modelopt_config(config: QuantConfig) -> dict:
-    int8 = {"num_bits": 8, "axis": None}
+def prepare(model: DiffusersVelocity, config: QuantConfig, times: Tensor) -> tuple[nn.Module, list[str]]:
+    """The FP model the quantizer and exporter see: temporal tables and split shortcuts applied.
+
+    Returns (module, temporal module names).
+    """
+    temporal = discover_temporal(model, times)
+    prepared: DiffusersVelocity = (
+        CachedVelocity(model, times, temporal) if config.temporal == "cache" else copy.deepcopy(model)
+    )
+    if config.split_shortcuts:
+        split_shortcuts(prepared)
+    return prepared.eval(), temporal
+
+
+def _patterns(config: QuantConfig, temporal: list[str]) -> tuple[str, ...]:
+    extra = tuple(p for name in temporal for p in (name, f"{name}.*")) if config.temporal == "fp" else ()
+    return config.exclude + extra
+
+
+def _modelopt_config(config: QuantConfig, exclude: tuple[str, ...]) -> dict:
+    act = {"num_bits": config.activation_bits, "axis": None}
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for parent in ("nn.Conv2d", "nn.Linear"):
         quant_cfg.append(
             {"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": {"num_bits": 8, "axis": 0}}
         )
-        quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": int8})
+        quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": act})
     if config.conv_output_quant:
-        quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": int8})
-    for pattern in config.exclude:
-        quant_cfg.append({"quantizer_name": f"{pattern}", "enable": False})
+        quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": act})
+    for pattern in exclude:
+        quant_cfg.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}.*", "enable": False})
     return {"quant_cfg": quant_cfg, "algorithm": "max"}
 
 
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name + ".", p if p.endswith("*") else p + ".*") for p in patterns)
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, config: QuantConfig, calib: CalibrationSet) -> QuantizedModel:
-    """Fake-quantize a copy of `model` with modelopt, calibrated on every step of `calib`."""
+def quantize(model: DiffusersVelocity, config: QuantConfig, calib: CalibrationSet) -> QuantizedModel:
+    """Fake-quantize a prepared copy of `model` with modelopt, calibrated on `calib`."""
     import modelopt.torch.quantization as mtq
 
-    qmodel = copy.deepcopy(model).eval()
+    fp_module, temporal = prepare(model, config, calib.times)
+    exclude = _patterns(config, temporal)
+    qmodule = copy.deepcopy(fp_module)
 
     def forward_loop(m: nn.Module) -> None:
         for x, t, cond, _step in calib.batches(config.calib_batch_size):
             m(x, t, cond)
 
-    mtq.quantize(qmodel, _modelopt_config(config), forward_loop)
+    mtq.quantize(qmodule, _modelopt_config(config, exclude), forward_loop)
+    layers = layer_quants(qmodule, exclude, config.activation_bits)
+    if not layers:
+        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
+    if config.amax == "mse":
+        _apply_mse_amax(fp_module, qmodule, layers, calib, config)
+        layers = layer_quants(qmodule, exclude, config.activation_bits)
+    elif config.amax != "max":
+        _apply_per_step_amax(fp_module, qmodule, layers, calib, config)
+        layers = layer_quants(qmodule, exclude, config.activation_bits)
+    return QuantizedModel(qmodule, fp_module, layers, config, temporal)
+
+
+def layer_quants(qmodule: nn.Module, exclude: tuple[str, ...] = (), bits: int = 8) -> dict[str, LayerQuant]:
+    """Per-layer amax of every Conv2d / Linear whose input and weight quantizers are on."""
     layers: dict[str, LayerQuant] = {}
-    for name, module in qmodel.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or _excluded(name, config.exclude):
+    for name, module in qmodule.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or _excluded(name, exclude):
             continue
-        inq: Any = module.input_quantizer
-        wq: Any = module.weight_quantizer
-        if not (inq.is_enabled and wq.is_enabled) or inq.amax is None or wq.amax is None:
+        inq: Any = getattr(module, "input_quantizer", None)
+        wq: Any = getattr(module, "weight_quantizer", None)
+        if inq is None or wq is None or not (inq.is_enabled and wq.is_enabled) or inq.amax is None or wq.amax is None:
             continue
-        outq = getattr(module, "output_quantizer", None)
+        outq: Any = getattr(module, "output_quantizer", None)
         output_amax = float(outq.amax) if outq is not None and outq.is_enabled and outq.amax is not None else None
         layers[name] = LayerQuant(
             kind="conv" if isinstance(module, nn.Conv2d) else "linear",
             input_amax=float(inq.amax),
             weight_amax=wq.amax.detach().flatten().clone(),
             output_amax=output_amax,
+            activation_bits=bits,
         )
-    if not layers:
-        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
-    return QuantizedModel(qmodel, layers, config)
+    return layers
+
+
+@torch.no_grad()
+def per_step_absmax(
+    fp_module: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int
+) -> dict[str, Tensor]:
+    """abs-max of each named layer's input and output at every calibration step.
+
+    Returns {f"{name}.input": (S,), f"{name}.output": (S,)}, S = distinct steps in calib, in
+    step order; the step comes from calib.batches, never from counting calls.
+    """
+    modules = dict(fp_module.named_modules())
+    steps = torch.unique(calib.step).tolist()
+    stats = {f"{n}.{io}": torch.zeros(len(steps)) for n in names for io in ("input", "output")}
+    current = {"s": 0}
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_m: nn.Module, args: tuple, output: Tensor) -> None:
+            s = current["s"]
+            stats[f"{name}.input"][s] = max(float(stats[f"{name}.input"][s]), float(args[0].abs().max()))
+            stats[f"{name}.output"][s] = max(float(stats[f"{name}.output"][s]), float(output.abs().max()))
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for x, t, cond, step in calib.batches(batch_size):
+            current["s"] = steps.index(step)
+            fp_module(x, t, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def activation_samples(
+    fp_module: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int, per_batch: int = 4096
+) -> dict[str, Tensor]:
+    """A seeded random subsample of each named layer's input and output values over `calib`."""
+    modules = dict(fp_module.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    found: dict[str, list[Tensor]] = {f"{n}.{io}": [] for n in names for io in ("input", "output")}
+
+    def keep(key: str, values: Tensor) -> None:
+        flat = values.detach().flatten()
+        found[key].append(flat[torch.randint(0, flat.numel(), (min(per_batch, flat.numel()),), generator=gen)])
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_m: nn.Module, args: tuple, output: Tensor) -> None:
+            keep(f"{name}.input", args[0])
+            keep(f"{name}.output", output)
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for x, t, cond, _step in calib.batches(batch_size):
+            fp_module(x, t, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: torch.cat(v) for k, v in found.items()}
+
+
+def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36) -> float:
+    """The clipping range alpha * amax, alpha in [0.3, 1], minimising the fake-quant MSE of `values`."""
+    qmax = 2 ** (bits - 1) - 1
+    alphas = torch.linspace(0.3, 1.0, candidates)
+    errors = []
+    for alpha in alphas:
+        scale = max(float(alpha) * amax, 1e-12) / qmax
+        quantized = torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale
+        errors.append(float((quantized - values).pow(2).mean()))
+    return float(alphas[int(torch.tensor(errors).argmin())]) * amax
+
+
+def _apply_mse_amax(
+    fp_module: nn.Module, qmodule: nn.Module, layers: dict[str, LayerQuant], calib: CalibrationSet, config: QuantConfig
+) -> None:
+    samples = activation_samples(fp_module, list(layers), calib, config.calib_batch_size)
+    modules = dict(qmodule.named_modules())
+    for name, layer in layers.items():
+        module: Any = modules[name]
+        bits = config.activation_bits
+        module.input_quantizer.amax = torch.tensor(mse_amax(samples[f"{name}.input"], layer.input_amax, bits))
+        if layer.output_amax is not None:
+            module.output_quantizer.amax = torch.tensor(mse_amax(samples[f"{name}.output"], layer.output_amax, bits))
+
+
+def _apply_per_step_amax(
+    fp_module: nn.Module, qmodule: nn.Module, layers: dict[str, LayerQuant], calib: CalibrationSet, config: QuantConfig
+) -> None:
+    stats = per_step_absmax(fp_module, list(layers), calib, config.calib_batch_size)
+
+    def reduce(values: Tensor) -> float:
+        if config.amax == "perstep-max":
+            return float(values.max())
+        if config.amax == "perstep-mean":
+            return float(values.mean())
+        return float(torch.quantile(values, config.percentile / 100.0))
+
+    modules = dict(qmodule.named_modules())
+    for name, layer in layers.items():
+        module: Any = modules[name]
+        module.input_quantizer.amax = torch.tensor(reduce(stats[f"{name}.input"]))
+        if layer.output_amax is not None:
+            module.output_quantizer.amax = torch.tensor(reduce(stats[f"{name}.output"]))
 
 
 def set_output_quant(qmodel: QuantizedModel, enabled: bool) -> None:
     """Switch the Conv output quantizers (calibrated either way) on or off in the torch model."""
     for name, module in qmodel.module.named_modules():
-        outq = getattr(module, "output_quantizer", None)
+        outq: Any = getattr(module, "output_quantizer", None)
         if outq is not None and name in qmodel.layers and qmodel.layers[name].output_amax is not None:
             outq.enable() if enabled else outq.disable()

@@ -32,6 +32,9 @@ class StepModel(nn.Module):
         self.register_buffer("times", schedule.times)
 
     def forward(self, x: Tensor, step: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        forward_step = getattr(self.model, "forward_step", None)
+        if forward_step is not None:  # temporal-cache models gather their features by step
+            return forward_step(x, step, class_labels)
         return self.model(x, self.times[step], class_labels)
 
 
@@ -93,7 +96,7 @@ def export_onnx(
 
 
 def _module_of(node_name: str) -> str:
-    """'/model/unet/down_blocks.0/resnets.0/conv1/Conv' -> 'unet.down_blocks.0.resnets.0.conv1'."""
+    """'/model/net/down_blocks.0/resnets.0/conv1/Conv' -> 'net.down_blocks.0.resnets.0.conv1'."""
     scope = node_name.strip("/").split("/")[:-1]
     if scope and scope[0] == WRAPPED:
         scope = scope[1:]

@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("bench-gpu", help="GPU latency of torch fp16, TensorRT fp16/int8/fp8 into the run's report.json")
     g.add_argument("--recipe", default=DEFAULT_RECIPE)
     g.add_argument("--runs", default="runs")
-    for p in (q, c, t, k, e, g):
+    a = sub.add_parser("ablate", help="every calibration strategy x temporal cache x setting beside the peers")
+    a.add_argument("--recipe", default="recipes/ablation.yaml")
+    a.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
             out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
             print(f"[flowpress] classifier {out}: held-out accuracy {accuracy:.2%}")
+            return 0
+        if args.command == "ablate":
+            from flowpress.ablate import load_ablation_config, run_ablation
+
+            out = run_ablation(load_ablation_config(args.recipe), args.runs, progress)
+            print(f"[flowpress] {out}: ablation.json, ablation.md, error_vs_step.png")
             return 0
         if args.command == "engines":
             from flowpress import gpu

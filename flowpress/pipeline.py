@@ -29,7 +29,7 @@ from engines import (
 from export import ExportConfig, StepModel, check_parity, export_onnx, float_weight_ops, ort_session
 from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
 from flowpress.rundir import staged_run, tree_hashes
-from models import DiffusersUNetVelocity, load_digits, load_model
+from models import DiffusersVelocity, load_digits, load_model
 from models.classifier import ClassifierConfig, DigitClassifier, classifier_accuracy, load_classifier, train_classifier
 from models.teacher import train_teacher
 from sampling import FlowpressError, Schedule, noise_for_seeds, sample
@@ -74,7 +74,7 @@ def ensure_classifier(path: str, progress: bool = True) -> DigitClassifier:
 
 @torch.no_grad()
 def teacher_accuracy(
-    model: DiffusersUNetVelocity, classifier: DigitClassifier, n: int, steps: int, guidance: float
+    model: DiffusersVelocity, classifier: DigitClassifier, n: int, steps: int, guidance: float
 ) -> float:
     """Fraction of n samples (steps Euler steps, labels cycling 0..9) recognised as their class."""
     labels = torch.arange(n) % 10
@@ -115,7 +115,7 @@ def run_teacher(recipe: TeacherRecipe, progress: bool = True) -> dict[str, Any]:
     return meta
 
 
-def ensure_model(recipe: Recipe, progress: bool = True) -> DiffusersUNetVelocity:
+def ensure_model(recipe: Recipe, progress: bool = True) -> DiffusersVelocity:
     path = Path(recipe.model.path)
     if not path.exists() and recipe.model.teacher_recipe:
         print(f"[flowpress] model missing at {path}: training it with {recipe.model.teacher_recipe}")
@@ -141,19 +141,13 @@ def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]
 
 
 def _export_checked(
-    model: DiffusersUNetVelocity,
-    qmodel: QuantizedModel,
-    schedule: Schedule,
-    flavour: str,
-    path: Path,
-    calib: CalibrationSet,
+    qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet
 ) -> dict[str, Any]:
     """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
-    export_onnx(model, schedule, path, ExportConfig(flavour=flavour), qmodel)  # type: ignore[arg-type]
+    export_onnx(qmodel.fp_module, schedule, path, ExportConfig(flavour=flavour), qmodel)  # type: ignore[arg-type]
     set_output_quant(qmodel, flavour == "ort-cpu")
-    feeds = _parity_feeds(calib)
-    reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(model, schedule).eval()
-    parity = check_parity(path, reference, feeds, fp, PARITY_MAX_NOISE_RATIO)
+    reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(qmodel.fp_module, schedule).eval()
+    parity = check_parity(path, reference, _parity_feeds(calib), fp, PARITY_MAX_NOISE_RATIO)
     set_output_quant(qmodel, True)
     return {
         "flavour": flavour,
@@ -189,8 +183,8 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             flavour = recipe.export.flavour
             other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
             exports = [
-                _export_checked(model, qmodel, schedule, flavour, run / "model.onnx", calib),
-                _export_checked(model, qmodel, schedule, other, run / f"model.{other}.onnx", calib),
+                _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib),
+                _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib),
             ]
         with timer.stage("engine"):
             (run / "engine").mkdir()
@@ -217,6 +211,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "inputs": len(calib),
             },
             "quantized_layers": sorted(qmodel.layers),
+            "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
             "exports": exports,
             "inputs": {
                 "model": tree_hashes(Path(recipe.model.path)),
@@ -230,7 +225,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
 
 
 def _compare_stage(
-    recipe: Recipe, model: DiffusersUNetVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
+    recipe: Recipe, model: DiffusersVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
 ) -> dict[str, Any]:
     schedule = recipe.sampling.schedule()
     config = CompareConfig(

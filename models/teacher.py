@@ -6,21 +6,30 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from models.digits import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES, load_digits
-from models.velocity import DiffusersUNetVelocity, save_model
+from models.velocity import DiffusersVelocity, save_model
 from sampling import FlowpressError, interpolate, target_velocity
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    """architecture 'unet' uses block_out_channels / attention_levels / layers_per_block;
+    'dit' uses dit_layers / dit_heads / dit_head_dim / patch_size."""
+
     out: str = "checkpoints/digits-unet"
+    architecture: Literal["unet", "dit"] = "unet"
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     attention_levels: tuple[int, ...] = (1,)
     layers_per_block: int = 2
+    dit_layers: int = 4
+    dit_heads: int = 4
+    dit_head_dim: int = 32
+    patch_size: int = 2
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
@@ -43,7 +52,30 @@ class TeacherConfig:
             )
 
 
-def build_unet(config: TeacherConfig) -> DiffusersUNetVelocity:
+def build_model(config: TeacherConfig) -> DiffusersVelocity:
+    if config.architecture == "dit":
+        return build_dit(config)
+    return build_unet(config)
+
+
+def build_dit(config: TeacherConfig) -> DiffusersVelocity:
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(
+        num_attention_heads=config.dit_heads,
+        attention_head_dim=config.dit_head_dim,
+        in_channels=IMAGE_SHAPE[0],
+        out_channels=IMAGE_SHAPE[0],
+        num_layers=config.dit_layers,
+        sample_size=IMAGE_SHAPE[1],
+        patch_size=config.patch_size,
+        num_embeds_ada_norm=NUM_CLASSES,  # the label table gets a null row at index NUM_CLASSES
+        norm_type="ada_norm_zero",
+    )
+    return DiffusersVelocity(dit, config.time_scale, NULL_LABEL)
+
+
+def build_unet(config: TeacherConfig) -> DiffusersVelocity:
     from diffusers import UNet2DModel
 
     levels = range(len(config.block_out_channels))
@@ -61,7 +93,7 @@ def build_unet(config: TeacherConfig) -> DiffusersUNetVelocity:
         norm_num_groups=8,
         attention_head_dim=min(32, min(config.block_out_channels)),
     )
-    return DiffusersUNetVelocity(unet, config.time_scale, NULL_LABEL)
+    return DiffusersVelocity(unet, config.time_scale, NULL_LABEL)
 
 
 def train_teacher(config: TeacherConfig, progress: bool = True) -> Path:
@@ -71,7 +103,7 @@ def train_teacher(config: TeacherConfig, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     data = load_digits("all")
-    model = build_unet(config).train()
+    model = build_model(config).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
@@ -89,7 +121,7 @@ def train_teacher(config: TeacherConfig, progress: bool = True) -> Path:
         index = torch.randint(0, n, (config.batch_size,), generator=gen)
         x0, labels = data.images[index], data.labels[index].clone()
         drop = torch.rand(config.batch_size, generator=gen) < config.label_dropout
-        labels[drop] = NULL_LABEL
+        labels[drop] = NULL_LABEL  # DiT's label embedding also drops 10% itself in train mode
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.rand(config.batch_size, generator=gen)
         loss = F.mse_loss(model(interpolate(x0, eps, t), t, labels), target_velocity(x0, eps))

@@ -26,54 +26,67 @@ class VelocityModel(Protocol):
     def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor: ...
 
 
-class DiffusersUNetVelocity(nn.Module):
-    """diffusers UNet2DModel behind the flowpress time convention.
+ARCHITECTURES = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
 
-    The UNet sees timesteps t * time_scale (diffusers models are trained on 0..999 or
-    0..1000); nothing else in flowpress knows about that scale.
+
+class DiffusersVelocity(nn.Module):
+    """A diffusers UNet2DModel or DiTTransformer2DModel behind the flowpress time convention.
+
+    The network sees timesteps t * time_scale (diffusers models are trained on 0..999 or
+    0..1000); nothing else in flowpress knows about that scale.  Class-conditional models
+    reserve their last class id for the null class of classifier-free guidance.
     """
 
-    unet: Any
+    net: Any
+    architecture: str
     time_scale: float
     sample_shape: tuple[int, int, int]
     num_classes: int | None
     null_label: int | None
 
-    def __init__(self, unet: Any, time_scale: float = 1000.0, null_label: int | None = None):
+    def __init__(self, net: Any, time_scale: float = 1000.0, null_label: int | None = None):
         super().__init__()
-        self.unet = unet
+        self.net = net
+        self.architecture = ARCHITECTURES[type(net).__name__]
         self.time_scale = float(time_scale)
-        cfg = unet.config
+        cfg = net.config
         self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-        n_embeds: int | None = cfg.num_class_embeds
-        self.num_classes = (n_embeds - 1) if n_embeds else None
+        if self.architecture == "unet":
+            n_embeds: int | None = cfg.num_class_embeds
+            self.num_classes = (n_embeds - 1) if n_embeds else None
+        else:  # DiT's label embedding adds the null class itself, after num_embeds_ada_norm
+            self.num_classes = cfg.num_embeds_ada_norm
         self.null_label = null_label if null_label is not None else self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.unet(x, t * self.time_scale, class_labels=cond).sample
+        return self.net(x, t * self.time_scale, class_labels=cond).sample
 
     def flowpress_config(self) -> dict[str, Any]:
-        return {"adapter": "diffusers-unet2d", "time_scale": self.time_scale, "null_label": self.null_label}
+        return {
+            "adapter": f"diffusers-{self.architecture}",
+            "time_scale": self.time_scale,
+            "null_label": self.null_label,
+        }
 
 
-def save_model(model: DiffusersUNetVelocity, path: str | Path) -> Path:
+def save_model(model: DiffusersVelocity, path: str | Path) -> Path:
     """Write a diffusers directory (config.json + safetensors) plus flowpress.json, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.unet.save_pretrained(tmp, safe_serialization=True)
+    model.net.save_pretrained(tmp, safe_serialization=True)
     (tmp / FLOWPRESS_JSON).write_text(json.dumps(model.flowpress_config(), indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
 
 
-def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersUNetVelocity:
-    """Load a diffusers UNet2DModel directory (ours or the user's) as a VelocityModel.
+def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersVelocity:
+    """Load a diffusers UNet2DModel / DiTTransformer2DModel directory (ours or the user's) as a VelocityModel.
 
     time_scale overrides flowpress.json; without either, 1000 is assumed.
     """
-    from diffusers import UNet2DModel
+    import diffusers
 
     path = Path(path)
     config_file = path / "config.json"
@@ -87,21 +100,23 @@ def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersUN
     except json.JSONDecodeError as err:
         raise FlowpressError(f"{config_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
     class_name = config.get("_class_name", "UNet2DModel")
-    if class_name != "UNet2DModel":
-        raise FlowpressError(f"{config_file}: model class {class_name!r} is not supported; use a diffusers UNet2DModel")
+    if class_name not in ARCHITECTURES:
+        raise FlowpressError(
+            f"{config_file}: model class {class_name!r} is not supported; use a diffusers {' or '.join(ARCHITECTURES)}"
+        )
     extra: dict[str, Any] = {}
     if (path / FLOWPRESS_JSON).is_file():
         extra = json.loads((path / FLOWPRESS_JSON).read_text())
     try:
-        unet = UNet2DModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        net = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers raises many types for missing / corrupt weights
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FlowpressError(
-            f"{path}: cannot load UNet weights ({reason}); re-create them with `make teacher` "
+            f"{path}: cannot load {class_name} weights ({reason}); re-create them with `make teacher` "
             "or save the model with diffusers' save_pretrained"
         ) from None
     scale = time_scale if time_scale is not None else float(extra.get("time_scale", 1000.0))
-    model = DiffusersUNetVelocity(unet, scale, extra.get("null_label")).eval()
+    model = DiffusersVelocity(net, scale, extra.get("null_label")).eval()
     check_velocity_model(model, str(path))
     return model
 

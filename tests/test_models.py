@@ -26,10 +26,10 @@ def test_diffusers_adapter_scales_time_at_the_boundary(tiny_model_dir):
     assert model.time_scale == 1000.0 and model.null_label == NULL_LABEL and model.num_classes == 10
     x, t, cond = torch.randn(2, 1, 16, 16), torch.tensor([0.25, 0.9]), torch.tensor([3, NULL_LABEL])
     with torch.no_grad():
-        expected = model.unet(x, t * 1000.0, class_labels=cond).sample
+        expected = model.net(x, t * 1000.0, class_labels=cond).sample
         torch.testing.assert_close(model(x, t, cond), expected)
         other = load_model(tiny_model_dir, time_scale=999.0)
-        torch.testing.assert_close(other(x, t, cond), model.unet(x, t * 999.0, class_labels=cond).sample)
+        torch.testing.assert_close(other(x, t, cond), model.net(x, t * 999.0, class_labels=cond).sample)
 
 
 def test_missing_or_corrupt_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
@@ -40,7 +40,7 @@ def test_missing_or_corrupt_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_p
     for f in tiny_model_dir.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(FlowpressError, match="cannot load UNet weights") as err:
+    with pytest.raises(FlowpressError, match="cannot load UNet2DModel weights") as err:
         load_model(broken)
     assert str(broken) in str(err.value) and "\n" not in str(err.value)
     (broken / "config.json").write_text("{not json")

@@ -15,7 +15,7 @@ def write(tmp_path, text):
 def test_shipped_recipes_load():
     recipe = load_recipe(ROOT / "recipes" / "digits-unet-int8.yaml")
     assert recipe.name == "digits-unet-int8" and recipe.sampling.schedule().n_steps == 20
-    assert recipe.export.flavour == "ort-cpu" and recipe.quantize.exclude[0] == "*time_embedding*"
+    assert recipe.export.flavour == "ort-cpu" and recipe.quantize.temporal == "cache"
     teacher = load_teacher_recipe(ROOT / "recipes" / "digits-teacher.yaml")
     assert teacher.teacher.out == recipe.model.path
 

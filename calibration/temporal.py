@@ -1,0 +1,174 @@
+"""Temporal-feature discovery and cache (TFMQ-DM's finite-set insight, done exactly).
+
+On a fixed schedule the network sees finitely many (t, class) pairs, so every module whose
+output depends only on them (time projection, time-embedding MLP, each block's time
+projection, DiT's adaLN timestep/label embeddings) can be computed once in full precision and
+gathered from a table by key = step * n_cond + class.  The MLPs then leave the engine
+entirely and carry no quantization error.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models import DiffusersVelocity
+from sampling import FlowpressError
+
+
+class _Key:
+    """Shared holder of the current (B,) int64 table key, set by CachedVelocity.forward_step."""
+
+    key: Tensor | None = None
+
+
+class TableLookup(nn.Module):
+    """Replaces a temporal module: ignores its inputs, returns table[key] ((B, ...) features)."""
+
+    table: Tensor
+
+    def __init__(self, table: Tensor, holder: _Key, source: str):
+        super().__init__()
+        self.register_buffer("table", table)
+        self.holder = holder
+        self.source = source
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        if self.holder.key is None:
+            raise FlowpressError(f"temporal table {self.source}: called outside CachedVelocity.forward_step")
+        return self.table[self.holder.key]
+
+
+def _outputs(value: object) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _outputs(item)]
+    return []
+
+
+@torch.no_grad()
+def discover_temporal(model: DiffusersVelocity, times: Tensor) -> list[str]:
+    """Names of the outermost modules whose outputs depend only on (t, class), not on x.
+
+    Runs the model twice with different x and the same (t, class) and keeps every module whose
+    every call returned identical tensors; of those, the ones whose parent is not temporal.
+    """
+    names = {module: name for name, module in model.named_modules() if name}
+    calls: dict[str, list[list[list[Tensor]]]] = {}
+
+    current = {"run": 0}
+
+    def hook(module: nn.Module, _args: object, output: object) -> None:
+        calls.setdefault(names[module], [[], []])[current["run"]].append(_outputs(output))
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    n = 4
+    t = times[torch.arange(n) % len(times)]
+    cond = torch.arange(n) % model.num_classes if model.num_classes else None
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for run in (0, 1):
+            current["run"] = run
+            model(torch.randn(n, *model.sample_shape, generator=gen), t, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def same(a: list[list[Tensor]], b: list[list[Tensor]]) -> bool:
+        return len(a) == len(b) > 0 and all(
+            len(x) == len(y) > 0 and all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(x, y, strict=True))
+            for x, y in zip(a, b, strict=True)
+        )
+
+    temporal = {name for name, (a, b) in calls.items() if same(a, b)}
+    return sorted(name for name in temporal if name.rpartition(".")[0] not in temporal)
+
+
+@dataclass(frozen=True)
+class TemporalTable:
+    """times: (n+1,) schedule grid; n_cond: classes incl. null (1 if unconditional);
+    tables[name]: (len(times) * n_cond, ...) output of module `name` for key step * n_cond + class."""
+
+    times: Tensor
+    n_cond: int
+    tables: dict[str, Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+
+@torch.no_grad()
+def build_table(model: DiffusersVelocity, times: Tensor, names: list[str]) -> TemporalTable:
+    """Run the FP model once on every (step, class) pair and keep the temporal modules' outputs."""
+    n_cond = (model.num_classes + 1) if model.num_classes else 1
+    steps = torch.arange(len(times)).repeat_interleave(n_cond)
+    cond = torch.arange(n_cond).repeat(len(times)) if model.num_classes else None
+    modules = dict(model.named_modules())
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m: nn.Module, _a: object, output: object, name: str = name) -> None:
+            if name not in captured:
+                if not isinstance(output, Tensor):
+                    raise FlowpressError(f"temporal cache: module {name} returns {type(output).__name__}, not a tensor")
+                captured[name] = output.detach().clone()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        model(torch.zeros(len(steps), *model.sample_shape), times[steps], cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return TemporalTable(times.clone(), n_cond, captured)
+
+
+class CachedVelocity(DiffusersVelocity):
+    """A copy of `model` whose temporal modules are table lookups keyed by (step, class).
+
+    forward(x, t, cond) accepts only t on the table's grid; forward_step(x, step, cond) is what
+    engines run (the exported graph gathers from the tables, no time MLP is left in it).
+    """
+
+    times: Tensor
+
+    def __init__(self, model: DiffusersVelocity, times: Tensor, names: list[str] | None = None):
+        super().__init__(copy.deepcopy(model.net), model.time_scale, model.null_label)
+        names = discover_temporal(model, times) if names is None else names
+        if not names:
+            raise FlowpressError(
+                "temporal cache: no module depends only on (t, class); set quantize.temporal to 'int8'"
+            )
+        self.table = build_table(model, times, names)
+        self.temporal_modules = names
+        self.register_buffer("times", times.clone())
+        self._key = _Key()
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            setattr(parent, child, TableLookup(self.table.tables[name], self._key, name))
+
+    def step_of(self, t: Tensor) -> Tensor:
+        """(B,) grid index of each t; t off the grid is an error."""
+        gap, step = (t.reshape(-1, 1) - self.times.reshape(1, -1)).abs().min(dim=1)
+        if float(gap.max()) > 1e-6:
+            raise FlowpressError(
+                f"temporal cache: t={float(t[int(gap.argmax())]):.6f} is not on the {len(self.times) - 1}-step "
+                "schedule the tables were built for; rebuild for this step count"
+            )
+        return step
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.forward_step(x, self.step_of(t), cond)
+
+    def forward_step(self, x: Tensor, step: Tensor, cond: Tensor | None = None) -> Tensor:
+        key = step if cond is None else step * self.table.n_cond + cond
+        self._key.key = key
+        try:
+            return self.net(x, self.times[step] * self.time_scale, class_labels=cond).sample
+        finally:
+            self._key.key = None
