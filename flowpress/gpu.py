@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines import CompareConfig, TorchEngine, compare, median_step_ms, report_dict, write_report
+from engines import TorchEngine, compare, median_step_ms, report_dict, write_report
 from export import StepModel, ort_session
 from export.lint import BatchProfile, check_tensorrt
 from export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, sha256_file, tensorrt_unavailable
@@ -160,7 +160,7 @@ def _build_and_validate(
     """Build engine/tensorrt/model.plan and compare it with FP exactly as the CPU engine was."""
     from engines.tensorrt import TensorRTEngine
     from export.tensorrt import build_engine
-    from flowpress.pipeline import ensure_classifier, ensure_model
+    from flowpress.pipeline import compare_config, ensure_classifier, ensure_model
 
     schedule = recipe.sampling.schedule()
     final = run_dir / "engine" / "tensorrt"
@@ -182,14 +182,7 @@ def _build_and_validate(
         classifier = ensure_classifier(recipe.classifier.path, progress)
         engine = TensorRTEngine(build.plan, schedule, f"tensorrt-{build.manifest['precision']}")
         reference = TorchEngine(model, schedule, "torch-fp32")
-        config_cmp = CompareConfig(
-            n_samples=recipe.compare.n_samples,
-            seed_base=recipe.compare.seed_base,
-            batch_size=recipe.compare.batch_size,
-            guidance=recipe.sampling.guidance,
-            null_label=model.null_label,
-            gate=recipe.gate,
-        )
+        config_cmp = compare_config(recipe, model.null_label)
         with torch.no_grad():
             real_features = torch.cat([classifier.embed(c) for c in load_digits("all").images.split(256)]).numpy()
         comparison = compare(

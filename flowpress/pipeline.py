@@ -224,18 +224,23 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
     return final_dir, report
 
 
-def _compare_stage(
-    recipe: Recipe, model: DiffusersVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
-) -> dict[str, Any]:
-    schedule = recipe.sampling.schedule()
-    config = CompareConfig(
+def compare_config(recipe: Recipe, null_label: int | None) -> CompareConfig:
+    """The recipe's compare section, sampler guidance and gate as a CompareConfig."""
+    return CompareConfig(
         n_samples=recipe.compare.n_samples,
         seed_base=recipe.compare.seed_base,
         batch_size=recipe.compare.batch_size,
         guidance=recipe.sampling.guidance,
-        null_label=model.null_label,
+        null_label=null_label,
         gate=recipe.gate,
     )
+
+
+def _compare_stage(
+    recipe: Recipe, model: DiffusersVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
+) -> dict[str, Any]:
+    schedule = recipe.sampling.schedule()
+    config = compare_config(recipe, model.null_label)
     reference = TorchEngine(model, schedule, "torch-fp32")
     engine = OrtEngine(run / "engine" / "model.opt.onnx", schedule, "ort-int8")
     real = load_digits("all").images

@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import save_model
+from calibration import CalibrationConfig, capture
+from compress import QuantConfig, quantize
+from export import ExportConfig, export_onnx
+from models import load_model, save_model
 from models.teacher import TeacherConfig, build_unet
+from sampling import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = ROOT / "checkpoints" / "digits-classifier"
@@ -27,3 +31,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny class-conditional UNet2DModel saved as a diffusers directory (random weights)."""
     torch.manual_seed(0)
     return save_model(build_unet(TINY), tmp_path_factory.mktemp("tiny") / "unet")
+
+
+TINY_SCHEDULE = Schedule(4)
+
+
+@pytest.fixture(scope="session")
+def tiny_tensorrt_export(tiny_model_dir, tmp_path_factory):
+    """(tensorrt-flavour int8 Q/DQ graph path, fp32 graph path, feeds as tensors) of the tiny
+    UNet on TINY_SCHEDULE: 16 calibration inputs spread over the steps."""
+    model = load_model(tiny_model_dir)
+    calib = capture(
+        model,
+        model.sample_shape,
+        model.num_classes,
+        TINY_SCHEDULE,
+        CalibrationConfig(n_samples=8),
+        2.0,
+        model.null_label,
+    )
+    qmodel = quantize(model, QuantConfig(), calib)
+    tmp = tmp_path_factory.mktemp("tensorrt-export")
+    path = export_onnx(qmodel.fp_module, TINY_SCHEDULE, tmp / "model.tensorrt.onnx", ExportConfig("tensorrt"), qmodel)
+    fp32 = export_onnx(qmodel.fp_module, TINY_SCHEDULE, tmp / "fp32.onnx")
+    index = torch.linspace(0, len(calib) - 1, 16).long()
+    return path, fp32, {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}

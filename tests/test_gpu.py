@@ -16,10 +16,8 @@ import onnx
 import pytest
 import torch
 
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize
 from engines import OrtEngine
-from export import ExportConfig, export_onnx, ort_session
+from export import export_onnx, ort_session
 from export.lint import BatchProfile
 from export.tensorrt import GpuIdentity, TensorRTConfig, sha256_file, tensorrt_unavailable
 from flowpress.cli import main
@@ -294,20 +292,9 @@ def gpu():
 
 
 @pytest.fixture(scope="module")
-def qdq(gpu, tiny_model_dir, tmp_path_factory):
+def qdq(gpu, tiny_tensorrt_export):
     """(tensorrt-flavour int8 graph path, fp32 graph path, feeds) of the tiny UNet."""
-    model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    qmodel = quantize(model, QuantConfig(), calib)
-    fp_module = getattr(qmodel, "fp_module", model)
-    tmp = tmp_path_factory.mktemp("trt")
-    path = export_onnx(fp_module, SCHEDULE, tmp / "model.tensorrt.onnx", ExportConfig("tensorrt"), qmodel)
-    fp32 = export_onnx(fp_module, SCHEDULE, tmp / "fp32.onnx")
-    index = torch.linspace(0, len(calib) - 1, 16).long()
-    feeds = {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
-    return path, fp32, feeds
+    return tiny_tensorrt_export
 
 
 def ort_cpu(path, feeds):

@@ -6,15 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize
-from export import ExportConfig, export_onnx, ort_session
+from export import ort_session
 from export.fp8 import to_fp8
 from export.lint import BatchProfile, LintIssue, check_tensorrt, lint_tensorrt, uses_fp8
-from models import load_model
 from sampling import FlowpressError, Schedule
 
 SCHEDULE = Schedule(4)
@@ -22,20 +18,10 @@ PROFILE = BatchProfile(1, 20, 20)  # what `flowpress engines` derives for compar
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model_dir, tmp_path_factory):
-    """(tensorrt-flavour Q/DQ graph, fp32 graph path, feeds) of the tiny UNet."""
-    model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    qmodel = quantize(model, QuantConfig(), calib)
-    fp_module = getattr(qmodel, "fp_module", model)
-    tmp = tmp_path_factory.mktemp("lint")
-    path = export_onnx(fp_module, SCHEDULE, tmp / "trt.onnx", ExportConfig("tensorrt"), qmodel)
-    fp32 = export_onnx(fp_module, SCHEDULE, tmp / "fp32.onnx")
-    index = torch.linspace(0, len(calib) - 1, 16).long()
-    feeds = {"x": calib.x[index].numpy(), "step": calib.step[index].numpy(), "class_labels": calib.cond[index].numpy()}
-    return onnx.load(str(path)), fp32, feeds
+def exported(tiny_tensorrt_export):
+    """(tensorrt-flavour Q/DQ graph, fp32 graph path, feeds as numpy) of the tiny UNet."""
+    path, fp32, feeds = tiny_tensorrt_export
+    return onnx.load(str(path)), fp32, {k: v.numpy() for k, v in feeds.items()}
 
 
 @pytest.fixture
