@@ -13,6 +13,7 @@ from calibration import CalibrationConfig
 from compress import QuantConfig
 from engines import GateConfig
 from export import ExportConfig
+from export.openvino import OpenVinoConfig
 from models.teacher import TeacherConfig
 from sampling import FlowpressError, Schedule
 
@@ -50,6 +51,15 @@ class ClassifierSection:
 
 
 @dataclass(frozen=True)
+class EngineSection:
+    """runtime: the engine compare and gate judge — 'onnxruntime' (the ort-cpu Q/DQ graph) or
+    'openvino' (IR from the prepared FP graph; NNCF int8 on the calibration set, or bf16/f32)."""
+
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSection
@@ -57,6 +67,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quantize: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    engine: EngineSection = field(default_factory=EngineSection)
     compare: CompareSection = field(default_factory=CompareSection)
     gate: GateConfig = field(default_factory=GateConfig)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)

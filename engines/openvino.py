@@ -1,0 +1,62 @@
+"""OpenVINO CPU engine: IR compiled per static batch size with an explicit precision hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engines.base import check_steps
+from sampling import FlowpressError, Schedule
+
+
+class OpenVinoEngine:
+    """An OpenVINO IR (x, step[, class_labels]) -> v on the CPU plugin.
+
+    Compiled once per batch size with static shapes (measured 10-80% faster than a dynamic
+    batch here) and INFERENCE_PRECISION_HINT set explicitly, never OpenVINO's silent default.
+    """
+
+    def __init__(
+        self, xml: str | Path, schedule: Schedule, precision_hint: str, name: str = "openvino", threads: int = 0
+    ):
+        import openvino as ov
+
+        self.name = name
+        self.schedule = schedule
+        self.path = Path(xml)
+        if not self.path.is_file():
+            raise FlowpressError(f"{self.path}: OpenVINO IR missing; rebuild it with `make quantize`")
+        self.precision_hint = precision_hint
+        self.threads = threads
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(self.path))
+        self.input_names = [port.get_any_name() for port in self.model.inputs]
+        self.compiled: dict[int, Any] = {}
+
+    def _compiled(self, batch: int) -> Any:
+        if batch not in self.compiled:
+            model = self.model.clone()
+            shapes = {}
+            for port in model.inputs:
+                dims = list(port.get_partial_shape())
+                shapes[port.get_any_name()] = [batch, *[int(d.get_length()) for d in dims[1:]]]
+            model.reshape(shapes)
+            config = {"INFERENCE_PRECISION_HINT": self.precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = str(self.threads)
+            self.compiled[batch] = self.core.compile_model(model, "CPU", config)
+        return self.compiled[batch]
+
+    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+        check_steps(self, step)
+        feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
+        if "class_labels" in self.input_names:
+            if cond is None:
+                raise FlowpressError(f"engine {self.path}: this engine needs class labels")
+            feeds["class_labels"] = cond.numpy()
+        compiled = self._compiled(int(x.shape[0]))
+        return torch.from_numpy(np.array(compiled(feeds)[compiled.output(0)]))

@@ -1,0 +1,70 @@
+"""ONNX -> OpenVINO IR: NNCF int8 fed flowpress's own calibration set, or plain (bf16 / f32)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from calibration import CalibrationSet
+from sampling import FlowpressError
+
+OvPrecision = Literal["int8", "bf16", "f32"]
+
+
+@dataclass(frozen=True)
+class OpenVinoConfig:
+    """precision: 'int8' (NNCF post-training quantization on the trajectory calibration set),
+    'bf16' or 'f32' (no quantization; the inference precision hint is set explicitly, since
+    OpenVINO silently runs "fp32" models in bf16 on AMX CPUs).  transformer: NNCF's
+    TRANSFORMER model type (keeps attention-sensitive ops in float), for DiTs."""
+
+    precision: OvPrecision = "int8"
+    transformer: bool = False
+    calib_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "bf16", "f32"):
+            raise FlowpressError(f"openvino.precision must be int8, bf16 or f32, got {self.precision!r}")
+
+    @property
+    def inference_hint(self) -> str:
+        """Compile-time INFERENCE_PRECISION_HINT: int8 graphs keep their float parts in f32."""
+        return "bf16" if self.precision == "bf16" else "f32"
+
+
+def export_openvino(
+    onnx_path: str | Path, out_xml: str | Path, config: OpenVinoConfig, calib: CalibrationSet | None = None
+) -> Path:
+    """Read the FP ONNX graph (x, step[, class_labels]) -> v, quantize it with NNCF when
+    config.precision is int8, and save IR (xml + bin) into a fresh directory atomically."""
+    import openvino as ov
+
+    out_xml = Path(out_xml)
+    model = ov.Core().read_model(str(onnx_path))
+    if config.precision == "int8":
+        if calib is None:
+            raise FlowpressError("openvino int8: needs the calibration set (run the calibrate stage first)")
+        import nncf
+
+        items = []
+        for start in range(0, len(calib), config.calib_batch_size):
+            end = start + config.calib_batch_size
+            feeds = {"x": calib.x[start:end].numpy(), "step": calib.step[start:end].numpy()}
+            if calib.cond is not None:
+                feeds["class_labels"] = calib.cond[start:end].numpy()
+            items.append(feeds)
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(items),
+            subset_size=len(calib),
+            model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
+        )
+    tmp = out_xml.parent.with_name(out_xml.parent.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ov.save_model(model, str(tmp / out_xml.name), compress_to_fp16=False)
+    shutil.rmtree(out_xml.parent, ignore_errors=True)
+    tmp.rename(out_xml.parent)
+    return out_xml
