@@ -32,6 +32,19 @@ def check_steps(engine: Engine, step: Tensor) -> None:
         )
 
 
+def graph_feeds(
+    engine: Engine, path: Path, input_names: list[str], x: Tensor, step: Tensor, cond: Tensor | None
+) -> dict[str, np.ndarray]:
+    """Checked numpy inputs of an exported engine graph (x, step[, class_labels])."""
+    check_steps(engine, step)
+    feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
+    if "class_labels" in input_names:
+        if cond is None:
+            raise FlowpressError(f"engine {path}: this engine needs class labels")
+        feeds["class_labels"] = cond.numpy()
+    return feeds
+
+
 class TorchEngine:
     """Any VelocityModel (FP or fake-quant) as an engine: the reference for every comparison."""
 
@@ -59,12 +72,7 @@ class OrtEngine:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
-        check_steps(self, step)
-        feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
-        if "class_labels" in self.input_names:
-            if cond is None:
-                raise FlowpressError(f"engine {self.path}: this engine needs class labels")
-            feeds["class_labels"] = cond.numpy()
+        feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import check_steps
+from engines.base import graph_feeds
 from sampling import FlowpressError, Schedule
 
 
@@ -52,11 +52,6 @@ class OpenVinoEngine:
         return self.compiled[batch]
 
     def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
-        check_steps(self, step)
-        feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
-        if "class_labels" in self.input_names:
-            if cond is None:
-                raise FlowpressError(f"engine {self.path}: this engine needs class labels")
-            feeds["class_labels"] = cond.numpy()
+        feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         compiled = self._compiled(int(x.shape[0]))
         return torch.from_numpy(np.array(compiled(feeds)[compiled.output(0)]))
