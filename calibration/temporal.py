@@ -97,9 +97,6 @@ class TemporalTable:
     n_cond: int
     tables: dict[str, Tensor]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tables.values())
-
 
 @torch.no_grad()
 def build_table(model: DiffusersVelocity, times: Tensor, names: list[str]) -> TemporalTable:

@@ -135,7 +135,7 @@ def _modelopt_default(
     noise = noise_for_seeds(range(seed, seed + n_traj), model.sample_shape)
 
     def forward_loop(m: torch.nn.Module) -> None:
-        sample(m, noise, labels, schedule, guidance, model.null_label)  # type: ignore[arg-type]
+        sample(m, noise, labels, schedule, guidance, model.null_label)
 
     mtq.quantize(qmodule, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop)
     return QuantizedModel(qmodule, model, layer_quants(qmodule), QuantConfig(temporal="int8"), [])

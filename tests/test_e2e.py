@@ -47,6 +47,7 @@ def test_quantize_writes_the_run_directory_contract(run):
     assert report["gate"]["passed"] is True and report["gate"]["thresholds"]["min_final_psnr_db"] == 10.0
     assert [row["step"] for row in report["per_step"]] == [0, 1, 2, 3, 4]
     assert report["per_step"][0]["rel_l2"] == 0.0  # same noise for FP and engine
+    # measured 0.027 and 39.6 dB on this tiny random-weight UNet; the bounds only catch a broken engine
     assert 0 < report["per_step"][-1]["rel_l2"] < 0.5 and report["final"]["psnr_db"] > 20
     for key in ("classifier_acc", "fd"):
         assert key in report["quality"]["reference"] and key in report["quality"]["engine"]
