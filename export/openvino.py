@@ -18,10 +18,12 @@ class OpenVinoConfig:
     """precision: 'int8' (NNCF post-training quantization on the trajectory calibration set),
     'bf16' or 'f32' (no quantization; the inference precision hint is set explicitly, since
     OpenVINO silently runs "fp32" models in bf16 on AMX CPUs).  transformer: NNCF's
-    TRANSFORMER model type (keeps attention-sensitive ops in float), for DiTs."""
+    TRANSFORMER model type (keeps attention-sensitive ops in float).  Measured on the digits
+    teachers' prepared graphs (100 samples, final PSNR vs FP): UNet 47.1 -> 51.2 dB, DiT
+    37.9 -> 48.5 dB against NNCF's default type, so it is the default for both."""
 
     precision: OvPrecision = "int8"
-    transformer: bool = False
+    transformer: bool = True
     calib_batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ def export_openvino(
         model = nncf.quantize(
             model,
             nncf.Dataset(items),
-            subset_size=len(calib),
+            subset_size=len(items),  # NNCF counts dataset items (batches here)
             model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
         )
     tmp = out_xml.parent.with_name(out_xml.parent.name + ".tmp")

@@ -78,25 +78,25 @@ class Reference:
     noise: Tensor
 
 
-def _fp_reference(model: DiffusersVelocity, schedule: Schedule, guidance: float, config: AblationConfig) -> Reference:
-    n = config.compare_samples
+def fp_reference(model: DiffusersVelocity, schedule: Schedule, guidance: float, n: int, batch: int) -> Reference:
+    """FP trajectories of seeds 0..n-1, labels cycling through the classes, in chunks of `batch`."""
     labels = torch.arange(n) % (model.num_classes or 1)
     noise = noise_for_seeds(range(n), model.sample_shape)
     chunks = [
         sample(
             model,
-            noise[s : s + config.batch_size],
-            labels[s : s + config.batch_size],
+            noise[s : s + batch],
+            labels[s : s + batch],
             schedule,
             guidance,
             model.null_label,
         ).xs
-        for s in range(0, n, config.batch_size)
+        for s in range(0, n, batch)
     ]
     return Reference(torch.cat(chunks, dim=1), labels, noise)
 
 
-def _measure(engine: Engine, ref: Reference, guidance: float, null: int | None, batch: int) -> Tensor:
+def sample_engine(engine: Engine, ref: Reference, guidance: float, null: int | None, batch: int) -> Tensor:
     velocity = EngineVelocity(engine)
     chunks = [
         sample(velocity, ref.noise[s : s + batch], ref.labels[s : s + batch], engine.schedule, guidance, null).xs
@@ -141,11 +141,17 @@ def _modelopt_default(
     return QuantizedModel(qmodule, model, layer_quants(qmodule), QuantConfig(temporal="int8"), [])
 
 
-def _ort_quantize_static(
-    model: DiffusersVelocity, schedule: Schedule, full: CalibrationSet, seed: int, budget: int, workdir: Path
+def ort_quantize_static(
+    model: DiffusersVelocity,
+    schedule: Schedule,
+    full: CalibrationSet,
+    seed: int,
+    budget: int,
+    workdir: Path,
+    op_types: tuple[str, ...] | None = None,
 ) -> OrtEngine:
     """onnxruntime's quantize_static (MinMax, QDQ, U8S8, per channel) on `budget` inputs drawn at
-    random steps of the captured FP trajectories."""
+    random steps of the captured FP trajectories; op_types limits what it quantizes (None: its default)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -175,6 +181,7 @@ def _ort_quantize_static(
     quantize_static(
         str(fp), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=list(op_types) if op_types else None,
     )  # fmt: skip
     return OrtEngine(out, schedule, "ort-quantize-static")
 
@@ -202,7 +209,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     schedule, guidance, null = recipe.sampling.schedule(), recipe.sampling.guidance, model.null_label
     with torch.no_grad():
         real_features = torch.cat([classifier.embed(c) for c in load_digits("all").images.split(256)]).numpy()
-        ref = _fp_reference(model, schedule, guidance, config)
+        ref = fp_reference(model, schedule, guidance, config.compare_samples, config.batch_size)
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
     jobs += [("w8a8", p, False) for p in config.peers if "w8a8" in config.settings]
     per_job: dict[tuple[str, str, bool], list[dict[str, Any]]] = {job: [] for job in jobs}
@@ -221,7 +228,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                         _modelopt_default(model, schedule, guidance, seed, config.budget), schedule, workdir, "tensorrt"
                     )
                 elif method == "ort-quantize-static":
-                    engine = _ort_quantize_static(model, schedule, full, seed, config.budget, workdir)
+                    engine = ort_quantize_static(model, schedule, full, seed, config.budget, workdir)
                 else:
                     strategy, amax = METHODS[method]
                     calib = select(
@@ -241,7 +248,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                         if bits == 8
                         else TorchEngine(qmodel.module, schedule, "fake-quant")
                     )
-                xs = _measure(engine, ref, guidance, null, config.batch_size)
+                xs = sample_engine(engine, ref, guidance, null, config.batch_size)
                 row = _row_metrics(xs, ref, classifier, real_features)
                 row["engine_ms_b8"] = (
                     median_step_ms(engine, 8, model.sample_shape, 20) if isinstance(engine, OrtEngine) else None
