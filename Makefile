@@ -5,7 +5,7 @@ RECIPE ?= recipes/digits-unet-int8.yaml
 TEACHER_RECIPE ?= recipes/digits-teacher.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quantize compare engines ablate teacher classifier test quality clean
+.PHONY: install quantize compare engines ablate bench teacher classifier test quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ bench-gpu: $(STAMP)
 
 ablate: $(STAMP)
 	$(PY) -m flowpress ablate --recipe recipes/ablation.yaml
+
+# every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/bench/
+bench: $(STAMP)
+	$(PY) -m flowpress bench --recipe recipes/bench.yaml
 
 teacher: $(STAMP)
 	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)

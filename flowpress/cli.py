@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="every calibration strategy x temporal cache x setting beside the peers")
     a.add_argument("--recipe", default="recipes/ablation.yaml")
     a.add_argument("--runs", default="runs")
-    for p in (q, c, t, k, e, g, a):
+    b = sub.add_parser("bench", help="every CPU engine (flowpress's and the peers') for speed and fidelity")
+    b.add_argument("--recipe", default="recipes/bench.yaml")
+    b.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a, b):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
             out = run_ablation(load_ablation_config(args.recipe), args.runs, progress)
             print(f"[flowpress] {out}: ablation.json, ablation.md, error_vs_step.png")
+            return 0
+        if args.command == "bench":
+            from flowpress.bench import load_bench_config, run_bench
+
+            out = run_bench(load_bench_config(args.recipe), args.runs, progress)
+            print(f"[flowpress] {out}: bench.json, bench.md, frontier.png")
+            for line in (out / "bench.md").read_text().split("## Bars (batch 8)")[1].strip().splitlines():
+                if line.startswith("- "):
+                    print(f"[flowpress] {line[2:]}")
             return 0
         if args.command == "engines":
             from flowpress import gpu
