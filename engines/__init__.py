@@ -7,9 +7,11 @@ from engines.compare import (
     GateConfig,
     compare,
     frechet_distance,
+    judge,
     median_step_ms,
     psnr_db,
     quality,
+    recommend,
     rel_l2,
 )
 from engines.report import report_dict, write_report
@@ -25,9 +27,11 @@ __all__ = [
     "check_steps",
     "compare",
     "frechet_distance",
+    "judge",
     "median_step_ms",
     "psnr_db",
     "quality",
+    "recommend",
     "rel_l2",
     "report_dict",
     "write_report",

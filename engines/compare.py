@@ -181,6 +181,48 @@ def compare(
     return Comparison(fp, eng, labels, seeds, per_step, final, quality_, gate)
 
 
+@torch.no_grad()
+def judge(
+    comparison: Comparison,
+    engine: Engine,
+    config: CompareConfig,
+    classifier: DigitClassifier,
+    real_features: np.ndarray,
+    sample_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Another engine on the comparison's seeds and labels, judged by the same gate against the
+    same FP finals: {final, quality, gate}."""
+    finals = []
+    velocity = EngineVelocity(engine)
+    for start in range(0, len(comparison.seeds), config.batch_size):
+        chunk = comparison.seeds[start : start + config.batch_size]
+        cond = None if comparison.labels is None else comparison.labels[start : start + len(chunk)]
+        noise = noise_for_seeds(chunk.tolist(), sample_shape)
+        finals.append(sample(velocity, noise, cond, engine.schedule, config.guidance, config.null_label).final)
+    eng = torch.cat(finals)
+    final = {"psnr_db": psnr_db(comparison.fp, eng), "rel_l2": float(rel_l2(comparison.fp, eng).mean())}
+    if comparison.labels is None:
+        raise FlowpressError("compare: quality metrics need a class-conditional model (digits classifier)")
+    quality_ = {
+        "reference": comparison.quality["reference"],
+        "engine": quality(classifier, eng, comparison.labels, real_features),
+    }
+    return {"final": final, "quality": quality_["engine"], "gate": evaluate_gate(config.gate, final, quality_)}
+
+
+def recommend(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine to ship: the fastest at batch 8 among those that pass the gate."""
+    passing = [c for c in candidates if c["gate_passed"]]
+    if not passing:
+        return {"engine": None, "reason": "no CPU engine passes the gate; ship none (see the gate checks)"}
+    best = min(passing, key=lambda c: c["ms_b8"])
+    fastest = min(candidates, key=lambda c: c["ms_b8"])
+    reason = f"fastest at batch 8 ({best['ms_b8']:.2f} ms per forward) among the engines that pass the gate"
+    if fastest is not best:
+        reason += f"; {fastest['engine']} is faster ({fastest['ms_b8']:.2f} ms) but fails the gate"
+    return {"engine": best["engine"], "reason": reason}
+
+
 def median_step_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of one engine forward at `batch` over `runs` timed calls after warm-up."""
     x = torch.randn(batch, *sample_shape, generator=torch.Generator().manual_seed(0))

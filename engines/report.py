@@ -126,6 +126,21 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     ]
     for name, row in report["latency_ms"].items():
         lines.append(f"| {name} | {row['b1']:.2f} | {row['b8']:.2f} |")
+    if report.get("cpu_engines"):
+        rec = report["recommendation"]
+        lines += [
+            "",
+            "## CPU engines for this model (same seeds, same gate)",
+            "",
+            "| engine | final PSNR dB | classifier acc | FD | ms b1 | ms b8 | size bytes | gate |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in report["cpu_engines"]:
+            lines.append(
+                f"| {e['engine']} | {e['final_psnr_db']:.2f} | {e['classifier_acc']:.3f} | {e['fd']:.2f} | "
+                f"{e['ms_b1']:.2f} | {e['ms_b8']:.2f} | {e['size_bytes']:,} | {'pass' if e['gate_passed'] else 'FAIL'} |"
+            )
+        lines += ["", f"**Recommendation: {rec['engine'] or 'none'}** — {rec['reason']}."]
     lines += ["", "## Size", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in report["size_bytes"].items()]
     lines += [

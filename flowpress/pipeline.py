@@ -22,7 +22,9 @@ from engines import (
     OrtEngine,
     TorchEngine,
     compare,
+    judge,
     median_step_ms,
+    recommend,
     report_dict,
     write_report,
 )
@@ -211,22 +213,28 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "schedule": schedule.as_dict(),
                 "onnxruntime": metadata.version("onnxruntime"),
             }
-            if recipe.engine.runtime == "openvino":
-                ov_config = recipe.engine.openvino
+            ov_main = recipe.engine.openvino
+            precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
+            if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
+                precisions += [p for p in ("int8", "bf16") if p not in precisions]
+            if precisions:
                 export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
-                export_openvino(
-                    run / "engine" / "prepared_fp32.onnx", run / "engine" / "openvino" / "model.xml", ov_config, calib
-                )
+                for precision in precisions:
+                    ov_config = dataclasses.replace(ov_main, precision=precision)
+                    export_openvino(run / "engine" / "prepared_fp32.onnx", _ov_xml(run, precision), ov_config, calib)
+                    engine_manifest[f"openvino-{precision}"] = {
+                        "version": metadata.version("openvino"),
+                        "precision": precision,
+                        "inference_precision_hint": ov_config.inference_hint,
+                        "nncf_preset": ("transformer" if ov_config.transformer else "default")
+                        if precision == "int8"
+                        else None,
+                        "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
+                        if precision == "int8"
+                        else "the FP graph with temporal tables",
+                        "static_batch": "compiled per batch size at load",
+                    }
                 (run / "engine" / "prepared_fp32.onnx").unlink()
-                engine_manifest["openvino"] = {
-                    "version": metadata.version("openvino"),
-                    "precision": ov_config.precision,
-                    "inference_precision_hint": ov_config.inference_hint,
-                    "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
-                    if ov_config.precision == "int8"
-                    else "the FP graph with temporal tables",
-                    "static_batch": "compiled per batch size at load",
-                }
             (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
         report = _compare_stage(recipe, model, classifier, run, timer, progress)
         manifest = {
@@ -272,14 +280,9 @@ def _compare_stage(
     schedule = recipe.sampling.schedule()
     config = compare_config(recipe, model.null_label)
     reference = TorchEngine(model, schedule, "torch-fp32")
-    ort_int8 = OrtEngine(run / "engine" / "model.opt.onnx", schedule, "ort-int8")
-    engine: Engine = ort_int8
-    engine_files = [run / "engine" / "model.opt.onnx"]
-    if recipe.engine.runtime == "openvino":
-        ov_config = recipe.engine.openvino
-        xml = run / "engine" / "openvino" / "model.xml"
-        engine = OpenVinoEngine(xml, schedule, ov_config.inference_hint, f"openvino-{ov_config.precision}")
-        engine_files = [xml, xml.with_suffix(".bin")]
+    candidates = _cpu_engines(recipe, run, schedule)
+    main = f"openvino-{recipe.engine.openvino.precision}" if recipe.engine.runtime == "openvino" else "ort-int8"
+    engine, engine_files = candidates[main]
     real = load_digits("all").images
     with torch.no_grad():
         real_features = torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
@@ -293,12 +296,32 @@ def _compare_stage(
             "ort_fp32": OrtEngine(run / "fp32.onnx", schedule, "ort-fp32"),
             "engine": engine,
         }
-        if engine is not ort_int8:
-            runtimes["ort_int8"] = ort_int8
+        runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
         latency = {
             name: {f"b{b}": median_step_ms(rt, b, model.sample_shape, recipe.compare.latency_runs) for b in (1, 8)}
             for name, rt in runtimes.items()
         }
+    with timer.stage("judge"):
+        engines = []
+        for name, (candidate, files) in candidates.items():
+            judged = (
+                {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
+                if name == main
+                else judge(comparison, candidate, config, classifier, real_features, model.sample_shape)
+            )
+            ms = latency["engine" if name == main else name.replace("-", "_")]
+            engines.append(
+                {
+                    "engine": name,
+                    "final_psnr_db": judged["final"]["psnr_db"],
+                    "classifier_acc": judged["quality"]["classifier_acc"],
+                    "fd": judged["quality"]["fd"],
+                    "ms_b1": ms["b1"],
+                    "ms_b8": ms["b8"],
+                    "size_bytes": sum(f.stat().st_size for f in files),
+                    "gate_passed": judged["gate"]["passed"],
+                }
+            )
     sizes = {
         "fp32_onnx": (run / "fp32.onnx").stat().st_size,
         "engine": sum(f.stat().st_size for f in engine_files),
@@ -312,9 +335,28 @@ def _compare_stage(
         "latency_note": "median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
         f"{recipe.compare.latency_runs} runs after warm-up, {torch.get_num_threads()} torch threads",
     }
+    extra["cpu_engines"] = engines
+    extra["recommendation"] = recommend(engines)
     report = report_dict(comparison, latency, sizes, extra)
     write_report(run, comparison, report, f"{recipe.name}: {engine.name} vs FP")
     return report
+
+
+def _ov_xml(run: Path, precision: str) -> Path:
+    return run / "engine" / f"openvino-{precision}" / "model.xml"
+
+
+def _cpu_engines(recipe: Recipe, run: Path, schedule: Schedule) -> dict[str, tuple[Engine, list[Path]]]:
+    """The run's CPU engines by name (ort-int8, openvino-<precision>) with the files they ship as."""
+    opt = run / "engine" / "model.opt.onnx"
+    found: dict[str, tuple[Engine, list[Path]]] = {"ort-int8": (OrtEngine(opt, schedule, "ort-int8"), [opt])}
+    for precision in ("int8", "bf16", "f32"):
+        xml = _ov_xml(run, precision)
+        if xml.is_file():
+            hint = dataclasses.replace(recipe.engine.openvino, precision=precision).inference_hint
+            engine = OpenVinoEngine(xml, schedule, hint, f"openvino-{precision}")
+            found[f"openvino-{precision}"] = (engine, [xml, xml.with_suffix(".bin")])
+    return found
 
 
 def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
@@ -347,4 +389,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         status = "ok" if check["passed"] else "FAILED"
         lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
     lines.append("gate: PASSED" if report["gate"]["passed"] else "gate: FAILED")
+    for e in report.get("cpu_engines", []):
+        lines.append(
+            f"cpu engine {e['engine']}: {e['final_psnr_db']:.2f} dB, acc {e['classifier_acc']:.3f}, "
+            f"{e['ms_b8']:.2f} ms b8, gate {'pass' if e['gate_passed'] else 'FAIL'}"
+        )
+    if "recommendation" in report:
+        rec = report["recommendation"]
+        lines.append(f"recommended engine: {rec['engine'] or 'none'} ({rec['reason']})")
     return lines

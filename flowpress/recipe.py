@@ -53,10 +53,13 @@ class ClassifierSection:
 @dataclass(frozen=True)
 class EngineSection:
     """runtime: the engine compare and gate judge — 'onnxruntime' (the ort-cpu Q/DQ graph) or
-    'openvino' (IR from the prepared FP graph; NNCF int8 on the calibration set, or bf16/f32)."""
+    'openvino' (IR from the prepared FP graph; NNCF int8 on the calibration set, or bf16/f32).
+    candidates: also build the other CPU engines (OpenVINO int8 and bf16), judge each on the
+    same seeds and gate, and recommend the one to ship in the report."""
 
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
+    candidates: bool = True
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ def test_quantize_writes_the_run_directory_contract(run):
     for runtime in ("torch_fp32", "ort_fp32", "engine"):
         assert report["latency_ms"][runtime]["b1"] > 0 and report["latency_ms"][runtime]["b8"] > 0
     assert 0 < report["size_bytes"]["engine"] < report["size_bytes"]["fp32_onnx"]
+    engines = {e["engine"]: e for e in report["cpu_engines"]}
+    assert sorted(engines) == ["openvino-bf16", "openvino-int8", "ort-int8"]
+    for e in engines.values():  # measured 33-40 dB on this tiny UNet; a broken engine lands far below
+        assert e["final_psnr_db"] > 20 and e["size_bytes"] > 0 and e["ms_b8"] > 0
+    shipped = engines[report["recommendation"]["engine"]]
+    assert shipped["gate_passed"] and shipped["ms_b8"] == min(e["ms_b8"] for e in engines.values() if e["gate_passed"])
     samples = np.load(run_dir / "samples.npz")
     assert samples["fp"].shape == samples["engine"].shape == (20, 1, 16, 16)
     assert samples["labels"].tolist() == [i % 10 for i in range(20)] and samples["seeds"].tolist() == list(range(20))
@@ -88,6 +94,7 @@ def test_failed_gate_exits_1_and_says_which_threshold(tiny_model_dir, tmp_path, 
     out = capsys.readouterr().out
     assert code == 1
     assert "gate final_psnr_db" in out and ">= 200: FAILED" in out
+    assert "recommended engine: none" in out
 
 
 def test_bad_checkpoint_exits_2_and_leaves_no_run(tmp_path, capsys):
