@@ -23,6 +23,7 @@ W4A8 = QuantConfig(
     recon_iters=40,
     recon_samples=32,
     recon_batch_size=16,
+    recon_lr=0.01,
 )
 
 
@@ -46,8 +47,9 @@ def test_learned_rounding_reduces_block_output_error(w4a8):
     assert len(errors) >= 8  # every block of the tiny UNet was reconstructed
     nearest = sum(e["nearest"] for e in errors.values())
     learned = sum(e["learned"] for e in errors.values())
-    # measured on this tiny model (40 iterations per block): learned / nearest = 0.96
-    assert learned < 0.985 * nearest
+    # measured on this tiny model (40 iterations per block, lr 0.01): learned / nearest = 0.86
+    # (0.975 with AdaRound's lr 1e-3, too small a step for so few iterations)
+    assert learned < 0.93 * nearest
     # no block may get worse than rounding to nearest by more than noise
     assert all(e["learned"] <= 1.01 * e["nearest"] for e in errors.values())
 
