@@ -74,7 +74,7 @@ def _quantizers(group_size: int | None) -> tuple[type, type]:
     return weight_quant, Int8ActPerTensorConst
 
 
-def _quant_layer(layer: nn.Module, input_amax: float, group_size: int | None) -> nn.Module:
+def _quant_layer(layer: Any, input_amax: float, group_size: int | None) -> nn.Module:
     """A brevitas QuantConv2d / QuantLinear with `layer`'s weights; input scale amax / 127.
 
     A layer whose input channels are not a multiple of group_size (a 1-channel conv_in) is
@@ -93,7 +93,7 @@ def _quant_layer(layer: nn.Module, input_amax: float, group_size: int | None) ->
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1 or layer.padding_mode != "zeros":
             raise FlowpressError(f"w4a8: grouped or non-zero-padded Conv2d is not supported ({layer})")
-        quant: nn.Module = QuantConv2d(
+        quant: Any = QuantConv2d(
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
@@ -118,12 +118,12 @@ def _quant_layer(layer: nn.Module, input_amax: float, group_size: int | None) ->
     return quant.eval()
 
 
-def _rounding(quant: nn.Module) -> nn.Module:
+def _rounding(quant: Any) -> Any:
     """The brevitas LearnedRoundSte of a quant layer (its `value` is AdaRound's V)."""
     return quant.weight_quant.tensor_quant.int_quant.float_to_int_impl
 
 
-def _scale_like_weight(quant: nn.Module) -> Tensor:
+def _scale_like_weight(quant: Any) -> Tensor:
     """The weight quantizer's scale broadcast to the weight's shape (groups expanded)."""
     scale = quant.quant_weight().scale.detach()
     weight = quant.weight
@@ -136,7 +136,7 @@ def _scale_like_weight(quant: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def _init_rounding(quant: nn.Module) -> None:
+def _init_rounding(quant: Any) -> None:
     """V such that h(V) = frac(w / scale): hardened (h > 0.5 rounds up) this is round-to-nearest."""
     ratio = quant.weight / _scale_like_weight(quant)
     rest = (ratio - torch.floor(ratio)).clamp(0.0, 1.0 - 1e-6)
@@ -144,7 +144,7 @@ def _init_rounding(quant: nn.Module) -> None:
     _rounding(quant).value.copy_(value)
 
 
-def soft_rounding(quant: nn.Module) -> Tensor:
+def soft_rounding(quant: Any) -> Tensor:
     """AdaRound's h(V) in [0, 1], per weight."""
     value = _rounding(quant).value
     return torch.clamp(torch.sigmoid(value) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
@@ -279,7 +279,7 @@ def reconstruct(
     inputs.  Returns (error with rounding to nearest, error with the learned rounding), both
     over all n inputs with hardened rounding — the gain this block got.
     """
-    params = [_rounding(q).value for q in layers]
+    params: list[Tensor] = [_rounding(q).value for q in layers]
     for p in params:
         p.requires_grad_(True)
 
@@ -482,7 +482,7 @@ def _reconstruct_all(
 
 
 @torch.no_grad()
-def quantized_weight(quant: nn.Module) -> tuple[Tensor, Tensor]:
+def quantized_weight(quant: Any) -> tuple[Tensor, Tensor]:
     """(integer weights in [-7, 7] with the layer's shape as int8, scale broadcast to that shape)."""
     scale = _scale_like_weight(quant)
     value = quant.quant_weight().value.detach()
@@ -492,7 +492,7 @@ def quantized_weight(quant: nn.Module) -> tuple[Tensor, Tensor]:
     return w_int.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8), scale
 
 
-def layer_quant(quant: nn.Module, config: QuantConfig) -> LayerQuant:
+def layer_quant(quant: Any, config: QuantConfig) -> LayerQuant:
     """What the exporter needs: int4 weights and their scales (per channel, or per group along
     the input channels), the input amax."""
     from compress.quantize import LayerQuant

@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     graph.initializer.extend(kept + new_inits)
 
 
-def _learned_axes(layer: LayerQuant, node) -> dict[str, int]:  # noqa: ANN001
+def _learned_axes(layer: LayerQuant, node) -> dict[str, Any]:  # noqa: ANN001
     """DequantizeLinear attributes of a learned weight: per channel along C_out, or blocked along
     C_in (Conv weights are (C_out, C_in, kh, kw); MatMul / Gemm weights here are (C_in, C_out))."""
     conv = node.op_type == "Conv"
