@@ -39,7 +39,8 @@ class TableLookup(nn.Module):
     def forward(self, *args: object, **kwargs: object) -> Tensor:
         if self.holder.key is None:
             raise FlowpressError(f"temporal table {self.source}: called outside CachedVelocity.forward_step")
-        return self.table[self.holder.key]
+        features = self.table[self.holder.key]
+        return features.float() if features.dtype != torch.float32 else features  # float16 tables: see half_tables
 
 
 def _outputs(value: object) -> list[Tensor]:
@@ -122,6 +123,14 @@ def build_table(model: DiffusersVelocity, times: Tensor, names: list[str]) -> Te
         for handle in handles:
             handle.remove()
     return TemporalTable(times.clone(), n_cond, captured)
+
+
+def half_tables(model: nn.Module) -> None:
+    """Store every TableLookup's table in float16 (half the engine bytes); lookups still return
+    float32, so the graph gathers float16 rows and casts them."""
+    for module in model.modules():
+        if isinstance(module, TableLookup):
+            module.table = module.table.half()
 
 
 class CachedVelocity(DiffusersVelocity):

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from calibration import CachedVelocity, CalibrationSet, discover_temporal
+from calibration.temporal import half_tables
 from compress.shortcut import split_shortcuts
 from models import DiffusersVelocity
 from sampling import FlowpressError
 
 Temporal = Literal["cache", "fp", "int8"]
 Amax = Literal["max", "mse", "perstep-max", "perstep-mean", "perstep-percentile"]
+Precision = Literal["int8", "w4a8"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,19 @@ class QuantConfig:
     conv_output_quant: also quantize Conv outputs, so onnxruntime can fuse DQ-Conv-Q into
       an integer QLinearConv (the `ort-cpu` flavour needs it; `tensorrt` does not).
     exclude: module-name patterns (fnmatch) left in full precision.
+    table_dtype: storage of the temporal tables (temporal='cache'); 'float16' halves them in
+      the engine (gathered, then cast to float32), which the W4A8 engines need to stay small.
+
+    precision 'w4a8' (brevitas, compress/w4a8.py): int4 weights, per output channel
+    (weight_group_size None) or per group of weight_group_size input channels; 8-bit
+    activations per tensor (amax as above); rounding learned by block reconstruction —
+    recon_iters Adam steps (lr recon_lr, batch recon_batch_size) per block on recon_samples
+    calibration inputs, rounding regulariser weight round_loss_weight (AdaRound / BRECQ).
+    recon_iters 0 is round-to-nearest.  Conv outputs are not quantized in w4a8 (int4 weights
+    have no integer Conv kernel on CPU to fuse into), so conv_output_quant does not apply.
     """
 
-    precision: Literal["int8"] = "int8"
+    precision: Precision = "int8"
     temporal: Temporal = "cache"
     amax: Amax = "max"
     percentile: float = 90.0
@@ -48,10 +60,25 @@ class QuantConfig:
     conv_output_quant: bool = True
     exclude: tuple[str, ...] = ()
     calib_batch_size: int = 64
+    table_dtype: Literal["float32", "float16"] = "float32"
+    weight_group_size: int | None = None
+    recon_iters: int = 500
+    recon_samples: int = 256
+    recon_batch_size: int = 32
+    recon_lr: float = 1e-3
+    round_loss_weight: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.precision != "int8":
-            raise FlowpressError(f"quantize: precision {self.precision!r} is not supported yet; use 'int8'")
+        if self.precision not in ("int8", "w4a8"):
+            raise FlowpressError(f"quantize: precision {self.precision!r} is not supported; use 'int8' or 'w4a8'")
+        if self.weight_group_size is not None and self.weight_group_size < 2:
+            raise FlowpressError(f"quantize.weight_group_size must be >= 2 or null, got {self.weight_group_size}")
+        if self.precision != "w4a8" and self.weight_group_size is not None:
+            raise FlowpressError("quantize.weight_group_size applies to precision 'w4a8' only; remove it or set null")
+        if self.recon_iters < 0 or self.recon_samples < 1 or self.recon_batch_size < 1 or self.recon_lr <= 0:
+            raise FlowpressError(
+                "quantize: recon_iters must be >= 0, recon_samples and recon_batch_size >= 1, recon_lr > 0"
+            )
         if not 2 <= self.activation_bits <= 8:
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
         if not 0 < self.percentile <= 100:
@@ -65,6 +92,9 @@ class LayerQuant:
     input_amax: scalar; weight_amax: (C_out,); output_amax: scalar or None.
     Scales are amax / (2^(bits-1) - 1) and the integer range is [-2^(bits-1), 2^(bits-1) - 1]
     (modelopt's convention).
+    Learned (W4A8) weights come as integers instead of being rounded by the exporter:
+    weight_int: int8 values in [-7, 7], the torch weight's shape; weight_scale: (C_out,) per
+    channel, or (C_out, C_in / group_size, *kernel) per group along the input channels.
     """
 
     kind: Literal["conv", "linear"]
@@ -72,18 +102,25 @@ class LayerQuant:
     weight_amax: Tensor
     output_amax: float | None
     activation_bits: int = 8
+    weight_bits: int = 8
+    weight_int: Tensor | None = None
+    weight_scale: Tensor | None = None
+    group_size: int | None = None
 
 
 @dataclass
 class QuantizedModel:
-    """module: the fake-quant torch model (modelopt); fp_module: the same structure in full
-    precision (temporal tables, split shortcuts) — what gets exported; layers: per-layer amax."""
+    """module: the fake-quant torch model (modelopt, or brevitas for w4a8); fp_module: the same
+    structure in full precision (temporal tables, split shortcuts) — what gets exported;
+    layers: per-layer amax; reconstruction (w4a8): per block, its output error over the
+    reconstruction inputs with nearest and with learned rounding."""
 
     module: nn.Module
     fp_module: nn.Module
     layers: dict[str, LayerQuant]
     config: QuantConfig
     temporal_modules: list[str]
+    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def prepare(model: DiffusersVelocity, config: QuantConfig, times: Tensor) -> tuple[nn.Module, list[str]]:
@@ -97,6 +134,8 @@ def prepare(model: DiffusersVelocity, config: QuantConfig, times: Tensor) -> tup
     )
     if config.split_shortcuts:
         split_shortcuts(prepared)
+    if config.table_dtype == "float16" and isinstance(prepared, CachedVelocity):
+        half_tables(prepared)
     return prepared.eval(), temporal
 
 
@@ -126,10 +165,16 @@ def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
 
 @torch.no_grad()
 def quantize(model: DiffusersVelocity, config: QuantConfig, calib: CalibrationSet) -> QuantizedModel:
-    """Fake-quantize a prepared copy of `model` with modelopt, calibrated on `calib`."""
+    """Fake-quantize a prepared copy of `model` with modelopt (int8) or brevitas (w4a8),
+    calibrated on `calib`."""
+    fp_module, temporal = prepare(model, config, calib.times)
+    if config.precision == "w4a8":
+        from compress.w4a8 import quantize_w4a8
+
+        with torch.enable_grad():
+            return quantize_w4a8(fp_module, temporal, calib, config)
     import modelopt.torch.quantization as mtq
 
-    fp_module, temporal = prepare(model, config, calib.times)
     exclude = _patterns(config, temporal)
     qmodule = copy.deepcopy(fp_module)
 

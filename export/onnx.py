@@ -6,7 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -88,6 +88,10 @@ def export_onnx(
         )
     proto = onnx.load(str(tmp))
     if quant is not None:
+        if config.opset < 21 and any(layer.weight_bits == 4 for layer in quant.layers.values()):
+            raise FlowpressError(
+                f"export: int4 weights need ONNX opset >= 21, got export.opset {config.opset}; set it to 21"
+            )
         insert_qdq(proto, quant.layers, config.flavour)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
@@ -133,10 +137,17 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         bshape[axis] = -1
         w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -128, 127).astype(np.int8)
         prefix = name
+        if layer.weight_int is not None:  # weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
+            new_inits += _learned_weight(layer, node, weight.shape, prefix)
+            weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int4", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
+        else:
+            new_inits += [
+                numpy_helper.from_array(w_int8, f"{prefix}.weight_int8"),
+                numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
+                numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
+            ]
+            weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int8", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
         new_inits += [
-            numpy_helper.from_array(w_int8, f"{prefix}.weight_int8"),
-            numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-            numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
             numpy_helper.from_array(np.array(_act_scale(layer.input_amax), np.float32), f"{prefix}.input_scale"),
             numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
         ]
@@ -144,7 +155,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         new_nodes += [
             helper.make_node("QuantizeLinear", [x_in, f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_q"], name=f"{prefix}.input_Q"),
             helper.make_node("DequantizeLinear", [f"{prefix}.input_q", f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_dq"], name=f"{prefix}.input_DQ"),
-            helper.make_node("DequantizeLinear", [f"{prefix}.weight_int8", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis),
+            weight_dq,
         ]  # fmt: skip
         out = node.output[0]
         quant_out = flavour == "ort-cpu" and layer.output_amax is not None
@@ -182,6 +193,35 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+
+
+def _learned_axes(layer: LayerQuant, node) -> dict[str, Any]:  # noqa: ANN001
+    """DequantizeLinear attributes of a learned weight: per channel along C_out, or blocked along
+    C_in (Conv weights are (C_out, C_in, kh, kw); MatMul / Gemm weights here are (C_in, C_out))."""
+    conv = node.op_type == "Conv"
+    if layer.group_size is None:
+        return {"axis": 0 if conv else 1}
+    return {"axis": 1 if conv else 0, "block_size": layer.group_size}
+
+
+def _learned_weight(layer: LayerQuant, node, graph_shape: tuple[int, ...], prefix: str) -> list:  # noqa: ANN001
+    """INT4 initializers (weights, zero points) and float32 scales of a learned W4 layer."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    assert layer.weight_int is not None and layer.weight_scale is not None
+    w_int = layer.weight_int.numpy()
+    scale = layer.weight_scale.numpy().astype(np.float32)
+    if node.op_type != "Conv":  # torch Linear (C_out, C_in) -> graph (C_in, C_out)
+        w_int = w_int.T
+        scale = scale.T if scale.ndim == 2 else scale
+    if tuple(w_int.shape) != tuple(graph_shape):
+        raise FlowpressError(f"export: learned weight {prefix} has shape {w_int.shape}, the graph's is {graph_shape}")
+    return [
+        numpy_helper.from_array(np.ascontiguousarray(w_int).astype(ml_dtypes.int4), f"{prefix}.weight_int4"),
+        numpy_helper.from_array(np.ascontiguousarray(scale), f"{prefix}.weight_scale"),
+        numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.int4), f"{prefix}.weight_zero_point"),
+    ]
 
 
 def _act_scale(amax: float) -> float:

@@ -49,6 +49,7 @@ PACKAGES = (
     "onnxruntime",
     "onnxscript",
     "nvidia-modelopt",
+    "brevitas",
     "diffusers",
     "openvino",
     "nncf",
@@ -157,10 +158,10 @@ def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]
 
 
 def _export_checked(
-    qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet
+    qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet, opset: int = 19
 ) -> dict[str, Any]:
     """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
-    export_onnx(qmodel.fp_module, schedule, path, ExportConfig(flavour=flavour), qmodel)  # type: ignore[arg-type]
+    export_onnx(qmodel.fp_module, schedule, path, ExportConfig(flavour=flavour, opset=opset), qmodel)  # type: ignore[arg-type]
     set_output_quant(qmodel, flavour == "ort-cpu")
     reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(qmodel.fp_module, schedule).eval()
     parity = check_parity(path, reference, _parity_feeds(calib), fp, PARITY_MAX_NOISE_RATIO)
@@ -199,8 +200,8 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             flavour = recipe.export.flavour
             other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
             exports = [
-                _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib),
-                _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib),
+                _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, recipe.export.opset),
+                _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, recipe.export.opset),
             ]
         with timer.stage("engine"):
             (run / "engine").mkdir()
@@ -213,6 +214,10 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "schedule": schedule.as_dict(),
                 "onnxruntime": metadata.version("onnxruntime"),
             }
+            if recipe.quantize.precision == "w4a8":
+                from compress.w4a8 import engine_note
+
+                engine_manifest["weights"] = engine_note(recipe.quantize)
             ov_main = recipe.engine.openvino
             precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
             if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
@@ -249,8 +254,10 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "inputs": len(calib),
             },
             "quantized_layers": sorted(qmodel.layers),
+            "precision": recipe.quantize.precision,
             "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
             "exports": exports,
+            **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
             "inputs": {
                 "model": tree_hashes(Path(recipe.model.path)),
                 "classifier": tree_hashes(Path(recipe.classifier.path)),

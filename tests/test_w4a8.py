@@ -1,0 +1,126 @@
+"""W4A8 (brevitas, learned rounding): reconstruction gain, INT4 export round trip, size, parity."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from calibration import CalibrationConfig, capture
+from compress import QuantConfig, quantize
+from export import ExportConfig, StepModel, check_parity, export_onnx, ort_session
+from models import load_model
+from sampling import FlowpressError, Schedule
+
+pytest.importorskip("brevitas")
+
+SCHEDULE = Schedule(4)
+GROUP = 8
+W4A8 = QuantConfig(
+    precision="w4a8",
+    weight_group_size=GROUP,
+    table_dtype="float16",
+    recon_iters=40,
+    recon_samples=32,
+    recon_batch_size=16,
+    recon_lr=0.01,
+)
+
+
+@pytest.fixture(scope="module")
+def w4a8(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    calib = capture(
+        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
+    )
+    return model, quantize(model, W4A8, calib), calib
+
+
+def feeds_of(calib, n=16):
+    index = torch.linspace(0, len(calib) - 1, n).long()
+    return {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
+
+
+def test_learned_rounding_reduces_block_output_error(w4a8):
+    _, qmodel, _ = w4a8
+    errors = qmodel.reconstruction
+    assert len(errors) >= 8  # every block of the tiny UNet was reconstructed
+    nearest = sum(e["nearest"] for e in errors.values())
+    learned = sum(e["learned"] for e in errors.values())
+    # measured on this tiny model (40 iterations per block, lr 0.01): learned / nearest = 0.86
+    # (0.975 with AdaRound's lr 1e-3, too small a step for so few iterations)
+    assert learned < 0.93 * nearest
+    # no block may get worse than rounding to nearest by more than noise
+    assert all(e["learned"] <= 1.01 * e["nearest"] for e in errors.values())
+
+
+def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_path):
+    _, qmodel, _ = w4a8
+    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    dq = {n.name: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    grouped = [name for name, layer in qmodel.layers.items() if layer.group_size == GROUP]
+    assert len(grouped) >= len(qmodel.layers) - 2  # all but 1-channel conv_in-like layers are per group
+    modules = dict(qmodel.module.named_modules())
+    for name, layer in qmodel.layers.items():
+        w_init = inits[f"{name}.weight_int4"]
+        assert w_init.data_type == onnx.TensorProto.INT4
+        w_int = numpy_helper.to_array(w_init).astype(np.float32)
+        scale = numpy_helper.to_array(inits[f"{name}.weight_scale"])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq[f"{name}.weight_DQ"].attribute}
+        if layer.group_size is None:
+            shape = [1] * w_int.ndim
+            shape[attrs["axis"]] = -1
+            dequant = w_int * scale.reshape(shape)
+        else:
+            assert attrs["block_size"] == GROUP
+            dequant = w_int * np.repeat(scale, GROUP, axis=attrs["axis"])
+        if layer.kind == "linear":
+            dequant = dequant.T  # the graph multiplies by (C_in, C_out)
+        expected = modules[name].quant_weight().value.detach().numpy()
+        np.testing.assert_allclose(dequant, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        assert np.abs(w_int).max() <= 7
+
+
+def test_w4a8_graph_tracks_fake_quant_with_optimizations_on_and_off(w4a8, tmp_path):
+    _, qmodel, calib = w4a8
+    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
+    results = check_parity(
+        path, StepModel(qmodel.module, SCHEDULE), feeds_of(calib), StepModel(qmodel.fp_module, SCHEDULE)
+    )
+    # measured 0.055 / 0.055 (off / on) for per-group W4A8 on this tiny model: int4 weight noise
+    # dwarfs the 8-bit rounding flips; a wrong scale, axis or block lands above 1
+    assert all(r.noise_ratio is not None and r.noise_ratio < 0.3 for r in results)
+
+
+def _weight_bytes(path):
+    """Bytes of the quantized layers' weights, scales and zero points in an onnxruntime-optimized graph."""
+    return sum(len(i.raw_data) for i in onnx.load(str(path)).graph.initializer if ".weight_" in i.name)
+
+
+def test_w4a8_weight_storage_is_at_most_60_percent_of_int8(w4a8, tmp_path):
+    model, _, calib = w4a8
+    sizes = {}
+    configs = (
+        ("int8", QuantConfig(), 19),
+        ("w4a8", QuantConfig(precision="w4a8", recon_iters=0, table_dtype="float16"), 21),
+    )
+    for tag, config, opset in configs:
+        q = quantize(model, config, calib)
+        path = export_onnx(q.fp_module, SCHEDULE, tmp_path / f"{tag}.onnx", ExportConfig("ort-cpu", opset=opset), q)
+        engine = tmp_path / f"{tag}.opt.onnx"
+        ort_session(path, "extended", optimized_path=str(engine))  # as the pipeline writes engine/model.opt.onnx
+        sizes[tag] = _weight_bytes(engine)
+    # measured 0.53 (per channel: INT4 stays INT4 through onnxruntime's optimizer). The whole
+    # file is 0.88 here because node overhead dominates a 20k-weight model; the recipes measure
+    # the engine file itself (README). Per group of 8 the fp32 scales bring it back to 0.99.
+    assert sizes["w4a8"] <= 0.6 * sizes["int8"]
+
+
+def test_w4a8_config_and_export_errors(w4a8, tmp_path):
+    _, qmodel, _ = w4a8
+    with pytest.raises(FlowpressError, match="weight_group_size"):
+        QuantConfig(precision="int8", weight_group_size=32)
+    with pytest.raises(FlowpressError, match="opset"):
+        export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=19), qmodel)
