@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="every calibration strategy x temporal cache x setting beside the peers")
     a.add_argument("--recipe", default="recipes/ablation.yaml")
     a.add_argument("--runs", default="runs")
-    for p in (q, c, t, k, e, g, a):
+    d = sub.add_parser("distill", help="SlimFlow: distill the teacher into a small one-step student")
+    d.add_argument("--recipe", default="recipes/digits-slimflow.yaml")
+    d.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a, d):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -64,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
             print(f"[flowpress] classifier {out}: held-out accuracy {accuracy:.2%}")
             return 0
+        if args.command == "distill":
+            from flowpress.distill import run_distill
+            from flowpress.distill import summary_lines as distill_lines
+            from flowpress.recipe import load_distill_recipe
+
+            run_dir, distilled = run_distill(load_distill_recipe(args.recipe), args.runs, progress)
+            if run_dir is None:  # a non-zero torchrun rank: rank 0 writes and reports
+                return 0
+            print(f"[flowpress] {run_dir}: distill.json, distill.md, distill.png; student {distilled['student']}")
+            for line in distill_lines(distilled):
+                print(f"[flowpress] {line}")
+            return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1
         if args.command == "ablate":
             from flowpress.ablate import load_ablation_config, run_ablation
 
