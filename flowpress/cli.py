@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from flowpress.distill import summary_lines as distill_lines
             from flowpress.recipe import load_distill_recipe
 
-            run_dir, distilled = run_distill(load_distill_recipe(args.recipe), args.runs, progress)
-            if run_dir is None:  # a non-zero torchrun rank: rank 0 writes and reports
+            distill_dir, distilled = run_distill(load_distill_recipe(args.recipe), args.runs, progress)
+            if distill_dir is None:  # a non-zero torchrun rank: rank 0 writes and reports
                 return 0
-            print(f"[flowpress] {run_dir}: distill.json, distill.md, distill.png; student {distilled['student']}")
+            print(f"[flowpress] {distill_dir}: distill.json, distill.md, distill.png; student {distilled['student']}")
             for line in distill_lines(distilled):
                 print(f"[flowpress] {line}")
             return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1

@@ -239,6 +239,8 @@ def run_distill(
     states["baseline_distill"] = distill(base_one, None, pairs, baseline_distill, names["baseline_distill"], progress)
     base_distilled = states["baseline_distill"].ema
     stage("baseline_distill", began)
+    if dist.world > 1:  # training is done: rank 0 alone saves and evaluates
+        torch.distributed.destroy_process_group()
     if not dist.main:
         return None, {}
 
@@ -259,6 +261,7 @@ def run_distill(
         "student_1step": (distilled.cpu(), Schedule(1), 1.0, "annealing reflow + flow-guided distillation"),
         "student_2step": (reflowed.cpu(), Schedule(2), 1.0, "annealing reflow (the guide), 2 Euler steps"),
         "baseline_1step": (base_distilled.cpu(), Schedule(1), 1.0, "2-rectified flow + one-step distillation"),
+        "student_distilled_2step": (distilled.cpu(), Schedule(2), 1.0, "the one-step student run for 2 Euler steps"),
         "reflow_1step": (reflowed.cpu(), Schedule(1), 1.0, "annealing reflow, no distillation"),
         "baseline_reflow_1step": (rectified2.cpu(), Schedule(1), 1.0, "2-rectified flow, no distillation"),
     }
@@ -295,11 +298,9 @@ def run_distill(
         (run / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot_grid({k: results[k] for k in ENTRIES}, run / "distill.png")
         (run / "distill.md").write_text(distill_markdown(report))
-        np.savez_compressed(
-            run / "samples.npz",
-            labels=(torch.arange(recipe.eval.n_samples) % 10).numpy(),
-            **{k: r.samples.numpy() for k, r in results.items()},
-        )
+        arrays: dict[str, Any] = {k: r.samples.numpy() for k, r in results.items()}
+        arrays["labels"] = (torch.arange(recipe.eval.n_samples) % 10).numpy()
+        np.savez_compressed(run / "samples.npz", **arrays)  # (N, C, H, W) in [-1, 1] per entry
     return Path(runs_root) / recipe.name, report
 
 
