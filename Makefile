@@ -5,7 +5,7 @@ RECIPE ?= recipes/digits-unet-int8.yaml
 TEACHER_RECIPE ?= recipes/digits-teacher.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quantize compare engines ablate bench teacher classifier test quality clean
+.PHONY: install quantize compare engines ablate bench teacher classifier distill test quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 
 teacher: $(STAMP)
 	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)
+
+# SlimFlow: a small one-step student of the teacher (runs/digits-slimflow/distill.json); then
+# `make quantize RECIPE=recipes/digits-slimflow-int8.yaml` ships it through the normal chain
+DISTILL_RECIPE ?= recipes/digits-slimflow.yaml
+distill: $(STAMP)
+	$(PY) -m flowpress distill --recipe $(DISTILL_RECIPE)
 
 classifier: $(STAMP)
 	$(PY) -m flowpress classifier

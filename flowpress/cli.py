@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="every CPU engine (flowpress's and the peers') for speed and fidelity")
     b.add_argument("--recipe", default="recipes/bench.yaml")
     b.add_argument("--runs", default="runs")
-    for p in (q, c, t, k, e, g, a, b):
+    d = sub.add_parser("distill", help="SlimFlow: distill the teacher into a small one-step student")
+    d.add_argument("--recipe", default="recipes/digits-slimflow.yaml")
+    d.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a, b, d):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -67,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
             out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
             print(f"[flowpress] classifier {out}: held-out accuracy {accuracy:.2%}")
             return 0
+        if args.command == "distill":
+            from flowpress.distill import run_distill
+            from flowpress.distill import summary_lines as distill_lines
+            from flowpress.recipe import load_distill_recipe
+
+            distill_dir, distilled = run_distill(load_distill_recipe(args.recipe), args.runs, progress)
+            if distill_dir is None:  # a non-zero torchrun rank: rank 0 writes and reports
+                return 0
+            print(f"[flowpress] {distill_dir}: distill.json, distill.md, distill.png; student {distilled['student']}")
+            for line in distill_lines(distilled):
+                print(f"[flowpress] {line}")
+            return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1
         if args.command == "ablate":
             from flowpress.ablate import load_ablation_config, run_ablation
 

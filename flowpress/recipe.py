@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from calibration import CalibrationConfig
 from compress import QuantConfig
+from compress.distill import DistillConfig, PairConfig, ReflowConfig, StudentConfig
 from engines import GateConfig
 from export import ExportConfig
 from export.openvino import OpenVinoConfig
@@ -80,6 +81,34 @@ class Recipe:
 class TeacherRecipe:
     name: str
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    classifier: ClassifierSection = field(default_factory=ClassifierSection)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Samples per model for classifier accuracy / FD (seeds seed_base.., labels cycling 0..9) and
+    latency: median wall time of a whole sampling call at batch 8 over latency_runs, per image."""
+
+    n_samples: int = 500
+    seed_base: int = 0
+    batch_size: int = 250
+    latency_runs: int = 10
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """`flowpress distill`: teacher -> reflow pairs -> annealing reflow -> flow-guided distillation,
+    plus the 2-rectified-flow + plain-distillation baseline on the same pairs and budget.
+    sampling: how the teacher is evaluated (its default steps and guidance)."""
+
+    name: str
+    teacher: ModelSection
+    sampling: SamplingSection = field(default_factory=lambda: SamplingSection(steps=20, guidance=2.0))
+    pairs: PairConfig = field(default_factory=PairConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
 
 
@@ -163,6 +192,10 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def load_teacher_recipe(path: str | Path) -> TeacherRecipe:
     return from_dict(TeacherRecipe, load_yaml(path), str(path))
+
+
+def load_distill_recipe(path: str | Path) -> DistillRecipe:
+    return from_dict(DistillRecipe, load_yaml(path), str(path))
 
 
 def to_dict(obj: Any) -> Any:

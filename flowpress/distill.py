@@ -1,0 +1,318 @@
+"""`flowpress distill`: the SlimFlow stage chain and its report (runs/<name>/distill.json, distill.md).
+
+teacher -> reflow pairs -> annealing reflow -> flow-guided one-step distillation (the student),
+and the baseline on the same pairs and budget: 2-rectified flow -> plain one-step distillation.
+Intermediate pairs and checkpoints live in runs/<name>-work/ under names hashed from everything
+that shaped them, so an interrupted run resumes and a changed recipe starts afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compress.distill import (
+    build_student,
+    config_hash,
+    count_params,
+    device,
+    distill,
+    generate_pairs,
+    init_distributed,
+    load_pairs,
+    reflow,
+)
+from engines.compare import quality
+from flowpress.recipe import DistillRecipe, to_dict
+from flowpress.rundir import staged_run, tree_hashes
+from models import DiffusersVelocity, load_digits, load_model, save_model
+from models.classifier import load_classifier
+from sampling import Schedule, noise_for_seeds, sample
+
+ENTRIES = ("teacher", "student_1step", "student_2step", "baseline_1step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """One model at one sampler setting: its samples (N, C, H, W) and the distill.json entry."""
+
+    samples: Tensor
+    entry: dict[str, Any]
+
+
+@torch.no_grad()
+def _sample_all(
+    model: DiffusersVelocity, schedule: Schedule, guidance: float, seeds: Tensor, labels: Tensor, batch: int
+) -> Tensor:
+    out = []
+    for start in range(0, len(seeds), batch):
+        chunk = slice(start, start + batch)
+        noise = noise_for_seeds(seeds[chunk].tolist(), model.sample_shape)
+        out.append(sample(model, noise, labels[chunk], schedule, guidance, model.null_label).final)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def ms_per_image(model: DiffusersVelocity, schedule: Schedule, guidance: float, runs: int, batch: int = 8) -> float:
+    """Median wall time of one whole sampling call (all steps, guidance included) at `batch`, per image."""
+    noise = torch.randn(batch, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch) % 10
+    times = []
+    for i in range(runs + 2):
+        start = time.perf_counter()
+        sample(model, noise, labels, schedule, guidance, model.null_label)
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1000 / batch)
+    return float(np.median(times))
+
+
+def evaluate(
+    model: DiffusersVelocity,
+    schedule: Schedule,
+    guidance: float,
+    recipe: DistillRecipe,
+    classifier: torch.nn.Module,
+    real_features: np.ndarray,
+    note: str,
+) -> Evaluated:
+    seeds = torch.arange(recipe.eval.seed_base, recipe.eval.seed_base + recipe.eval.n_samples)
+    labels = torch.arange(recipe.eval.n_samples) % 10
+    samples = _sample_all(model, schedule, guidance, seeds, labels, recipe.eval.batch_size)
+    q = quality(classifier, samples, labels, real_features)  # type: ignore[arg-type]
+    entry = {
+        "steps": schedule.n_steps,
+        "method": schedule.method,
+        "guidance": guidance,
+        "params": count_params(model),
+        "classifier_acc": q["classifier_acc"],
+        "fd": q["fd"],
+        "ms_per_image_b8": ms_per_image(model, schedule, guidance, recipe.eval.latency_runs),
+        "model": note,
+    }
+    return Evaluated(samples, entry)
+
+
+def _plot_grid(results: dict[str, Evaluated], path: Path) -> None:
+    """One panel per model: columns = classes 0..9, rows = the first seeds of each class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = 4
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 1.6 + 1.3 * rows / 2))
+    for ax, (name, result) in zip(np.atleast_1d(axes), results.items(), strict=True):
+        images = ((result.samples[: rows * 10].clamp(-1, 1) + 1) / 2).numpy()[:, 0]
+        h, w = images.shape[1:]
+        canvas = np.ones((rows * (h + 1), 10 * (w + 1)))
+        for i, image in enumerate(images):
+            r, c = divmod(i, 10)  # labels cycle 0..9, so sample i has class i % 10
+            canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
+        ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+        entry = result.entry
+        ax.set_title(f"{name}\n{entry['steps']} step(s), FD {entry['fd']:.2f}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bars(entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The issue's bars, each with its measured value."""
+    teacher, student, baseline = entries["teacher"], entries["student_1step"], entries["baseline_1step"]
+    param_ratio = student["params"] / teacher["params"]
+    speedup = teacher["ms_per_image_b8"] / student["ms_per_image_b8"]
+    return {
+        "student_params_le_quarter": {
+            "value": param_ratio,
+            "op": "<=",
+            "threshold": 0.25,
+            "passed": param_ratio <= 0.25,
+        },
+        "latency_speedup_ge_10x": {"value": speedup, "op": ">=", "threshold": 10.0, "passed": speedup >= 10.0},
+        "student_fd_lt_baseline": {
+            "value": student["fd"],
+            "op": "<",
+            "threshold": baseline["fd"],
+            "passed": student["fd"] < baseline["fd"],
+        },
+    }
+
+
+def distill_markdown(report: dict[str, Any]) -> str:
+    entries, budget = report["entries"], report["budget"]
+    lines = [
+        f"# {report['recipe']}: SlimFlow one-step student",
+        "",
+        f"Machine: {report['machine']}. Pairs: {budget['pairs']} (teacher {budget['pair_steps']} "
+        f"{budget['pair_method']} steps, guidance {budget['pair_guidance']}); reflow {budget['reflow_iterations']} "
+        f"and distillation {budget['distill_iterations']} iterations for both the student and the baseline. "
+        f"Distance: {budget['distance']}. Wall time {report['seconds']['total']:.0f} s.",
+        "",
+        "| entry | model | steps | params | classifier acc | FD | ms / image (b8) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in entries.items():
+        lines.append(
+            f"| {name} | {e['model']} | {e['steps']} | {e['params']:,} | {e['classifier_acc']:.3f} | {e['fd']:.3f} "
+            f"| {e['ms_per_image_b8']:.3f} |"
+        )
+    lines += ["", "| bar | value | threshold | passed |", "|---|---:|---:|---|"]
+    for name, b in report["bars"].items():
+        lines.append(
+            f"| {name} | {b['value']:.4g} | {b['op']} {b['threshold']:.4g} | {'yes' if b['passed'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"FD is the Frechet distance of the digit classifier's features to all real digits over "
+        f"{report['eval']['n_samples']} samples (seeds {report['eval']['seed_base']}.., labels cycling 0..9).",
+        "",
+        "![samples](distill.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_distill(
+    recipe: DistillRecipe, runs_root: str | Path = "runs", progress: bool = True
+) -> tuple[Path | None, dict]:
+    """The whole SlimFlow chain; returns (run dir, distill.json dict) on rank 0, (None, {}) elsewhere."""
+    dist = init_distributed()
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    dev = device()
+    teacher = load_model(recipe.teacher.path, recipe.teacher.time_scale)
+    teacher_hash = tree_hashes(Path(recipe.teacher.path))
+    work = Path(runs_root) / f"{recipe.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    baseline_reflow = dataclasses.replace(recipe.reflow, anneal_steps=0)
+    baseline_distill = dataclasses.replace(recipe.distill, guide_weight=0.0)
+    pairs_key = config_hash(recipe.pairs, teacher_hash)
+    names = {
+        "pairs": work / f"pairs-{pairs_key}",
+        "reflow": work / f"reflow-{config_hash(pairs_key, recipe.student, recipe.reflow)}.pt",
+        "baseline_reflow": work / f"baseline-reflow-{config_hash(pairs_key, recipe.student, baseline_reflow)}.pt",
+        "distill": work
+        / f"distill-{config_hash(pairs_key, recipe.student, recipe.reflow, recipe.distill, dist.world)}.pt",
+        "baseline_distill": work
+        / f"baseline-distill-{config_hash(pairs_key, recipe.student, baseline_reflow, baseline_distill, dist.world)}.pt",
+    }
+
+    def stage(name: str, began: float) -> None:
+        seconds[name] = round(time.perf_counter() - began, 1)
+
+    began = time.perf_counter()
+    generate_pairs(teacher.to(dev), recipe.pairs, names["pairs"], progress)
+    pairs = load_pairs(names["pairs"], recipe.pairs)
+    stage("pairs", began)
+    teacher = teacher.cpu()
+    teacher_params = count_params(teacher)
+    torch.manual_seed(recipe.reflow.seed)  # the student and the baseline start from the same weights
+    student = build_student(recipe.student, teacher_params).to(dev)
+    baseline = copy.deepcopy(student)
+
+    began = time.perf_counter()
+    states = {}
+    states["annealing_reflow"] = reflow(student, pairs, recipe.reflow, names["reflow"], progress)
+    reflowed = states["annealing_reflow"].ema
+    stage("annealing_reflow", began)
+    began = time.perf_counter()
+    one_step = copy.deepcopy(reflowed).requires_grad_(True)
+    states["flow_guided_distill"] = distill(one_step, reflowed, pairs, recipe.distill, names["distill"], progress)
+    distilled = states["flow_guided_distill"].ema
+    stage("flow_guided_distill", began)
+    began = time.perf_counter()
+    states["baseline_reflow"] = reflow(baseline, pairs, baseline_reflow, names["baseline_reflow"], progress)
+    rectified2 = states["baseline_reflow"].ema
+    stage("baseline_reflow", began)
+    began = time.perf_counter()
+    base_one = copy.deepcopy(rectified2).requires_grad_(True)
+    states["baseline_distill"] = distill(base_one, None, pairs, baseline_distill, names["baseline_distill"], progress)
+    base_distilled = states["baseline_distill"].ema
+    stage("baseline_distill", began)
+    if dist.world > 1:  # training is done: rank 0 alone saves and evaluates
+        torch.distributed.destroy_process_group()
+    if not dist.main:
+        return None, {}
+
+    out = save_model(distilled.cpu(), recipe.student.out)
+    meta = json.loads((out / "flowpress.json").read_text())
+    meta["params"] = count_params(distilled)
+    meta["sampling"] = {"steps": 1, "method": "euler", "guidance": 1.0}
+    meta["distilled_from"] = {"teacher": recipe.teacher.path, "recipe": recipe.name}
+    (out / "flowpress.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    began = time.perf_counter()
+    classifier = load_classifier(recipe.classifier.path)
+    with torch.no_grad():
+        real_features = torch.cat([classifier.embed(c) for c in load_digits("all").images.split(256)]).numpy()
+    s = recipe.sampling
+    models = {
+        "teacher": (teacher, Schedule(s.steps, s.method), s.guidance, "teacher"),
+        "student_1step": (distilled.cpu(), Schedule(1), 1.0, "annealing reflow + flow-guided distillation"),
+        "student_2step": (reflowed.cpu(), Schedule(2), 1.0, "annealing reflow (the guide), 2 Euler steps"),
+        "baseline_1step": (base_distilled.cpu(), Schedule(1), 1.0, "2-rectified flow + one-step distillation"),
+        "student_distilled_2step": (distilled.cpu(), Schedule(2), 1.0, "the one-step student run for 2 Euler steps"),
+        "reflow_1step": (reflowed.cpu(), Schedule(1), 1.0, "annealing reflow, no distillation"),
+        "baseline_reflow_1step": (rectified2.cpu(), Schedule(1), 1.0, "2-rectified flow, no distillation"),
+    }
+    results = {
+        name: evaluate(m, sched, g, recipe, classifier, real_features, note)
+        for name, (m, sched, g, note) in models.items()
+    }
+    stage("evaluate", began)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    entries = {name: r.entry for name, r in results.items()}
+    report = {
+        "recipe": recipe.name,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{dist.world} process(es), {'cuda' if dev.type == 'cuda' else 'cpu'}",
+        "entries": entries,
+        "bars": bars(entries),
+        "budget": {
+            "pairs": recipe.pairs.n_pairs,
+            "pair_steps": recipe.pairs.steps,
+            "pair_method": recipe.pairs.method,
+            "pair_guidance": recipe.pairs.guidance,
+            "reflow_iterations": recipe.reflow.iterations,
+            "distill_iterations": recipe.distill.iterations,
+            "distance": recipe.distill.distance,
+            "world_size": dist.world,
+        },
+        "eval": to_dict(recipe.eval),
+        "seconds": seconds,
+        "student": str(out),
+        "recipe_full": to_dict(recipe),
+        "loss_last_50": {k: float(np.mean(st.losses[-50:])) if st.losses else None for k, st in states.items()},
+    }
+    with staged_run(Path(runs_root) / recipe.name) as run:
+        (run / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
+        _plot_grid({k: results[k] for k in ENTRIES}, run / "distill.png")
+        (run / "distill.md").write_text(distill_markdown(report))
+        arrays: dict[str, Any] = {k: r.samples.numpy() for k, r in results.items()}
+        arrays["labels"] = (torch.arange(recipe.eval.n_samples) % 10).numpy()
+        np.savez_compressed(run / "samples.npz", **arrays)  # (N, C, H, W) in [-1, 1] per entry
+    return Path(runs_root) / recipe.name, report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, e in report["entries"].items():
+        lines.append(
+            f"{name}: {e['steps']} step(s), {e['params']:,} params, acc {e['classifier_acc']:.3f}, "
+            f"FD {e['fd']:.3f}, {e['ms_per_image_b8']:.3f} ms/image (b8)"
+        )
+    for name, b in report["bars"].items():
+        lines.append(
+            f"bar {name} = {b['value']:.4g} {b['op']} {b['threshold']:.4g}: {'ok' if b['passed'] else 'FAILED'}"
+        )
+    return lines
