@@ -27,7 +27,15 @@ from engines import (
     write_report,
 )
 from engines.openvino import OpenVinoEngine
-from export import ExportConfig, StepModel, check_parity, export_onnx, float_weight_ops, ort_session
+from export import (
+    ExportConfig,
+    StepModel,
+    build_ort_engine,
+    check_parity,
+    export_onnx,
+    float_weight_ops,
+    qdq_types,
+)
 from export.openvino import export_openvino
 from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
 from flowpress.rundir import staged_run, tree_hashes
@@ -165,6 +173,7 @@ def _export_checked(
     set_output_quant(qmodel, True)
     return {
         "flavour": flavour,
+        "qdq_types": qdq_types(path),
         "parity": [dataclasses.asdict(p) for p in parity],
         "float_weight_ops": float_weight_ops(path),
     }
@@ -195,19 +204,21 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
             check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
             flavour = recipe.export.flavour
-            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-            exports = [
-                _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib),
-                _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib),
-            ]
+            exports = [_export_checked(qmodel, schedule, flavour, run / "model.onnx", calib)]
+            if recipe.quantize.precision == "int8":  # fp8 has one flavour (symmetric E4M3)
+                other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+                exports.append(_export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib))
         with timer.stage("engine"):
             (run / "engine").mkdir()
-            ort_session(run / "model.onnx", "extended", optimized_path=str(run / "engine" / "model.opt.onnx"))
+            ort_facts = build_ort_engine(run / "model.onnx", run / "engine" / "model.opt.onnx")
             engine_manifest = {
                 "runtime": "onnxruntime",
                 "provider": "CPUExecutionProvider",
+                "precision": recipe.quantize.precision,
                 "flavour": flavour,
                 "source": "model.onnx",
+                "file": "engine/model.opt.onnx",
+                **ort_facts,
                 "schedule": schedule.as_dict(),
                 "onnxruntime": metadata.version("onnxruntime"),
             }
@@ -240,6 +251,8 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 ],
                 "inputs": len(calib),
             },
+            "precision": recipe.quantize.precision,
+            "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers")},
             "quantized_layers": sorted(qmodel.layers),
             "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
             "exports": exports,
@@ -272,7 +285,7 @@ def _compare_stage(
     schedule = recipe.sampling.schedule()
     config = compare_config(recipe, model.null_label)
     reference = TorchEngine(model, schedule, "torch-fp32")
-    ort_int8 = OrtEngine(run / "engine" / "model.opt.onnx", schedule, "ort-int8")
+    ort_int8 = OrtEngine(run / "engine" / "model.opt.onnx", schedule, f"ort-{recipe.quantize.precision}")
     engine: Engine = ort_int8
     engine_files = [run / "engine" / "model.opt.onnx"]
     if recipe.engine.runtime == "openvino":
