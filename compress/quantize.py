@@ -16,15 +16,19 @@ from compress.shortcut import split_shortcuts
 from models import DiffusersVelocity
 from sampling import FlowpressError
 
+Precision = Literal["int8", "fp8", "w4a8"]
 Temporal = Literal["cache", "fp", "int8"]
 Amax = Literal["max", "mse", "perstep-max", "perstep-mean", "perstep-percentile"]
-Precision = Literal["int8", "w4a8"]
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """W8A8 (or W8A<activation_bits>): weights symmetric int8 per output channel,
     activations per tensor.
+
+    precision: 'int8' as above, or 'fp8': E4M3 weights and activations, both per tensor
+      (modelopt's FP8_DEFAULT_CFG: num_bits (4, 3), scale = amax / 448), exported in the
+      `tensorrt` flavour only (no Conv output quantizers; `conv_output_quant` is int8-only).
 
     temporal: what happens to the modules that depend only on (t, class) — 'cache': gathered
       from full-precision tables by step (they leave the engine); 'fp': kept in the graph in
@@ -69,8 +73,8 @@ class QuantConfig:
     round_loss_weight: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.precision not in ("int8", "w4a8"):
-            raise FlowpressError(f"quantize: precision {self.precision!r} is not supported; use 'int8' or 'w4a8'")
+        if self.precision not in ("int8", "fp8", "w4a8"):
+            raise FlowpressError(f"quantize.precision must be 'int8', 'fp8' or 'w4a8', got {self.precision!r}")
         if self.weight_group_size is not None and self.weight_group_size < 2:
             raise FlowpressError(f"quantize.weight_group_size must be >= 2 or null, got {self.weight_group_size}")
         if self.precision != "w4a8" and self.weight_group_size is not None:
@@ -78,6 +82,10 @@ class QuantConfig:
         if self.recon_iters < 0 or self.recon_samples < 1 or self.recon_batch_size < 1 or self.recon_lr <= 0:
             raise FlowpressError(
                 "quantize: recon_iters must be >= 0, recon_samples and recon_batch_size >= 1, recon_lr > 0"
+            )
+        if self.precision == "fp8" and self.activation_bits != 8:
+            raise FlowpressError(
+                f"quantize.activation_bits is {self.activation_bits} but fp8 is E4M3 (8 bits); drop the key"
             )
         if not 2 <= self.activation_bits <= 8:
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
@@ -90,8 +98,9 @@ class LayerQuant:
     """What the exporter needs for one quantized Conv2d / Linear.
 
     input_amax: scalar; weight_amax: (C_out,); output_amax: scalar or None.
-    Scales are amax / (2^(bits-1) - 1) and the integer range is [-2^(bits-1), 2^(bits-1) - 1]
-    (modelopt's convention).
+    int8: scales are amax / (2^(bits-1) - 1) and the integer range is [-2^(bits-1), 2^(bits-1) - 1]
+    (modelopt's convention).  fp8: scales are amax / 448 (E4M3's largest finite value); the
+    per-tensor weight amax is repeated over C_out, so both precisions export one layout.
     Learned (W4A8) weights come as integers instead of being rounded by the exporter:
     weight_int: int8 values in [-7, 7], the torch weight's shape; weight_scale: (C_out,) per
     channel, or (C_out, C_in / group_size, *kernel) per group along the input channels.
@@ -102,6 +111,7 @@ class LayerQuant:
     weight_amax: Tensor
     output_amax: float | None
     activation_bits: int = 8
+    precision: Precision = "int8"
     weight_bits: int = 8
     weight_int: Tensor | None = None
     weight_scale: Tensor | None = None
@@ -145,14 +155,16 @@ def _patterns(config: QuantConfig, temporal: list[str]) -> tuple[str, ...]:
 
 
 def _modelopt_config(config: QuantConfig, exclude: tuple[str, ...]) -> dict:
-    act = {"num_bits": config.activation_bits, "axis": None}
+    """modelopt's quant_cfg: Conv2d / Linear weights and inputs (int8, or E4M3 as in FP8_DEFAULT_CFG,
+    whose LLM-specific exclusions do not apply here), everything else off."""
+    fp8 = config.precision == "fp8"
+    act = {"num_bits": (4, 3) if fp8 else config.activation_bits, "axis": None}
+    weight = {"num_bits": (4, 3), "axis": None} if fp8 else {"num_bits": 8, "axis": 0}
     quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for parent in ("nn.Conv2d", "nn.Linear"):
-        quant_cfg.append(
-            {"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": {"num_bits": 8, "axis": 0}}
-        )
+        quant_cfg.append({"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": weight})
         quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": act})
-    if config.conv_output_quant:
+    if config.conv_output_quant and not fp8:
         quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": act})
     for pattern in exclude:
         quant_cfg.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}.*", "enable": False})
@@ -183,19 +195,21 @@ def quantize(model: DiffusersVelocity, config: QuantConfig, calib: CalibrationSe
             m(x, t, cond)
 
     mtq.quantize(qmodule, _modelopt_config(config, exclude), forward_loop)
-    layers = layer_quants(qmodule, exclude, config.activation_bits)
+    layers = layer_quants(qmodule, exclude, config.activation_bits, config.precision)
     if not layers:
         raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
     if config.amax == "mse":
         _apply_mse_amax(fp_module, qmodule, layers, calib, config)
-        layers = layer_quants(qmodule, exclude, config.activation_bits)
+        layers = layer_quants(qmodule, exclude, config.activation_bits, config.precision)
     elif config.amax != "max":
         _apply_per_step_amax(fp_module, qmodule, layers, calib, config)
-        layers = layer_quants(qmodule, exclude, config.activation_bits)
+        layers = layer_quants(qmodule, exclude, config.activation_bits, config.precision)
     return QuantizedModel(qmodule, fp_module, layers, config, temporal)
 
 
-def layer_quants(qmodule: nn.Module, exclude: tuple[str, ...] = (), bits: int = 8) -> dict[str, LayerQuant]:
+def layer_quants(
+    qmodule: nn.Module, exclude: tuple[str, ...] = (), bits: int = 8, precision: Precision = "int8"
+) -> dict[str, LayerQuant]:
     """Per-layer amax of every Conv2d / Linear whose input and weight quantizers are on."""
     layers: dict[str, LayerQuant] = {}
     for name, module in qmodule.named_modules():
@@ -210,9 +224,10 @@ def layer_quants(qmodule: nn.Module, exclude: tuple[str, ...] = (), bits: int = 
         layers[name] = LayerQuant(
             kind="conv" if isinstance(module, nn.Conv2d) else "linear",
             input_amax=float(inq.amax),
-            weight_amax=wq.amax.detach().flatten().clone(),
+            weight_amax=wq.amax.detach().flatten().expand(module.weight.shape[0]).clone(),
             output_amax=output_amax,
             activation_bits=bits,
+            precision=precision,
         )
     return layers
 
@@ -280,14 +295,26 @@ def activation_samples(
     return {k: torch.cat(v) for k, v in found.items()}
 
 
-def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36) -> float:
-    """The clipping range alpha * amax, alpha in [0.3, 1], minimising the fake-quant MSE of `values`."""
+E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+def fake_quant(values: Tensor, amax: float, bits: int = 8, precision: Precision = "int8") -> Tensor:
+    """values seen through a symmetric per-tensor quantizer of range amax (modelopt's rounding:
+    round-half-even to the int grid, or the E4M3 cast with saturation)."""
+    if precision == "fp8":
+        scale = max(float(amax), 1e-12) / E4M3_MAX
+        return (values / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
     qmax = 2 ** (bits - 1) - 1
+    scale = max(float(amax), 1e-12) / qmax
+    return torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale
+
+
+def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, precision: Precision = "int8") -> float:
+    """The clipping range alpha * amax, alpha in [0.3, 1], minimising the fake-quant MSE of `values`."""
     alphas = torch.linspace(0.3, 1.0, candidates)
     errors = []
     for alpha in alphas:
-        scale = max(float(alpha) * amax, 1e-12) / qmax
-        quantized = torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale
+        quantized = fake_quant(values, float(alpha) * amax, bits, precision)
         errors.append(float((quantized - values).pow(2).mean()))
     return float(alphas[int(torch.tensor(errors).argmin())]) * amax
 
@@ -299,10 +326,14 @@ def _apply_mse_amax(
     modules = dict(qmodule.named_modules())
     for name, layer in layers.items():
         module: Any = modules[name]
-        bits = config.activation_bits
-        module.input_quantizer.amax = torch.tensor(mse_amax(samples[f"{name}.input"], layer.input_amax, bits))
+        bits, precision = config.activation_bits, config.precision
+        module.input_quantizer.amax = torch.tensor(
+            mse_amax(samples[f"{name}.input"], layer.input_amax, bits, precision=precision)
+        )
         if layer.output_amax is not None:
-            module.output_quantizer.amax = torch.tensor(mse_amax(samples[f"{name}.output"], layer.output_amax, bits))
+            module.output_quantizer.amax = torch.tensor(
+                mse_amax(samples[f"{name}.output"], layer.output_amax, bits, precision=precision)
+            )
 
 
 def _apply_per_step_amax(

@@ -1,17 +1,33 @@
 """Export: torch -> ONNX with Q/DQ flavours, and checks of the graphs onnxruntime runs."""
 
 from export.onnx import ExportConfig, Flavour, StepModel, export_onnx, insert_qdq
-from export.validate import Parity, check_parity, cosine_per_sample, float_weight_ops, ort_session
+from export.validate import (
+    FP8_DISABLED_OPTIMIZERS,
+    Parity,
+    build_ort_engine,
+    check_parity,
+    cosine_per_sample,
+    float_weight_ops,
+    is_fp8_graph,
+    non_fp8_quantizers,
+    ort_session,
+    qdq_types,
+)
 
 __all__ = [
+    "FP8_DISABLED_OPTIMIZERS",
     "ExportConfig",
     "Flavour",
     "Parity",
     "StepModel",
+    "build_ort_engine",
     "check_parity",
     "cosine_per_sample",
     "export_onnx",
     "float_weight_ops",
     "insert_qdq",
+    "is_fp8_graph",
+    "non_fp8_quantizers",
     "ort_session",
+    "qdq_types",
 ]

@@ -1,6 +1,8 @@
-"""Rewrite a tensorrt-flavour int8 Q/DQ graph into FP8 (E4M3) Q/DQ, for GPUs with cc >= 8.9.
+"""FP8 (E4M3) Q/DQ initializers, and the rewrite of a tensorrt-flavour int8 graph into FP8.
 
-The int8 graph carries scale = amax / 127 for every quantizer; the same calibrated amax
+`export_onnx` places FP8 Q/DQ directly for a model quantized with precision 'fp8' (weights
+rounded once, from FP, onto the E4M3 grid: what the fake-quant torch model computes), using
+`e4m3_initializer`.  `to_fp8` serves int8 runs (bench-gpu's TensorRT fp8 row): the int8 graph carries scale = amax / 127 for every quantizer; the same calibrated amax
 maps onto E4M3's largest finite value 448, so scale_fp8 = scale_int8 * 127 / 448 and
 int8 weights w_q become w_q * 448 / 127 in E4M3 (the FP weight seen through the int8 grid).
 Zero points become E4M3 zeros; the opset is raised to 19, the first with float8 Q/DQ.
@@ -19,7 +21,9 @@ INT8_MAX = 127.0
 E4M3_MAX = 448.0
 
 
-def _fp8_tensor(values: np.ndarray, name: str) -> Any:
+def e4m3_initializer(values: np.ndarray, name: str) -> Any:
+    """values (already divided by their scale) as a FLOAT8E4M3FN TensorProto, saturated at +-448
+    and rounded to nearest even (as QuantizeLinear with saturate=1 and modelopt's fake quant do)."""
     import ml_dtypes
     from onnx import numpy_helper
 
@@ -55,12 +59,12 @@ def to_fp8(model: Any) -> Any:
     replaced = {}
     for name in weights:
         w_q = numpy_helper.to_array(inits[name]).astype(np.float32)
-        replaced[name] = _fp8_tensor(w_q * (E4M3_MAX / INT8_MAX), name)
+        replaced[name] = e4m3_initializer(w_q * (E4M3_MAX / INT8_MAX), name)
     for name in scales:
         scale = numpy_helper.to_array(inits[name]).astype(np.float32)
         replaced[name] = numpy_helper.from_array(scale * np.float32(INT8_MAX / E4M3_MAX), name)
     for name in zero_points:
-        replaced[name] = _fp8_tensor(np.zeros(tuple(inits[name].dims), np.float32), name)
+        replaced[name] = e4m3_initializer(np.zeros(tuple(inits[name].dims), np.float32), name)
     for init in graph.initializer:
         if init.name in replaced:
             init.CopyFrom(replaced[init.name])

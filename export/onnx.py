@@ -41,7 +41,8 @@ class StepModel(nn.Module):
 @dataclass(frozen=True)
 class ExportConfig:
     """flavour: 'ort-cpu' (uint8 activations, zero-point 128; int8 per-channel weights; Conv
-    outputs quantized so onnxruntime fuses QLinearConv) or 'tensorrt' (all int8, zero-point 0)."""
+    outputs quantized so onnxruntime fuses QLinearConv) or 'tensorrt' (all int8, zero-point 0;
+    or, for a model quantized with precision 'fp8', all FLOAT8E4M3FN with zero-point 0, opset >= 19)."""
 
     flavour: Flavour = "ort-cpu"
     opset: int = 19
@@ -107,13 +108,35 @@ def _module_of(node_name: str) -> str:
     return ".".join(scope)
 
 
+def _check_fp8(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> bool:  # noqa: ANN001
+    """True when the layers are fp8; fp8 needs the tensorrt flavour and opset >= 19."""
+    from export.lint import MIN_OPSET_FP8
+
+    precisions = {layer.precision for layer in layers.values()}
+    if precisions != {"fp8"}:
+        if "fp8" in precisions:
+            raise FlowpressError("export: int8 and fp8 layers in one model; quantize with one precision")
+        return False
+    if flavour != "tensorrt":
+        raise FlowpressError(f"export: fp8 Q/DQ is symmetric E4M3: set export.flavour to 'tensorrt' (got {flavour!r})")
+    opset = next((e.version for e in proto.opset_import if e.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET_FP8:
+        raise FlowpressError(f"export: fp8 Q/DQ needs opset >= {MIN_OPSET_FP8}; set export.opset (got {opset})")
+    return True
+
+
 def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None:  # noqa: ANN001
-    """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(int8 W) and Q/DQ(x)."""
+    """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(W) and Q/DQ(x): int8 W
+    (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x."""
     from onnx import helper, numpy_helper
+
+    from export.fp8 import E4M3_MAX, e4m3_initializer
 
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
+    fp8 = _check_fp8(proto, layers, flavour)
     act_dtype, act_zp = (np.uint8, 128) if flavour == "ort-cpu" else (np.int8, 0)
+    qmax = E4M3_MAX if fp8 else 127.0
     new_nodes = []
     new_inits = []
     found: set[str] = set()
@@ -132,25 +155,37 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
             if attrs.get("transB", 0):
                 weight = weight.T
         axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
-        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / 127.0
+        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / qmax
         bshape = [1] * weight.ndim
         bshape[axis] = -1
-        w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -128, 127).astype(np.int8)
         prefix = name
-        if layer.weight_int is not None:  # weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
+        w_name = f"{prefix}.weight_fp8" if fp8 else f"{prefix}.weight_int8"
+        input_scale = numpy_helper.from_array(
+            np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32), f"{prefix}.input_scale"
+        )
+        if layer.weight_int is not None:  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
             new_inits += _learned_weight(layer, node, weight.shape, prefix)
+            new_inits += [input_scale, numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point")]
             weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int4", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
         else:
-            new_inits += [
-                numpy_helper.from_array(w_int8, f"{prefix}.weight_int8"),
-                numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-                numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
-            ]
-            weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int8", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
-        new_inits += [
-            numpy_helper.from_array(np.array(_act_scale(layer.input_amax), np.float32), f"{prefix}.input_scale"),
-            numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
-        ]
+            if fp8:
+                new_inits += [
+                    e4m3_initializer(weight / w_scale.reshape(bshape), w_name),
+                    numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
+                    e4m3_initializer(np.zeros_like(w_scale), f"{prefix}.weight_zero_point"),
+                    input_scale,
+                    e4m3_initializer(np.zeros((), np.float32), f"{prefix}.input_zero_point"),
+                ]
+            else:
+                w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -128, 127).astype(np.int8)
+                new_inits += [
+                    numpy_helper.from_array(w_int8, w_name),
+                    numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
+                    numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
+                    input_scale,
+                    numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
+                ]
+            weight_dq = helper.make_node("DequantizeLinear", [w_name, f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
         x_in = node.input[0]
         new_nodes += [
             helper.make_node("QuantizeLinear", [x_in, f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_q"], name=f"{prefix}.input_Q"),

@@ -13,9 +13,32 @@ from sampling import FlowpressError
 
 OPT_LEVELS = ("disabled", "all")
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul")
+# onnxruntime's QDQPropagationTransformer (level BASIC and above) copies a DequantizeLinear past
+# Reshape / Transpose / ... as a new Q -> DQ pair.  At opset < 21 a DQ without a zero point gives
+# that Q no type but the default: uint8, which clamps every negative fp8 value to 0 (measured:
+# max |error| 0.96 on values in [-1, 1], tests/test_fp8.py; microsoft/onnxruntime#27845).
+# fp8 has no CPU kernels to fuse, so the pass buys nothing there: it stays off for fp8 graphs.
+FP8_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
-def ort_session(path: str | Path, optimization: str = "all", threads: int = 0, optimized_path: str | None = None):  # noqa: ANN201
+def is_fp8_graph(path: str | Path) -> bool:
+    """True when the ONNX file at `path` carries any float8 tensor (weights not loaded)."""
+    import onnx
+
+    from export.lint import uses_fp8
+
+    return uses_fp8(onnx.load(str(path), load_external_data=False))
+
+
+def ort_session(  # noqa: ANN201
+    path: str | Path,
+    optimization: str = "all",
+    threads: int = 0,
+    optimized_path: str | None = None,
+    protect_fp8: bool = True,
+):
+    """An onnxruntime CPU session; fp8 graphs run without FP8_DISABLED_OPTIMIZERS unless
+    `protect_fp8` is False (only to measure the hazard)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -29,7 +52,75 @@ def ort_session(path: str | Path, optimization: str = "all", threads: int = 0, o
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    disabled = list(FP8_DISABLED_OPTIMIZERS) if protect_fp8 and is_fp8_graph(path) else []
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def _quantized_type(node, constants: dict) -> int:  # noqa: ANN001
+    """The element type a QuantizeLinear outputs: its zero point's, else output_dtype, else uint8."""
+    from onnx import TensorProto
+
+    zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero_point is not None:
+        return int(zero_point.data_type)
+    output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), TensorProto.UNDEFINED)
+    return int(output_dtype) if output_dtype != TensorProto.UNDEFINED else TensorProto.UINT8
+
+
+def non_fp8_quantizers(proto) -> list[str]:  # noqa: ANN001
+    """QuantizeLinear nodes of a graph whose output is not float8 (uint8 when a Q has neither
+    zero point nor output_dtype).  An fp8 graph that onnxruntime optimized without
+    FP8_DISABLED_OPTIMIZERS can gain such nodes; ours must have none."""
+    from export.lint import _constants, _float8_types
+
+    constants = _constants(proto.graph)
+    float8 = _float8_types()
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and _quantized_type(n, constants) not in float8
+    ]
+
+
+def qdq_types(path: str | Path) -> list[str]:
+    """The element types a graph quantizes to (its Q outputs and constant DQ inputs), e.g.
+    ['FLOAT8E4M3FN'] or ['INT8', 'UINT8']."""
+    import onnx
+    from onnx import TensorProto
+
+    from export.lint import _constants
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = _constants(graph)
+    types = {_quantized_type(n, constants) for n in graph.node if n.op_type == "QuantizeLinear"}
+    types |= {
+        constants[n.input[0]].data_type
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    }
+    return sorted(TensorProto.DataType.Name(t) for t in types)
+
+
+def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
+    """Save `source` as onnxruntime optimizes it (level extended) to `engine_path`; an fp8 engine
+    is refused if it gained a non-fp8 QuantizeLinear.  Returns the engine manifest's facts:
+    qdq_types (of the engine file) and the optimizers kept off."""
+    import onnx
+
+    fp8 = is_fp8_graph(source)
+    ort_session(source, "extended", optimized_path=str(engine_path))
+    if fp8:
+        corrupted = non_fp8_quantizers(onnx.load(str(engine_path), load_external_data=False))
+        if corrupted:
+            raise FlowpressError(
+                f"{engine_path}: onnxruntime inserted {len(corrupted)} non-fp8 QuantizeLinear nodes into the fp8 "
+                f"engine (first: {corrupted[0]}); an optimizer besides {', '.join(FP8_DISABLED_OPTIMIZERS) or 'none'} "
+                "rewrites fp8 Q/DQ: add it to export.validate.FP8_DISABLED_OPTIMIZERS"
+            )
+    return {
+        "qdq_types": qdq_types(engine_path),
+        "disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
+    }
 
 
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from engines import TorchEngine, compare, median_step_ms, report_dict, write_report
-from export import StepModel, ort_session
+from export import StepModel, build_ort_engine
 from export.lint import BatchProfile, check_tensorrt
 from export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, sha256_file, tensorrt_unavailable
 from flowpress.recipe import Recipe
@@ -117,7 +117,7 @@ def ensure_ort_engine(recipe: Recipe, run_dir: Path) -> Path:
         raise FlowpressError(f"{source}: missing; rerun `make quantize`")
     engine_dir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".ort-") as tmp:
-        ort_session(source, "extended", optimized_path=str(Path(tmp) / path.name))
+        ort_facts = build_ort_engine(source, Path(tmp) / path.name)
         os.replace(Path(tmp) / path.name, path)
     engine_json = engine_dir / "engine.json"
     if not engine_json.is_file():
@@ -126,8 +126,11 @@ def ensure_ort_engine(recipe: Recipe, run_dir: Path) -> Path:
             {
                 "runtime": "onnxruntime",
                 "provider": "CPUExecutionProvider",
+                "precision": recipe.quantize.precision,
                 "flavour": recipe.export.flavour,
                 "source": "model.onnx",
+                "file": "engine/model.opt.onnx",
+                **ort_facts,
                 "schedule": recipe.sampling.schedule().as_dict(),
                 "onnxruntime": metadata.version("onnxruntime"),
             },
@@ -296,6 +299,7 @@ def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     import onnx
 
     from engines.tensorrt import OrtGpuEngine, TensorRTEngine
+    from export import is_fp8_graph
     from export.fp8 import to_fp8
     from export.tensorrt import build_engine, current_gpu
     from flowpress.pipeline import ensure_model
@@ -320,13 +324,17 @@ def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
 
     cache = str(run_dir / "engine" / "timing.cache")
     with tempfile.TemporaryDirectory(prefix="flowpress-bench-") as tmp:
-        sources = {
-            "tensorrt_fp16": (run_dir / "fp32.onnx", "fp16"),
-            "tensorrt_int8": (tensorrt_onnx(recipe, run_dir), "qdq"),
-        }
+        qdq_graph = tensorrt_onnx(recipe, run_dir)
+        fp8_run = is_fp8_graph(qdq_graph)  # quantize.precision: fp8 exports E4M3 Q/DQ directly
+        sources = {"tensorrt_fp16": (run_dir / "fp32.onnx", "fp16")}
+        if fp8_run:
+            rows["tensorrt_int8"] = {"skipped": "this run is fp8 (quantize.precision: fp8); bench an int8 recipe"}
+        else:
+            sources["tensorrt_int8"] = (qdq_graph, "qdq")
         if gpu.compute_capability >= FP8_MIN_CAPABILITY:
-            fp8_path = Path(tmp) / "model.fp8.onnx"
-            onnx.save(to_fp8(onnx.load(str(tensorrt_onnx(recipe, run_dir)))), str(fp8_path))
+            fp8_path = qdq_graph if fp8_run else Path(tmp) / "model.fp8.onnx"
+            if not fp8_run:
+                onnx.save(to_fp8(onnx.load(str(qdq_graph))), str(fp8_path))
             sources["tensorrt_fp8"] = (fp8_path, "qdq")
         else:
             rows["tensorrt_fp8"] = {"skipped": f"compute capability {gpu.as_dict()['compute_capability']} < 8.9"}

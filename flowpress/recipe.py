@@ -76,6 +76,17 @@ class Recipe:
     gate: GateConfig = field(default_factory=GateConfig)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
 
+    def __post_init__(self) -> None:
+        if self.quantize.precision == "fp8":
+            if self.export.flavour != "tensorrt":
+                raise FlowpressError(
+                    f"export.flavour is {self.export.flavour!r} but fp8 Q/DQ is symmetric E4M3: set export.flavour: tensorrt"
+                )
+            if self.engine.runtime != "onnxruntime":
+                raise FlowpressError(
+                    f"engine.runtime is {self.engine.runtime!r}; fp8 engines run in onnxruntime: set engine.runtime: onnxruntime"
+                )
+
 
 @dataclass(frozen=True)
 class TeacherRecipe:
