@@ -163,9 +163,14 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         input_scale = numpy_helper.from_array(
             np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32), f"{prefix}.input_scale"
         )
-        if layer.weight_int is not None:  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
+        if (
+            layer.weight_int is not None
+        ):  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
             new_inits += _learned_weight(layer, node, weight.shape, prefix)
-            new_inits += [input_scale, numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point")]
+            new_inits += [
+                input_scale,
+                numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
+            ]
             weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int4", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
         else:
             if fp8:

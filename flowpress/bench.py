@@ -407,7 +407,10 @@ def build_variants(
         loaders["flowpress-ort-int8"] = lambda: Built(OrtEngine(opt, schedule, "flowpress-ort-int8", threads), [opt])
     if "flowpress-ov-int8" in want:
         ours = export_openvino(
-            prepared, workdir / "ov-int8" / "model.xml", dataclasses.replace(recipe.engine.openvino, precision="int8"), calib
+            prepared,
+            workdir / "ov-int8" / "model.xml",
+            dataclasses.replace(recipe.engine.openvino, precision="int8"),
+            calib,
         )
         hint = OpenVinoConfig("int8").inference_hint
         loaders["flowpress-ov-int8"] = lambda: Built(
