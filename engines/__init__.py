@@ -13,6 +13,7 @@ from engines.compare import (
     quality,
     recommend,
     rel_l2,
+    step_times_ms,
 )
 from engines.report import report_dict, write_report
 
@@ -33,6 +34,7 @@ __all__ = [
     "quality",
     "recommend",
     "rel_l2",
+    "step_times_ms",
     "report_dict",
     "write_report",
 ]

@@ -223,15 +223,21 @@ def recommend(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     return {"engine": best["engine"], "reason": reason}
 
 
-def median_step_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one engine forward at `batch` over `runs` timed calls after warm-up."""
+def step_times_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int, warmup: int) -> np.ndarray:
+    """Wall ms of `runs` engine forwards at `batch` after `warmup`, cycling through the steps."""
     x = torch.randn(batch, *sample_shape, generator=torch.Generator().manual_seed(0))
     cond = torch.zeros(batch, dtype=torch.int64)
     times = []
-    for i in range(warmup + runs):
-        step = torch.full((batch,), i % engine.schedule.n_steps, dtype=torch.int64)
-        start = time.perf_counter()
-        engine(x, step, cond)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            step = torch.full((batch,), i % engine.schedule.n_steps, dtype=torch.int64)
+            start = time.perf_counter()
+            engine(x, step, cond)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return np.array(times)
+
+
+def median_step_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one engine forward at `batch` over `runs` timed calls after warm-up."""
+    return float(np.median(step_times_ms(engine, batch, sample_shape, runs, warmup)))

@@ -25,12 +25,13 @@ from torch import Tensor
 
 from calibration import capture
 from compress import quantize
-from engines import Engine, EngineVelocity, OrtEngine, TorchEngine, psnr_db
+from engines import Engine, EngineVelocity, OrtEngine, TorchEngine, psnr_db, step_times_ms
+from engines.base import graph_feeds
 from engines.openvino import OpenVinoEngine
-from export import StepModel, check_parity, export_onnx, ort_session
+from export import export_onnx, ort_session
 from export.openvino import OpenVinoConfig, export_openvino
 from flowpress.ablate import fp_reference, ort_quantize_static, sample_engine
-from flowpress.pipeline import ensure_model
+from flowpress.pipeline import ensure_model, export_checked
 from flowpress.recipe import from_dict, load_recipe, load_yaml
 from flowpress.rundir import staged_run
 from models import DiffusersVelocity
@@ -122,7 +123,6 @@ class Built:
 
     engine: Engine
     files: list[Path] = field(default_factory=list)
-    note: str = ""
 
 
 def build_random_dit(spec: RandomDit) -> DiffusersVelocity:
@@ -163,30 +163,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _inputs(engine: Engine, batch: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _inputs(batch: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     return x, torch.zeros(batch, dtype=torch.int64)
-
-
-def step_times_ms(engine: Engine, batch: int, shape: tuple[int, ...], runs: int, warmup: int) -> np.ndarray:
-    """Wall ms of `runs` engine forwards at `batch` after `warmup`, cycling through the steps."""
-    x, cond = _inputs(engine, batch, shape)
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            step = torch.full((batch,), i % engine.schedule.n_steps, dtype=torch.int64)
-            start = time.perf_counter()
-            engine(x, step, cond)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return np.array(times)
 
 
 def loop_seconds(
     engine: Engine, batch: int, shape: tuple[int, ...], guidance: float, null: int | None, loops: int
 ) -> float:
     """Median seconds of one whole sampling loop (every step, guidance included) at `batch`."""
-    noise, cond = _inputs(engine, batch, shape)
+    noise, cond = _inputs(batch, shape)
     velocity = EngineVelocity(engine)
     times = []
     with torch.no_grad():
@@ -271,10 +257,9 @@ def matmul_peaks(threads: int, size: int = 2048, runs: int = 10) -> dict[str, fl
     return peaks
 
 
-def top_ops(built: Built, batch: int, shape: tuple[int, ...], runs: int, n: int = 6) -> list[dict[str, Any]]:
+def top_ops(engine: Engine, batch: int, shape: tuple[int, ...], runs: int, n: int = 6) -> list[dict[str, Any]]:
     """The engine's most expensive operator types over `runs` forwards: [{op, ms, share}]."""
-    engine = built.engine
-    x, cond = _inputs(engine, batch, shape)
+    x, cond = _inputs(batch, shape)
     step = torch.zeros(batch, dtype=torch.int64)
     totals: dict[str, float] = {}
     if isinstance(engine, OrtEngine):
@@ -285,9 +270,7 @@ def top_ops(built: Built, batch: int, shape: tuple[int, ...], runs: int, n: int 
         opts.intra_op_num_threads = engine.session.get_session_options().intra_op_num_threads
         opts.profile_file_prefix = str(engine.path.with_suffix(""))
         session = ort.InferenceSession(str(engine.path), opts, providers=["CPUExecutionProvider"])
-        feeds = {"x": x.numpy(), "step": step.numpy()}
-        if "class_labels" in engine.input_names:
-            feeds["class_labels"] = cond.numpy()
+        feeds = graph_feeds(engine, engine.path, engine.input_names, x, step, cond)
         for _ in range(runs):
             session.run(None, feeds)
         trace = Path(session.end_profiling())
@@ -301,9 +284,7 @@ def top_ops(built: Built, batch: int, shape: tuple[int, ...], runs: int, n: int 
             engine.path, engine.schedule, engine.precision_hint, threads=engine.threads, perf_counters=True
         )
         request = profiled._compiled(batch).create_infer_request()
-        feeds = {"x": x.numpy(), "step": step.numpy()}
-        if "class_labels" in profiled.input_names:
-            feeds["class_labels"] = cond.numpy()
+        feeds = graph_feeds(profiled, profiled.path, profiled.input_names, x, step, cond)
         for _ in range(runs):
             request.infer(feeds)
         for info in request.profiling_info:
@@ -356,7 +337,6 @@ def build_variants(
     guidance: float,
     config: BenchConfig,
     workdir: Path,
-    progress: bool,
 ) -> dict[str, Any]:
     """Write every variant's engine files into workdir; returns loaders (name -> () -> Built)."""
     recipe = load_recipe(spec.recipe)
@@ -372,7 +352,7 @@ def build_variants(
     loaders: dict[str, Any] = {}
     want = set(config.variants)
     if "torch-fp32" in want:
-        loaders["torch-fp32"] = lambda: Built(TorchEngine(model, schedule, "torch-fp32"), [], "torch eager, fp32")
+        loaders["torch-fp32"] = lambda: Built(TorchEngine(model, schedule, "torch-fp32"))
     if "ort-fp32" in want:
         loaders["ort-fp32"] = lambda: Built(OrtEngine(fp32, schedule, "ort-fp32", threads), [fp32])
     if "ort-quantize-static" in want:
@@ -385,7 +365,7 @@ def build_variants(
     if "ov-bf16" in want:
         ov_plain = export_openvino(fp32, workdir / "ov-default" / "model.xml", OpenVinoConfig("f32"))
         loaders["ov-bf16"] = lambda: Built(
-            OpenVinoEngine(ov_plain, schedule, None, "ov-bf16", threads), _ir_files(ov_plain), "OpenVINO defaults"
+            OpenVinoEngine(ov_plain, schedule, None, "ov-bf16", threads), _ir_files(ov_plain)
         )
     if "ov-nncf-default" in want:
         nncf_default = export_openvino(
@@ -395,13 +375,8 @@ def build_variants(
             OpenVinoEngine(nncf_default, schedule, None, "ov-nncf-default", threads), _ir_files(nncf_default)
         )
     if "flowpress-ort-int8" in want:
-        qdq = export_onnx(qmodel.fp_module, schedule, workdir / "model.onnx", recipe.export, qmodel)
-        reference = StepModel(qmodel.module, schedule).eval()
-        index = torch.linspace(0, len(calib) - 1, 16).long()
-        feeds = {"x": calib.x[index], "step": calib.step[index]}
-        if calib.cond is not None:
-            feeds["class_labels"] = calib.cond[index]
-        check_parity(qdq, reference, feeds, StepModel(qmodel.fp_module, schedule).eval())
+        qdq = workdir / "model.onnx"
+        export_checked(qmodel, schedule, recipe.export.flavour, qdq, calib, recipe.export.opset)
         opt = workdir / "model.opt.onnx"
         ort_session(qdq, "extended", threads, optimized_path=str(opt))
         loaders["flowpress-ort-int8"] = lambda: Built(OrtEngine(opt, schedule, "flowpress-ort-int8", threads), [opt])
@@ -421,7 +396,7 @@ def build_variants(
         loaders["flowpress-ov-bf16"] = lambda: Built(
             OpenVinoEngine(ours_bf16, schedule, "bf16", "flowpress-ov-bf16", threads), _ir_files(ours_bf16)
         )
-    return {"loaders": loaders, "calib_inputs": len(calib), "quantized_layers": len(qmodel.layers)}
+    return {"loaders": loaders, "calib_inputs": len(calib)}
 
 
 def _ir_files(xml: Path) -> list[Path]:
@@ -445,7 +420,7 @@ def bench_model(spec: BenchModel, config: BenchConfig, workdir: Path, progress: 
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         ref = fp_reference(model, schedule, guidance, spec.n_samples, config.sample_batch)
-    built_info = build_variants(model, spec, schedule, guidance, config, workdir, progress)
+    built_info = build_variants(model, spec, schedule, guidance, config, workdir)
     flops = {b: forward_flops(model, b) for b in config.batches}
     model_batch = 2 if guidance != 1.0 else 1  # classifier-free guidance runs [cond; uncond] as one batch
     rows, profiles, graphs = [], {}, {}
@@ -490,7 +465,7 @@ def bench_model(spec: BenchModel, config: BenchConfig, workdir: Path, progress: 
                     "inference_precision": hint,
                 }
             )
-        profiles[variant] = top_ops(built, max(config.batches), shape, config.profile_runs)
+        profiles[variant] = top_ops(built.engine, max(config.batches), shape, config.profile_runs)
         if isinstance(built.engine, OrtEngine):
             graphs[variant] = ort_graph_ops(built.engine.path)
         del built
@@ -522,10 +497,8 @@ def python_overhead(spec: BenchModel, config: BenchConfig, workdir: Path, null: 
     bound = OrtEngine(path, schedule, "io-binding", config.threads, io_binding=True)
     plain = OrtEngine(path, schedule, "run", config.threads, io_binding=False)
     shape = tuple(int(d) for d in bound.session.get_inputs()[0].shape[1:])
-    x = np.random.default_rng(0).standard_normal((model_batch, *shape), dtype=np.float32)
-    feeds = {"x": x, "step": np.zeros(model_batch, np.int64)}
-    if "class_labels" in bound.input_names:
-        feeds["class_labels"] = np.zeros(model_batch, np.int64)
+    x, cond = _inputs(model_batch, shape)
+    feeds = graph_feeds(bound, path, bound.input_names, x, torch.zeros_like(cond), cond)
     runs = config.runs * 3
     raw = []
     for i in range(config.warmup + runs):

@@ -166,7 +166,7 @@ def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]
     return feeds
 
 
-def _export_checked(
+def export_checked(
     qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet, opset: int = 19
 ) -> dict[str, Any]:
     """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
@@ -209,10 +209,10 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
             flavour = recipe.export.flavour
             opset = recipe.export.opset
-            exports = [_export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
+            exports = [export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
             if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
                 other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-                exports.append(_export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset))
+                exports.append(export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset))
         with timer.stage("engine"):
             (run / "engine").mkdir()
             ort_facts = build_ort_engine(run / "model.onnx", run / "engine" / "model.opt.onnx")

@@ -56,7 +56,9 @@ def test_quantize_writes_the_run_directory_contract(run):
     assert 0 < report["size_bytes"]["engine"] < report["size_bytes"]["fp32_onnx"]
     engines = {e["engine"]: e for e in report["cpu_engines"]}
     assert sorted(engines) == ["openvino-bf16", "openvino-int8", "ort-int8"]
-    for e in engines.values():  # measured 33-40 dB on this tiny UNet; a broken engine lands far below
+    for e in (
+        engines.values()
+    ):  # measured 39.6 / 41.2 / 54.0 dB (ort, OV int8, OV bf16) on this tiny UNet; broken lands far below
         assert e["final_psnr_db"] > 20 and e["size_bytes"] > 0 and e["ms_b8"] > 0
     shipped = engines[report["recommendation"]["engine"]]
     assert shipped["gate_passed"] and shipped["ms_b8"] == min(e["ms_b8"] for e in engines.values() if e["gate_passed"])
