@@ -115,6 +115,11 @@ class BenchConfig:
             raise FlowpressError("bench.models: list at least one model (name, recipe)")
         if self.runs < 30:
             raise FlowpressError(f"bench.runs must be >= 30 for a stable p90, got {self.runs}")
+        if not self.batches or min(self.batches) < 1:
+            raise FlowpressError(f"bench.batches must list batch sizes >= 1, got {list(self.batches)}")
+        for key in ("warmup", "loops", "threads", "sample_batch", "profile_runs"):
+            if getattr(self, key) < (0 if key == "warmup" else 1):
+                raise FlowpressError(f"bench.{key} must be >= {0 if key == 'warmup' else 1}, got {getattr(self, key)}")
 
 
 @dataclass
