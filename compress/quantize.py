@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from calibration import CachedVelocity, CalibrationSet, discover_temporal
+from compress.sensitivity import MixedPrecisionConfig
 from compress.shortcut import split_shortcuts
 from models import DiffusersVelocity
 from sampling import FlowpressError
@@ -37,6 +38,8 @@ class QuantConfig:
     conv_output_quant: also quantize Conv outputs, so onnxruntime can fuse DQ-Conv-Q into
       an integer QLinearConv (the `ort-cpu` flavour needs it; `tensorrt` does not).
     exclude: module-name patterns (fnmatch) left in full precision.
+    mixed_precision: the gated search that adds layers to the full-precision set (see
+      compress/sensitivity.py); applied by the pipeline after quantize, not by quantize.
     """
 
     precision: Literal["int8"] = "int8"
@@ -48,6 +51,7 @@ class QuantConfig:
     conv_output_quant: bool = True
     exclude: tuple[str, ...] = ()
     calib_batch_size: int = 64
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:
         if self.precision != "int8":

@@ -12,13 +12,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from calibration import CalibrationSet, capture
-from compress import QuantizedModel, quantize, set_output_quant
+from compress import QuantizedModel, SensitivityConfig, layer_sensitivity, quantize, set_output_quant
 from engines import (
     CompareConfig,
     Engine,
+    EngineVelocity,
     OrtEngine,
     TorchEngine,
     compare,
@@ -29,6 +31,7 @@ from engines import (
 from engines.openvino import OpenVinoEngine
 from export import ExportConfig, StepModel, check_parity, export_onnx, float_weight_ops, ort_session
 from export.openvino import export_openvino
+from flowpress.mixed import EngineCheck, SearchResult, gated_search
 from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
 from flowpress.rundir import staged_run, tree_hashes
 from models import DiffusersVelocity, load_digits, load_model
@@ -170,11 +173,121 @@ def _export_checked(
     }
 
 
+def _build_engine(
+    recipe: Recipe, model: DiffusersVelocity, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, timer: Timer
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Export (both Q/DQ flavours, parity-checked) and build the engine into `run`.
+
+    Returns (exports, engine manifest)."""
+    schedule = recipe.sampling.schedule()
+    with timer.stage("export"):
+        export_onnx(model, schedule, run / "fp32.onnx")
+        fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
+        check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
+        flavour = recipe.export.flavour
+        other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+        exports = [
+            _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib),
+            _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib),
+        ]
+    with timer.stage("engine"):
+        (run / "engine").mkdir(exist_ok=True)
+        ort_session(run / "model.onnx", "extended", optimized_path=str(run / "engine" / "model.opt.onnx"))
+        engine_manifest = {
+            "runtime": "onnxruntime",
+            "provider": "CPUExecutionProvider",
+            "flavour": flavour,
+            "source": "model.onnx",
+            "schedule": schedule.as_dict(),
+            "onnxruntime": metadata.version("onnxruntime"),
+        }
+        if recipe.engine.runtime == "openvino":
+            ov_config = recipe.engine.openvino
+            export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
+            export_openvino(
+                run / "engine" / "prepared_fp32.onnx", run / "engine" / "openvino" / "model.xml", ov_config, calib
+            )
+            (run / "engine" / "prepared_fp32.onnx").unlink()
+            engine_manifest["openvino"] = {
+                "version": metadata.version("openvino"),
+                "precision": ov_config.precision,
+                "inference_precision_hint": ov_config.inference_hint,
+                "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
+                if ov_config.precision == "int8"
+                else "the FP graph with temporal tables",
+                "static_batch": "compiled per batch size at load",
+            }
+        (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
+    return exports, engine_manifest
+
+
+def _mixed_precision(
+    recipe: Recipe,
+    model: DiffusersVelocity,
+    classifier: DigitClassifier,
+    qmodel: QuantizedModel,
+    calib: CalibrationSet,
+    run: Path,
+    timer: Timer,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any], SearchResult]:
+    """Rank layers by trajectory sensitivity, then fall back one at a time until the gate passes.
+
+    Returns (exports, report, search) of the confirmed assignment; raises FlowpressError when none passes."""
+    config = recipe.quantize.mixed_precision
+    schedule = recipe.sampling.schedule()
+    with timer.stage("sensitivity"):
+        set_output_quant(qmodel, recipe.export.flavour == "ort-cpu")  # as the engine runs it
+        ranking = layer_sensitivity(
+            model,
+            qmodel,
+            SensitivityConfig(
+                schedule,
+                config.sensitivity_samples,
+                config.sensitivity_seed_base,
+                recipe.compare.batch_size,
+                recipe.sampling.guidance,
+                model.null_label,
+            ),
+            progress,
+        )
+        set_output_quant(qmodel, True)
+    check = EngineCheck(
+        EngineVelocity(TorchEngine(model, schedule, "torch-fp32")),
+        compare_config(recipe, model.null_label),
+        config.check_samples,
+        schedule,
+        classifier,
+        _real_features(classifier),
+        model.sample_shape,
+        model.num_classes or 0,
+        run / ".search",
+        recipe.compare.latency_runs,
+    )
+    found: dict[str, Any] = {}
+
+    def confirm(search: SearchResult) -> bool:
+        shutil.rmtree(run / ".search", ignore_errors=True)
+        found["exports"], _ = _build_engine(recipe, model, qmodel, calib, run, timer)
+        found["report"] = _compare_stage(recipe, model, classifier, run, timer, progress, search)
+        return bool(found["report"]["gate"]["passed"])
+
+    with timer.stage("mixed_precision"):
+        search = gated_search(qmodel, ranking, config, check, confirm, lambda line: print(f"[flowpress] {line}"))
+    return found["exports"], found["report"], search
+
+
 def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """The whole chain into runs/<name>/; returns (run dir, report). The gate decides the exit code."""
     timer = Timer()
     schedule = recipe.sampling.schedule()
     final_dir = Path(runs_root) / recipe.name
+    mixed = recipe.quantize.mixed_precision.enabled
+    if mixed and recipe.engine.runtime != "onnxruntime":
+        raise FlowpressError(
+            f"{recipe.name}: quantize.mixed_precision needs engine.runtime 'onnxruntime' "
+            "(OpenVINO engines are quantized by NNCF, not from flowpress's layers); disable one of them"
+        )
     with timer.stage("load"):
         model = ensure_model(recipe, progress)
         classifier = ensure_classifier(recipe.classifier.path, progress)
@@ -190,45 +303,12 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             calib.save(run / "calibration" / "inputs.safetensors")
         with timer.stage("quantize"):
             qmodel = quantize(model, recipe.quantize, calib)
-        with timer.stage("export"):
-            export_onnx(model, schedule, run / "fp32.onnx")
-            fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
-            check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
-            flavour = recipe.export.flavour
-            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-            exports = [
-                _export_checked(qmodel, schedule, flavour, run / "model.onnx", calib),
-                _export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib),
-            ]
-        with timer.stage("engine"):
-            (run / "engine").mkdir()
-            ort_session(run / "model.onnx", "extended", optimized_path=str(run / "engine" / "model.opt.onnx"))
-            engine_manifest = {
-                "runtime": "onnxruntime",
-                "provider": "CPUExecutionProvider",
-                "flavour": flavour,
-                "source": "model.onnx",
-                "schedule": schedule.as_dict(),
-                "onnxruntime": metadata.version("onnxruntime"),
-            }
-            if recipe.engine.runtime == "openvino":
-                ov_config = recipe.engine.openvino
-                export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
-                export_openvino(
-                    run / "engine" / "prepared_fp32.onnx", run / "engine" / "openvino" / "model.xml", ov_config, calib
-                )
-                (run / "engine" / "prepared_fp32.onnx").unlink()
-                engine_manifest["openvino"] = {
-                    "version": metadata.version("openvino"),
-                    "precision": ov_config.precision,
-                    "inference_precision_hint": ov_config.inference_hint,
-                    "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
-                    if ov_config.precision == "int8"
-                    else "the FP graph with temporal tables",
-                    "static_batch": "compiled per batch size at load",
-                }
-            (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
-        report = _compare_stage(recipe, model, classifier, run, timer, progress)
+        search = None
+        if mixed:
+            exports, report, search = _mixed_precision(recipe, model, classifier, qmodel, calib, run, timer, progress)
+        else:
+            exports, _ = _build_engine(recipe, model, qmodel, calib, run, timer)
+            report = _compare_stage(recipe, model, classifier, run, timer, progress)
         manifest = {
             "recipe": to_dict(recipe),
             "versions": versions(),
@@ -241,6 +321,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "inputs": len(calib),
             },
             "quantized_layers": sorted(qmodel.layers),
+            "full_precision_fallback": search.fallback_layers if search is not None else [],
             "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
             "exports": exports,
             "inputs": {
@@ -266,8 +347,21 @@ def compare_config(recipe: Recipe, null_label: int | None) -> CompareConfig:
     )
 
 
+def _real_features(classifier: DigitClassifier) -> np.ndarray:
+    """Classifier features of every real digit: the Frechet distance's reference."""
+    real = load_digits("all").images
+    with torch.no_grad():
+        return torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
+
+
 def _compare_stage(
-    recipe: Recipe, model: DiffusersVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
+    recipe: Recipe,
+    model: DiffusersVelocity,
+    classifier: DigitClassifier,
+    run: Path,
+    timer: Timer,
+    progress: bool,
+    search: SearchResult | None = None,
 ) -> dict[str, Any]:
     schedule = recipe.sampling.schedule()
     config = compare_config(recipe, model.null_label)
@@ -280,9 +374,7 @@ def _compare_stage(
         xml = run / "engine" / "openvino" / "model.xml"
         engine = OpenVinoEngine(xml, schedule, ov_config.inference_hint, f"openvino-{ov_config.precision}")
         engine_files = [xml, xml.with_suffix(".bin")]
-    real = load_digits("all").images
-    with torch.no_grad():
-        real_features = torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
+    real_features = _real_features(classifier)
     with timer.stage("compare"):
         comparison = compare(
             reference, engine, config, classifier, real_features, model.sample_shape, model.num_classes, progress
@@ -313,6 +405,10 @@ def _compare_stage(
         f"{recipe.compare.latency_runs} runs after warm-up, {torch.get_num_threads()} torch threads",
     }
     report = report_dict(comparison, latency, sizes, extra)
+    if search is not None:  # the assignment being confirmed: its gate is this compare's
+        search.passed = bool(report["gate"]["passed"])
+        search.confirmed[len(search.fallback_layers)] = search.passed
+        report["mixed_precision"] = search.report()
     write_report(run, comparison, report, f"{recipe.name}: {engine.name} vs FP")
     return report
 
@@ -346,5 +442,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for check in report["gate"]["checks"]:
         status = "ok" if check["passed"] else "FAILED"
         lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
+    mixed = report.get("mixed_precision")
+    if mixed is not None:
+        layers = ", ".join(mixed["fallback_layers"]) or "none"
+        lines.append(f"mixed precision: {len(mixed['fallback_layers'])} layer(s) kept in full precision: {layers}")
+        total = mixed["total_cost"]
+        lines.append(
+            f"mixed precision cost: engine +{total['size_bytes']:,} bytes, "
+            + ", ".join(f"{b} {v:+.2f} ms" for b, v in total["latency_ms"].items())
+        )
     lines.append("gate: PASSED" if report["gate"]["passed"] else "gate: FAILED")
     return lines
