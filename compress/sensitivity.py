@@ -7,6 +7,7 @@ seeded samples driven through the whole sampler.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ class MixedPrecisionConfig:
       (torch fake-quant); the default seeds are disjoint from calibration and compare seeds.
     check_samples: the first compare seeds each candidate engine is checked on before the
       full compare (compare.n_samples) confirms it.
+    candidates: module-name patterns (fnmatch) of the layers that may fall back; empty: all.
     """
 
     enabled: bool = False
@@ -39,6 +41,10 @@ class MixedPrecisionConfig:
     sensitivity_samples: int = 32
     sensitivity_seed_base: int = 200000
     check_samples: int = 100
+    candidates: tuple[str, ...] = ()
+
+    def allows(self, name: str) -> bool:
+        return not self.candidates or any(fnmatch.fnmatch(name, p) for p in self.candidates)
 
     def __post_init__(self) -> None:
         if self.max_fallback < 1:
@@ -134,9 +140,14 @@ def _finals(model: nn.Module, config: SensitivityConfig, num_classes: int | None
 
 @torch.no_grad()
 def layer_sensitivity(
-    fp_model: nn.Module, qmodel: QuantizedModel, config: SensitivityConfig, progress: bool = False
+    fp_model: nn.Module,
+    qmodel: QuantizedModel,
+    config: SensitivityConfig,
+    progress: bool = False,
+    names: list[str] | None = None,
 ) -> Sensitivity:
-    """Rank qmodel.layers by the final-sample error left when only that layer is in full precision.
+    """Rank qmodel.layers (or `names` among them) by the final-sample error left when only
+    that layer is in full precision.
 
     Leave-one-out (only this layer in FP) rather than one-in (only this layer quantized):
     the search asks "which layer, taken out of the quantized model, helps most", and an
@@ -157,7 +168,8 @@ def layer_sensitivity(
     baseline = mse_of(qmodel.module)
     baseline_db = final_psnr_db(baseline)
     found = []
-    for name in tqdm(list(qmodel.layers), desc="sensitivity", disable=not progress):
+    names = list(qmodel.layers) if names is None else [n for n in names if n in qmodel.layers]
+    for name in tqdm(names, desc="sensitivity", disable=not progress):
         switched = disable_layer_quant(qmodel.module, name)
         try:
             mse = mse_of(qmodel.module)

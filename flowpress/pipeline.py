@@ -236,6 +236,12 @@ def _mixed_precision(
     Returns (exports, report, search) of the confirmed assignment; raises FlowpressError when none passes."""
     config = recipe.quantize.mixed_precision
     schedule = recipe.sampling.schedule()
+    names = [name for name in qmodel.layers if config.allows(name)]
+    if not names:
+        raise FlowpressError(
+            f"{recipe.name}: quantize.mixed_precision.candidates {list(config.candidates)} match no quantized layer; "
+            "use module names as listed under quantized_layers in a run's manifest.json"
+        )
     with timer.stage("sensitivity"):
         set_output_quant(qmodel, recipe.export.flavour == "ort-cpu")  # as the engine runs it
         ranking = layer_sensitivity(
@@ -250,6 +256,7 @@ def _mixed_precision(
                 model.null_label,
             ),
             progress,
+            names,
         )
         set_output_quant(qmodel, True)
     check = EngineCheck(

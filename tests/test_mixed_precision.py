@@ -16,22 +16,30 @@ from sampling import FlowpressError
 from .conftest import CLASSIFIER, TINY_SCHEDULE
 
 BROKEN = "net.mid_block.resnets.0.conv1"
+CANDIDATES = '["net.conv_in", "net.mid_block.resnets.*", "net.conv_out"]'
 RECIPE = """
 name: {name}
 model: {{path: {model}}}
 sampling: {{steps: 4, guidance: 2.0}}
 calibration: {{n_samples: 8}}
 quantize:
-  mixed_precision: {{enabled: true, max_fallback: {max_fallback}, sensitivity_samples: 4, check_samples: 10}}
+  mixed_precision:
+    enabled: true
+    max_fallback: {max_fallback}
+    sensitivity_samples: 4
+    check_samples: 10
+    candidates: {candidates}   # a few layers keep the test short (each costs one sampled trajectory set)
 compare: {{n_samples: 20, batch_size: 10, latency_runs: 3}}
 gate: {{min_final_psnr_db: {psnr}, max_classifier_acc_drop: 0.5}}
 classifier: {{path: {classifier}}}
 """
 
 
-def recipe_file(tmp_path, model, psnr, max_fallback=2, name="tiny-gated"):
+def recipe_file(tmp_path, model, psnr, max_fallback=2, name="tiny-gated", candidates=CANDIDATES):
     path = tmp_path / f"{name}.yaml"
-    text = RECIPE.format(name=name, model=model, psnr=psnr, max_fallback=max_fallback, classifier=CLASSIFIER)
+    text = RECIPE.format(
+        name=name, model=model, psnr=psnr, max_fallback=max_fallback, candidates=candidates, classifier=CLASSIFIER
+    )
     path.write_text(text)
     return path
 
@@ -105,7 +113,9 @@ def test_search_falls_back_on_the_broken_layer_and_passes(tiny, tiny_model_dir, 
 @pytest.mark.slow
 def test_no_passing_assignment_exits_nonzero_and_leaves_no_run(tiny_model_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
-    recipe = recipe_file(tmp_path, tiny_model_dir, psnr=200.0, max_fallback=1, name="tiny-impossible")
+    recipe = recipe_file(
+        tmp_path, tiny_model_dir, psnr=200.0, max_fallback=1, name="tiny-impossible", candidates='["net.conv_out"]'
+    )
     code = main(["quantize", "--recipe", str(recipe), "--runs", str(runs), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
