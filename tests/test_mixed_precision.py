@@ -142,3 +142,45 @@ def test_openvino_engine_refuses_mixed_precision(tmp_path):
 
     with pytest.raises(FlowpressError, match="needs engine.runtime 'onnxruntime'"):
         run_quantize(load_recipe(path), tmp_path / "runs", progress=False)
+
+
+def _fake_search(passing_from: int, confirm_from: int, max_fallback: int = 3):
+    """gated_search on a two-layer stand-in: a check passes once `passing_from` layers fell
+    back, the full compare once `confirm_from` did."""
+    from torch import nn
+
+    from compress import LayerSensitivity, MixedPrecisionConfig, QuantizedModel, Sensitivity
+    from flowpress.mixed import Candidate, gated_search
+
+    module = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    qmodel = QuantizedModel(module, module, {"0": None, "1": None, "2": None}, QuantConfig(), [])  # type: ignore[arg-type]
+    ranking = Sensitivity(1.0, 6.0, tuple(LayerSensitivity(n, 0.5, 9.0, 3.0) for n in ("2", "0", "1")), 4)
+
+    def check(_qmodel, fallback):
+        k = len(fallback)
+        return Candidate(fallback, 1000 + 10 * k, {"b1": 1.0 + k, "b8": 2.0}, 30.0 + k, 0.0, k >= passing_from, 4)
+
+    confirmed = []
+
+    def confirm(result):
+        confirmed.append(len(result.candidates[-1].fallback_layers))
+        return confirmed[-1] >= confirm_from
+
+    config = MixedPrecisionConfig(enabled=True, max_fallback=max_fallback)
+    return qmodel, gated_search(qmodel, ranking, config, check, confirm, lambda _line: None), confirmed
+
+
+def test_gated_search_falls_back_in_sensitivity_order_and_stops_at_the_first_confirmed():
+    qmodel, result, confirmed = _fake_search(passing_from=1, confirm_from=2)
+    assert result.passed and result.fallback_layers == ["2", "0"] and sorted(qmodel.layers) == ["1"]
+    assert confirmed == [1, 2]  # a passing check that the full compare rejects goes on to the next layer
+    report = result.report()
+    assert [c["layer"] for c in report["fallback_cost"]] == ["2", "0"]
+    assert report["fallback_cost"][0]["size_bytes"] == 10 and report["fallback_cost"][0]["latency_ms"]["b1"] == 1.0
+    assert report["total_cost"]["size_bytes"] == 20
+    assert [c["confirmed"] for c in report["candidates"]] == [None, False, True]
+
+
+def test_gated_search_gives_up_after_max_fallback():
+    with pytest.raises(FlowpressError, match="no assignment with up to 2 layer"):
+        _fake_search(passing_from=9, confirm_from=9, max_fallback=2)
