@@ -22,7 +22,7 @@ from engines import CompareConfig, EngineVelocity, OrtEngine, median_step_ms
 from engines.compare import evaluate_gate, psnr_db, quality
 from export import ExportConfig, export_onnx, ort_session
 from models.classifier import DigitClassifier
-from sampling import FlowpressError, Schedule, noise_for_seeds, sample
+from sampling import FlowpressError, Schedule, VelocityFn, noise_for_seeds, sample
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class EngineCheck:
 
     def __init__(
         self,
-        reference: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+        reference: VelocityFn,
         compare: CompareConfig,
         n_samples: int,
         schedule: Schedule,
@@ -134,7 +134,7 @@ class EngineCheck:
         self.fp_quality = quality(classifier, self.fp, self.labels, real_features)
 
     @torch.no_grad()
-    def _finals(self, velocity: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+    def _finals(self, velocity: VelocityFn) -> Tensor:
         finals = []
         size = self.compare.batch_size
         for start in range(0, len(self.seeds), size):
