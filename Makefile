@@ -5,7 +5,7 @@ RECIPE ?= recipes/digits-unet-int8.yaml
 TEACHER_RECIPE ?= recipes/digits-teacher.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quantize compare engines ablate bench teacher classifier distill test quality clean
+.PHONY: install quantize compare engines ablate bench teacher classifier distill precisions test quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,13 @@ ablate: $(STAMP)
 # every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/bench/
 bench: $(STAMP)
 	$(PY) -m flowpress bench --recipe recipes/bench.yaml
+
+# int8, fp8, W4A8 and gated mixed precision of both teachers, then the precision x calibration
+# table (runs/precisions/precisions.md); a run whose gate fails still gets its row
+PRECISION_RECIPES ?= digits-unet-int8 digits-unet-fp8 digits-unet-w4a8 digits-unet-gated digits-dit-int8 digits-dit-fp8 digits-dit-w4a8
+precisions: $(STAMP)
+	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe recipes/$$r.yaml || echo "$$r: exit $$?"; done
+	$(PY) -m flowpress precisions
 
 teacher: $(STAMP)
 	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)

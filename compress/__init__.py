@@ -1,4 +1,4 @@
-"""Compression: post-training quantization (modelopt), shortcut splitting."""
+"""Compression: post-training quantization (modelopt), shortcut splitting, per-layer sensitivity."""
 
 from compress.quantize import (
     LayerQuant,
@@ -10,14 +10,28 @@ from compress.quantize import (
     quantize,
     set_output_quant,
 )
+from compress.sensitivity import (
+    LayerSensitivity,
+    MixedPrecisionConfig,
+    Sensitivity,
+    SensitivityConfig,
+    keep_full_precision,
+    layer_sensitivity,
+)
 from compress.shortcut import SplitConv2d, split_shortcuts
 
 __all__ = [
     "LayerQuant",
+    "LayerSensitivity",
+    "MixedPrecisionConfig",
     "QuantConfig",
     "QuantizedModel",
+    "Sensitivity",
+    "SensitivityConfig",
     "SplitConv2d",
+    "keep_full_precision",
     "layer_quants",
+    "layer_sensitivity",
     "per_step_absmax",
     "prepare",
     "quantize",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from calibration import CachedVelocity, CalibrationSet, discover_temporal
 from calibration.temporal import half_tables
+from compress.sensitivity import MixedPrecisionConfig
 from compress.shortcut import split_shortcuts
 from models import DiffusersVelocity
 from sampling import FlowpressError
@@ -53,6 +54,8 @@ class QuantConfig:
     calibration inputs, rounding regulariser weight round_loss_weight (AdaRound / BRECQ).
     recon_iters 0 is round-to-nearest.  Conv outputs are not quantized in w4a8 (int4 weights
     have no integer Conv kernel on CPU to fuse into), so conv_output_quant does not apply.
+    mixed_precision: the gated search that adds layers to the full-precision set (see
+      compress/sensitivity.py); applied by the pipeline after quantize, not by quantize.
     """
 
     precision: Precision = "int8"
@@ -71,6 +74,7 @@ class QuantConfig:
     recon_batch_size: int = 32
     recon_lr: float = 1e-3
     round_loss_weight: float = 0.01
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in ("int8", "fp8", "w4a8"):
@@ -91,6 +95,11 @@ class QuantConfig:
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
         if not 0 < self.percentile <= 100:
             raise FlowpressError(f"quantize.percentile must be in (0, 100], got {self.percentile}")
+        if self.mixed_precision.enabled and self.precision != "int8":
+            raise FlowpressError(
+                f"quantize.mixed_precision searches int8 layers only, got precision {self.precision!r}; "
+                "set precision: int8 or mixed_precision.enabled: false"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,27 @@ class OpenVinoConfig:
     OpenVINO silently runs "fp32" models in bf16 on AMX CPUs).  transformer: NNCF's
     TRANSFORMER model type (keeps attention-sensitive ops in float).  Measured on the digits
     teachers' prepared graphs (100 samples, final PSNR vs FP): UNet 47.1 -> 51.2 dB, DiT
-    37.9 -> 48.5 dB against NNCF's default type, so it is the default for both."""
+    37.9 -> 48.5 dB against NNCF's default type, so it is the default for both.
+    float_precision: what an int8 graph runs its float parts in (norms, softmax, attention
+    matmuls NNCF leaves float): 'f32', or 'bf16' (faster where the CPU has bf16; OpenVINO's
+    own default on such CPUs, so also what NNCF's default flow runs)."""
 
     precision: OvPrecision = "int8"
     transformer: bool = True
     calib_batch_size: int = 32
+    float_precision: Literal["f32", "bf16"] = "f32"
 
     def __post_init__(self) -> None:
         if self.precision not in ("int8", "bf16", "f32"):
             raise FlowpressError(f"openvino.precision must be int8, bf16 or f32, got {self.precision!r}")
+        if self.float_precision not in ("f32", "bf16"):
+            raise FlowpressError(f"openvino.float_precision must be f32 or bf16, got {self.float_precision!r}")
 
     @property
     def inference_hint(self) -> str:
-        """Compile-time INFERENCE_PRECISION_HINT: int8 graphs keep their float parts in f32."""
-        return "bf16" if self.precision == "bf16" else "f32"
+        """Compile-time INFERENCE_PRECISION_HINT: bf16 / f32 as asked; int8 graphs run their
+        float parts in float_precision."""
+        return self.float_precision if self.precision == "int8" else self.precision
 
 
 def export_openvino(

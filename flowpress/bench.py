@@ -145,7 +145,7 @@ def build_random_dit(spec: RandomDit) -> DiffusersVelocity:
         num_embeds_ada_norm=spec.num_classes,
         norm_type="ada_norm_zero",
     )
-    return DiffusersVelocity(net.eval(), 1000.0, spec.num_classes)
+    return DiffusersVelocity(net.eval(), 1000.0, spec.num_classes)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- measurements
@@ -216,7 +216,10 @@ def matmul_peaks(threads: int, size: int = 2048, runs: int = 10) -> dict[str, fl
         inputs = ["a", "b"] + (["a_zp", "b_zp"] if op == "MatMulInteger" else [])
         inits = [numpy_helper.from_array(b, "b")]
         if op == "MatMulInteger":
-            inits += [numpy_helper.from_array(np.uint8(128), "a_zp"), numpy_helper.from_array(np.int8(0), "b_zp")]
+            inits += [
+                numpy_helper.from_array(np.array(128, np.uint8), "a_zp"),
+                numpy_helper.from_array(np.array(0, np.int8), "b_zp"),
+            ]
         out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
         g = helper.make_graph(
             [helper.make_node(op, inputs, ["y"])],
@@ -392,7 +395,7 @@ def build_variants(
             dataclasses.replace(recipe.engine.openvino, precision="int8"),
             calib,
         )
-        hint = OpenVinoConfig("int8").inference_hint
+        hint = dataclasses.replace(recipe.engine.openvino, precision="int8").inference_hint
         loaders["flowpress-ov-int8"] = lambda: Built(
             OpenVinoEngine(ours, schedule, hint, "flowpress-ov-int8", threads), _ir_files(ours)
         )
@@ -549,7 +552,7 @@ def run_bench(config: BenchConfig, runs_root: str | Path = "runs", progress: boo
             achieved = row["gop_per_forward"] / (row["ms_per_step_median"] / 1000)
             row["achieved_gop_per_s"] = achieved
             row["fraction_of_peak"] = achieved / peak
-    bench = {
+    bench: dict[str, Any] = {
         "config": {"threads": config.threads, "batches": list(config.batches), "runs": config.runs},
         "machine": _machine(),
         "matmul_peak_gop_per_s": peaks,

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="SlimFlow: distill the teacher into a small one-step student")
     d.add_argument("--recipe", default="recipes/digits-slimflow.yaml")
     d.add_argument("--runs", default="runs")
-    for p in (q, c, t, k, e, g, a, b, d):
+    m = sub.add_parser("precisions", help="the precision x calibration table of the finished quantize runs")
+    m.add_argument("--runs", default="runs")
+    for p in (q, c, t, k, e, g, a, b, d, m):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -82,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             for line in distill_lines(distilled):
                 print(f"[flowpress] {line}")
             return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1
+        if args.command == "precisions":
+            from flowpress.precisions import precision_table
+
+            out = precision_table(args.runs)
+            print(f"[flowpress] {out}: precisions.json, precisions.md")
+            print((out / "precisions.md").read_text())
+            return 0
         if args.command == "ablate":
             from flowpress.ablate import load_ablation_config, run_ablation
 

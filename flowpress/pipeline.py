@@ -12,13 +12,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from calibration import CalibrationSet, capture
-from compress import QuantizedModel, quantize, set_output_quant
+from compress import QuantizedModel, SensitivityConfig, layer_sensitivity, quantize, set_output_quant
 from engines import (
     CompareConfig,
     Engine,
+    EngineVelocity,
     OrtEngine,
     TorchEngine,
     compare,
@@ -39,6 +41,7 @@ from export import (
     qdq_types,
 )
 from export.openvino import export_openvino
+from flowpress.mixed import EngineCheck, SearchResult, gated_search
 from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
 from flowpress.rundir import staged_run, tree_hashes
 from models import DiffusersVelocity, load_digits, load_model
@@ -183,11 +186,141 @@ def export_checked(
     }
 
 
+def _build_engine(
+    recipe: Recipe, model: DiffusersVelocity, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, timer: Timer
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
+    (exports, engine manifest). Rebuilding into the same run overwrites the files."""
+    schedule = recipe.sampling.schedule()
+    with timer.stage("export"):
+        export_onnx(model, schedule, run / "fp32.onnx")
+        fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
+        check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
+        flavour = recipe.export.flavour
+        opset = recipe.export.opset
+        exports = [export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
+        if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
+            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+            exports.append(export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset))
+    with timer.stage("engine"):
+        (run / "engine").mkdir(exist_ok=True)
+        ort_facts = build_ort_engine(run / "model.onnx", run / "engine" / "model.opt.onnx")
+        engine_manifest = {
+            "runtime": "onnxruntime",
+            "provider": "CPUExecutionProvider",
+            "precision": recipe.quantize.precision,
+            "flavour": flavour,
+            "source": "model.onnx",
+            "file": "engine/model.opt.onnx",
+            **ort_facts,
+            "schedule": schedule.as_dict(),
+            "onnxruntime": metadata.version("onnxruntime"),
+        }
+        if recipe.quantize.precision == "w4a8":
+            from compress.w4a8 import engine_note
+
+            engine_manifest["weights"] = engine_note(recipe.quantize)
+        ov_main = recipe.engine.openvino
+        precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
+        if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
+            precisions += [p for p in ("int8", "bf16") if p not in precisions]
+        if precisions:
+            export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
+            for precision in precisions:
+                ov_config = dataclasses.replace(ov_main, precision=precision)
+                export_openvino(run / "engine" / "prepared_fp32.onnx", _ov_xml(run, precision), ov_config, calib)
+                engine_manifest[f"openvino-{precision}"] = {
+                    "version": metadata.version("openvino"),
+                    "precision": precision,
+                    "inference_precision_hint": ov_config.inference_hint,
+                    "nncf_preset": ("transformer" if ov_config.transformer else "default")
+                    if precision == "int8"
+                    else None,
+                    "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
+                    if precision == "int8"
+                    else "the FP graph with temporal tables",
+                    "static_batch": "compiled per batch size at load",
+                }
+            (run / "engine" / "prepared_fp32.onnx").unlink()
+        (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
+    return exports, engine_manifest
+
+
+def _mixed_precision(
+    recipe: Recipe,
+    model: DiffusersVelocity,
+    classifier: DigitClassifier,
+    qmodel: QuantizedModel,
+    calib: CalibrationSet,
+    run: Path,
+    timer: Timer,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], SearchResult]:
+    """Rank layers by trajectory sensitivity, then keep them in full precision one at a time
+    until the gate passes; returns (exports, engine manifest, report, search) of the confirmed
+    assignment and raises FlowpressError when none passes."""
+    config = recipe.quantize.mixed_precision
+    schedule = recipe.sampling.schedule()
+    names = [name for name in qmodel.layers if config.allows(name)]
+    if not names:
+        raise FlowpressError(
+            f"{recipe.name}: quantize.mixed_precision.candidates {list(config.candidates)} match no quantized layer; "
+            "use module names as listed under quantized_layers in a run's manifest.json"
+        )
+    with timer.stage("sensitivity"):
+        set_output_quant(qmodel, recipe.export.flavour == "ort-cpu")  # as the engine runs it
+        sensitivity = SensitivityConfig(
+            schedule,
+            config.sensitivity_samples,
+            config.sensitivity_seed_base,
+            recipe.compare.batch_size,
+            recipe.sampling.guidance,
+            model.null_label,
+        )
+        ranking = layer_sensitivity(model, qmodel, sensitivity, progress, names)
+        set_output_quant(qmodel, True)
+    check = EngineCheck(
+        EngineVelocity(TorchEngine(model, schedule, "torch-fp32")),
+        compare_config(recipe, model.null_label),
+        config.check_samples,
+        schedule,
+        classifier,
+        _real_features(classifier),
+        model.sample_shape,
+        model.num_classes or 0,
+        run / ".search",
+        recipe.compare.latency_runs,
+    )
+    found: dict[str, Any] = {}
+
+    def confirm(search: SearchResult) -> bool:
+        shutil.rmtree(run / ".search", ignore_errors=True)
+        found["exports"], found["engine"] = _build_engine(recipe, model, qmodel, calib, run, timer)
+        found["report"] = _compare_stage(recipe, model, classifier, run, timer, progress, search)
+        return bool(found["report"]["gate"]["passed"])
+
+    with timer.stage("mixed_precision"):
+        search = gated_search(qmodel, ranking, config, check, confirm, lambda line: print(f"[flowpress] {line}"))
+    return found["exports"], found["engine"], found["report"], search
+
+
+def _real_features(classifier: DigitClassifier) -> np.ndarray:
+    """Classifier features of every real digit: the Frechet distance's reference."""
+    real = load_digits("all").images
+    with torch.no_grad():
+        return torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
+
+
 def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """The whole chain into runs/<name>/; returns (run dir, report). The gate decides the exit code."""
     timer = Timer()
     schedule = recipe.sampling.schedule()
     final_dir = Path(runs_root) / recipe.name
+    if recipe.quantize.mixed_precision.enabled and recipe.engine.runtime != "onnxruntime":
+        raise FlowpressError(
+            f"{recipe.name}: quantize.mixed_precision needs engine.runtime 'onnxruntime' (OpenVINO int8 engines "
+            "are quantized by NNCF, not from flowpress's layers); disable one of them"
+        )
     with timer.stage("load"):
         model = ensure_model(recipe, progress)
         classifier = ensure_classifier(recipe.classifier.path, progress)
@@ -203,58 +336,14 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             calib.save(run / "calibration" / "inputs.safetensors")
         with timer.stage("quantize"):
             qmodel = quantize(model, recipe.quantize, calib)
-        with timer.stage("export"):
-            export_onnx(model, schedule, run / "fp32.onnx")
-            fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
-            check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
-            flavour = recipe.export.flavour
-            opset = recipe.export.opset
-            exports = [export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
-            if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
-                other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-                exports.append(export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset))
-        with timer.stage("engine"):
-            (run / "engine").mkdir()
-            ort_facts = build_ort_engine(run / "model.onnx", run / "engine" / "model.opt.onnx")
-            engine_manifest = {
-                "runtime": "onnxruntime",
-                "provider": "CPUExecutionProvider",
-                "precision": recipe.quantize.precision,
-                "flavour": flavour,
-                "source": "model.onnx",
-                "file": "engine/model.opt.onnx",
-                **ort_facts,
-                "schedule": schedule.as_dict(),
-                "onnxruntime": metadata.version("onnxruntime"),
-            }
-            if recipe.quantize.precision == "w4a8":
-                from compress.w4a8 import engine_note
-
-                engine_manifest["weights"] = engine_note(recipe.quantize)
-            ov_main = recipe.engine.openvino
-            precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
-            if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
-                precisions += [p for p in ("int8", "bf16") if p not in precisions]
-            if precisions:
-                export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
-                for precision in precisions:
-                    ov_config = dataclasses.replace(ov_main, precision=precision)
-                    export_openvino(run / "engine" / "prepared_fp32.onnx", _ov_xml(run, precision), ov_config, calib)
-                    engine_manifest[f"openvino-{precision}"] = {
-                        "version": metadata.version("openvino"),
-                        "precision": precision,
-                        "inference_precision_hint": ov_config.inference_hint,
-                        "nncf_preset": ("transformer" if ov_config.transformer else "default")
-                        if precision == "int8"
-                        else None,
-                        "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
-                        if precision == "int8"
-                        else "the FP graph with temporal tables",
-                        "static_batch": "compiled per batch size at load",
-                    }
-                (run / "engine" / "prepared_fp32.onnx").unlink()
-            (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
-        report = _compare_stage(recipe, model, classifier, run, timer, progress)
+        search = None
+        if recipe.quantize.mixed_precision.enabled:
+            exports, engine_manifest, report, search = _mixed_precision(
+                recipe, model, classifier, qmodel, calib, run, timer, progress
+            )
+        else:
+            exports, engine_manifest = _build_engine(recipe, model, qmodel, calib, run, timer)
+            report = _compare_stage(recipe, model, classifier, run, timer, progress)
         manifest = {
             "recipe": to_dict(recipe),
             "versions": versions(),
@@ -269,6 +358,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             "precision": recipe.quantize.precision,
             "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers")},
             "quantized_layers": sorted(qmodel.layers),
+            "full_precision_fallback": search.fallback_layers if search is not None else [],
             "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
             "exports": exports,
             **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
@@ -296,7 +386,13 @@ def compare_config(recipe: Recipe, null_label: int | None) -> CompareConfig:
 
 
 def _compare_stage(
-    recipe: Recipe, model: DiffusersVelocity, classifier: DigitClassifier, run: Path, timer: Timer, progress: bool
+    recipe: Recipe,
+    model: DiffusersVelocity,
+    classifier: DigitClassifier,
+    run: Path,
+    timer: Timer,
+    progress: bool,
+    search: SearchResult | None = None,
 ) -> dict[str, Any]:
     schedule = recipe.sampling.schedule()
     config = compare_config(recipe, model.null_label)
@@ -304,9 +400,7 @@ def _compare_stage(
     candidates = _cpu_engines(recipe, run, schedule)
     main = f"openvino-{recipe.engine.openvino.precision}" if recipe.engine.runtime == "openvino" else _ort_name(recipe)
     engine, engine_files = candidates[main]
-    real = load_digits("all").images
-    with torch.no_grad():
-        real_features = torch.cat([classifier.embed(chunk) for chunk in real.split(256)]).numpy()
+    real_features = _real_features(classifier)
     with timer.stage("compare"):
         comparison = compare(
             reference, engine, config, classifier, real_features, model.sample_shape, model.num_classes, progress
@@ -347,7 +441,7 @@ def _compare_stage(
         "fp32_onnx": (run / "fp32.onnx").stat().st_size,
         "engine": sum(f.stat().st_size for f in engine_files),
     }
-    extra = {
+    extra: dict[str, Any] = {
         "recipe": recipe.name,
         "precision": recipe.quantize.precision,
         "flavour": recipe.export.flavour,
@@ -359,6 +453,10 @@ def _compare_stage(
     extra["cpu_engines"] = engines
     extra["recommendation"] = recommend(engines)
     report = report_dict(comparison, latency, sizes, extra)
+    if search is not None:  # the assignment being confirmed: its gate is this compare's
+        search.passed = bool(report["gate"]["passed"])
+        search.confirmed[len(search.fallback_layers)] = search.passed
+        report["mixed_precision"] = search.report()
     write_report(run, comparison, report, f"{recipe.name}: {engine.name} vs FP")
     return report
 
@@ -414,6 +512,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for check in report["gate"]["checks"]:
         status = "ok" if check["passed"] else "FAILED"
         lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
+    mixed = report.get("mixed_precision")
+    if mixed is not None:
+        layers = ", ".join(mixed["fallback_layers"]) or "none"
+        lines.append(f"mixed precision: {len(mixed['fallback_layers'])} layer(s) kept in full precision: {layers}")
+        total = mixed["total_cost"]
+        lines.append(
+            f"mixed precision cost: engine +{total['size_bytes']:,} bytes, "
+            + ", ".join(f"{b} {v:+.2f} ms" for b, v in total["latency_ms"].items())
+        )
     lines.append("gate: PASSED" if report["gate"]["passed"] else "gate: FAILED")
     for e in report.get("cpu_engines", []):
         lines.append(

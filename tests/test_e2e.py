@@ -107,3 +107,22 @@ def test_bad_checkpoint_exits_2_and_leaves_no_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and str(bad) in err
     assert not (tmp_path / "runs" / "tiny-int8").exists()
+
+
+@pytest.mark.slow
+def test_precisions_table_reads_finished_runs_and_names_the_missing(run, capsys):
+    _, run_dir = run
+    report = json.loads((run_dir / "report.json").read_text())
+    code = main(["precisions", "--runs", str(run_dir.parent)])
+    assert code == 2 and "none of digits-unet-int8" in capsys.readouterr().err  # the default names: none ran here
+    from flowpress.precisions import precision_table
+
+    out = precision_table(run_dir.parent, ("tiny-int8", "tiny-fp8"))
+    rows = json.loads((out / "precisions.json").read_text())
+    assert [r["run"] for r in rows["rows"]] == ["tiny-int8"] and rows["missing"] == ["tiny-fp8"]
+    row = rows["rows"][0]
+    assert row["final_psnr_db"] == report["final"]["psnr_db"] and row["engine_bytes"] == report["size_bytes"]["engine"]
+    assert row["precision"] == "int8" and row["calibration"].startswith("all, 8 trajectories, amax")
+    md = (out / "precisions.md").read_text()
+    assert f"| tiny-int8 | int8 | {row['calibration']} | {row['final_psnr_db']:.2f} |" in md
+    assert "Not run yet: tiny-fp8" in md
