@@ -173,6 +173,8 @@ def distill_markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        f"Distance from the teacher: {teacher_gap(report)}.",
+        "",
         f"FD is the Frechet distance of the digit classifier's features to all real digits over "
         f"{report['eval']['n_samples']} samples (seeds {report['eval']['seed_base']}.., labels cycling 0..9).",
         "",
@@ -304,6 +306,17 @@ def run_distill(
     return Path(runs_root) / recipe.name, report
 
 
+def teacher_gap(report: dict[str, Any]) -> str:
+    """How far the one-step student is from the teacher at its default step count."""
+    teacher, student = report["entries"]["teacher"], report["entries"]["student_1step"]
+    return (
+        f"student (1 step) vs teacher ({teacher['steps']} steps): FD {student['fd']:.1f} vs {teacher['fd']:.1f} "
+        f"({student['fd'] - teacher['fd']:+.1f}), accuracy {student['classifier_acc']:.3f} vs "
+        f"{teacher['classifier_acc']:.3f} ({student['classifier_acc'] - teacher['classifier_acc']:+.3f}), "
+        f"{teacher['ms_per_image_b8'] / student['ms_per_image_b8']:.0f}x less time per image at b8"
+    )
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for name, e in report["entries"].items():
@@ -311,6 +324,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"{name}: {e['steps']} step(s), {e['params']:,} params, acc {e['classifier_acc']:.3f}, "
             f"FD {e['fd']:.3f}, {e['ms_per_image_b8']:.3f} ms/image (b8)"
         )
+    lines.append(teacher_gap(report))
     for name, b in report["bars"].items():
         lines.append(
             f"bar {name} = {b['value']:.4g} {b['op']} {b['threshold']:.4g}: {'ok' if b['passed'] else 'FAILED'}"
