@@ -192,6 +192,7 @@ def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "final_psnr_db": float(np.mean(psnr)),
         "final_psnr_db_std": float(np.std(psnr, ddof=1)) if len(psnr) > 1 else 0.0,
+        "final_psnr_db_per_seed": [float(p) for p in psnr],  # in calibration_seeds order: rows pair by seed
         "classifier_acc": float(np.mean([r["classifier_acc"] for r in rows])),
         "fd": float(np.mean([r["fd"] for r in rows])),
         "per_step_rel_l2": [float(v) for v in np.mean([r["per_step_rel_l2"] for r in rows], axis=0)],
