@@ -36,12 +36,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 TINY_SCHEDULE = Schedule(4)
 
 
-@pytest.fixture(scope="session")
-def tiny_tensorrt_export(tiny_model_dir, tmp_path_factory):
-    """(tensorrt-flavour int8 Q/DQ graph path, fp32 graph path, feeds as tensors) of the tiny
-    UNet on TINY_SCHEDULE: 16 calibration inputs spread over the steps."""
-    model = load_model(tiny_model_dir)
-    calib = capture(
+def tiny_calibration(model):
+    """8 trajectories of the tiny model on TINY_SCHEDULE at guidance 2, every step."""
+    return capture(
         model,
         model.sample_shape,
         model.num_classes,
@@ -50,6 +47,14 @@ def tiny_tensorrt_export(tiny_model_dir, tmp_path_factory):
         2.0,
         model.null_label,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_tensorrt_export(tiny_model_dir, tmp_path_factory):
+    """(tensorrt-flavour int8 Q/DQ graph path, fp32 graph path, feeds as tensors) of the tiny
+    UNet on TINY_SCHEDULE: 16 calibration inputs spread over the steps."""
+    model = load_model(tiny_model_dir)
+    calib = tiny_calibration(model)
     qmodel = quantize(model, QuantConfig(), calib)
     tmp = tmp_path_factory.mktemp("tensorrt-export")
     path = export_onnx(qmodel.fp_module, TINY_SCHEDULE, tmp / "model.tensorrt.onnx", ExportConfig("tensorrt"), qmodel)

@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 
-from calibration import CalibrationConfig, capture
 from compress import QuantConfig, SensitivityConfig, layer_sensitivity, quantize
 from flowpress.cli import main
 from flowpress.pipeline import Timer, _mixed_precision
@@ -13,7 +12,7 @@ from models import load_model
 from models.classifier import load_classifier
 from sampling import FlowpressError
 
-from .conftest import CLASSIFIER, TINY_SCHEDULE
+from .conftest import CLASSIFIER, TINY_SCHEDULE, tiny_calibration
 
 BROKEN = "net.mid_block.resnets.0.conv1"
 CANDIDATES = '["net.conv_in", "net.mid_block.resnets.*", "net.conv_out"]'
@@ -48,16 +47,7 @@ def recipe_file(tmp_path, model, psnr, max_fallback=2, name="tiny-gated", candid
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    calib = capture(
-        model,
-        model.sample_shape,
-        model.num_classes,
-        TINY_SCHEDULE,
-        CalibrationConfig(n_samples=8),
-        2.0,
-        model.null_label,
-    )
-    return model, calib
+    return model, tiny_calibration(model)
 
 
 def broken_quant(model, calib):
