@@ -372,17 +372,16 @@ def _ddp(model: DiffusersVelocity) -> Iterator[torch.nn.Module]:
 def _train(
     name: str,
     model: DiffusersVelocity,
-    iterations: int,
-    lr: float,
-    ema_decay: float,
+    config: ReflowConfig | DistillConfig,
     checkpoint: Path,
-    checkpoint_every: int,
     loss_fn: Callable[[torch.nn.Module, int, torch.Generator], Tensor],
-    seed: int,
     progress: bool,
     stop_at: int | None = None,
 ) -> TrainState:
-    """The shared loop: AdamW, warm-up + cosine, grad clip 1, EMA, resumable checkpoints (rank 0 writes)."""
+    """The shared loop: AdamW, warm-up + cosine, grad clip 1, EMA, resumable checkpoints (rank 0 writes);
+    iterations, lr, ema_decay, checkpoint_every and seed come from `config`."""
+    iterations, lr, ema_decay = config.iterations, config.lr, config.ema_decay
+    checkpoint_every, seed = config.checkpoint_every, config.seed
     from tqdm import tqdm
 
     dist = dist_info()
@@ -455,13 +454,9 @@ def reflow(
     return _train(
         "reflow" if config.anneal_steps else "2-rectified flow",
         student,
-        config.iterations,
-        config.lr,
-        config.ema_decay,
+        config,
         Path(checkpoint),
-        config.checkpoint_every,
         loss_fn,
-        config.seed,
         progress,
         stop_at,
     )
@@ -521,13 +516,9 @@ def distill(
     return _train(
         "flow-guided distill" if config.guide_weight > 0 else "one-step distill",
         student,
-        config.iterations,
-        config.lr,
-        config.ema_decay,
+        config,
         Path(checkpoint),
-        config.checkpoint_every,
         loss_fn,
-        config.seed,
         progress,
         stop_at,
     )

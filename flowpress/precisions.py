@@ -61,7 +61,13 @@ def precision_table(runs_root: str | Path = "runs", names: tuple[str, ...] = REC
     for name in names:
         run = runs_root / name
         if (run / "report.json").is_file() and (run / "manifest.json").is_file():
-            rows.append(_row(run))
+            try:
+                rows.append(_row(run))
+            except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+                raise FlowpressError(
+                    f"{run}: report.json / manifest.json unreadable or from another flowpress version ({err!r}); "
+                    f"re-run `make quantize RECIPE=recipes/{name}.yaml`"
+                ) from err
         else:
             missing.append(name)
     if not rows:
