@@ -112,7 +112,8 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 8)
     runs: int = 30
     warmup: int = 5
-    block: int = 5  # timed forwards per engine per interleaved round
+    block: int = 10  # timed forwards per engine per interleaved round
+    settle: int = 3  # untimed forwards per engine before its block (and before each timed loop)
     loops: int = 3
     threads: int = 2
     sample_batch: int = 50
@@ -128,7 +129,7 @@ class BenchConfig:
             raise FlowpressError(f"bench.runs must be >= 30 for a stable p90, got {self.runs}")
         if not self.batches or min(self.batches) < 1:
             raise FlowpressError(f"bench.batches must list batch sizes >= 1, got {list(self.batches)}")
-        for key in ("warmup", "block", "loops", "threads", "sample_batch", "profile_runs"):
+        for key in ("warmup", "block", "settle", "loops", "threads", "sample_batch", "profile_runs"):
             if getattr(self, key) < (0 if key == "warmup" else 1):
                 raise FlowpressError(f"bench.{key} must be >= {0 if key == 'warmup' else 1}, got {getattr(self, key)}")
 
@@ -186,11 +187,13 @@ def _inputs(batch: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 
 def interleaved_step_times(
-    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int
+    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int, settle: int = 1
 ) -> dict[str, np.ndarray]:
     """Wall ms of `runs` forwards per engine at `batch`, timed in rounds: each round gives every
-    engine one untimed forward (its runtime's threads wake, the previous runtime's settle) and
-    then `block` timed ones; the engine order rotates each round."""
+    engine `settle` untimed forwards and then `block` timed ones; the engine order rotates each
+    round.  Measured on the digits DiT: after a switch of runtime an engine's first forwards run
+    cold (OpenVINO int8 b8 2.6 -> 5-6 ms median with 1 settle forward per 5 timed, 3.1 with 3 per
+    10, 3.1 timed alone), so a round must be long enough to be measured warm."""
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     cond = torch.zeros(batch, dtype=torch.int64)
     names = list(engines)
@@ -212,22 +215,37 @@ def interleaved_step_times(
         rounds = -(-runs // block)
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                forward(name)
+                for _ in range(settle):
+                    forward(name)
                 times[name] += [forward(name) for _ in range(min(block, runs - len(times[name])))]
     return {name: np.array(t) for name, t in times.items()}
 
 
 def interleaved_loop_seconds(
-    built: dict[str, Built], batch: int, shape: tuple[int, ...], guidance: float, null: int | None, loops: int
+    built: dict[str, Built],
+    batch: int,
+    shape: tuple[int, ...],
+    guidance: float,
+    null: int | None,
+    loops: int,
+    settle: int = 0,
 ) -> dict[str, float]:
     """Median seconds of one whole sampling loop per engine (its own steps and guidance), one
-    loop of each engine per round after an untimed round."""
+    loop of each engine per round after an untimed round; `settle` untimed forwards at the
+    loop's batch warm an engine before each of its loops."""
     noise, cond = _inputs(batch, shape)
     times: dict[str, list[float]] = {name: [] for name in built}
     with torch.no_grad():
         for i in range(loops + 1):
             for name, b in built.items():
                 own_guidance = guidance if b.guidance is None else b.guidance
+                doubled = 2 if own_guidance != 1.0 else 1
+                for _ in range(settle):
+                    b.engine(
+                        noise.repeat(doubled, *([1] * len(shape))),
+                        torch.zeros(batch * doubled, dtype=torch.int64),
+                        cond.repeat(doubled),
+                    )
                 start = time.perf_counter()
                 sample(EngineVelocity(b.engine), noise, cond, b.engine.schedule, own_guidance, null)
                 if i:
@@ -606,9 +624,15 @@ def bench_model(spec: BenchModel, config: BenchConfig, workdir: Path, progress: 
     rows = []
     for batch in config.batches:
         times = interleaved_step_times(
-            {v: b.engine for v, b in engines.items()}, batch, shape, config.runs, config.warmup, config.block
+            {v: b.engine for v, b in engines.items()},
+            batch,
+            shape,
+            config.runs,
+            config.warmup,
+            config.block,
+            config.settle,
         )
-        loops = interleaved_loop_seconds(engines, batch, shape, guidance, null, config.loops)
+        loops = interleaved_loop_seconds(engines, batch, shape, guidance, null, config.loops, config.settle)
         for variant, built in engines.items():
             steps_in_loop = built.engine.schedule.n_steps
             own_guidance = guidance if built.guidance is None else built.guidance
@@ -713,6 +737,7 @@ def run_bench(config: BenchConfig, runs_root: str | Path = "runs", progress: boo
             "batches": list(config.batches),
             "runs": config.runs,
             "block": config.block,
+            "settle": config.settle,
         },
         "machine": _machine(),
         "matmul_peak_gop_per_s": peaks,
@@ -858,8 +883,8 @@ def bench_markdown(bench: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}); {bench['config']['threads']} threads for "
         f"every runtime; {bench['config']['runs']} timed runs after warm-up per cell, the variants of a model timed "
-        f"interleaved (rounds of one untimed and {bench['config']['block']} timed forwards each, order rotating), "
-        "so a slow spell of the shared host lands on all of them. Compare within this file.",
+        f"interleaved (rounds of {bench['config']['settle']} untimed and {bench['config']['block']} timed forwards "
+        "each, order rotating), so a slow spell of the shared host lands on all of them. Compare within this file.",
         f"Matrix-multiply peak (best of square GEMMs {_peak_sizes(peaks)}, chained 4 per call, on each runtime): "
         + ", ".join(f"{a} {peaks[a]:.0f} GOP/s ({_peak_source(peaks, a)})" for a in ("fp32", "bf16", "int8"))
         + f". The int8 peak is {peaks['int8'] / peaks['fp32']:.1f}x the fp32 one: on GEMM-bound work no int8 engine "

@@ -51,13 +51,13 @@ def test_interleaved_timing_rotates_the_engines_and_times_runs_each():
             return x
 
     engines = {name: Probe(name) for name in "abc"}
-    times = interleaved_step_times(engines, 2, (1, 4, 4), runs=7, warmup=2, block=3)
+    times = interleaved_step_times(engines, 2, (1, 4, 4), runs=7, warmup=2, block=3, settle=2)
     assert {name: len(t) for name, t in times.items()} == {"a": 7, "b": 7, "c": 7}
     assert all((t > 0).all() for t in times.values())
     timed = calls[6:]  # after 2 warm-up forwards each
-    # rounds of 1 untimed + block timed forwards (the last round: 1 + 1), starting engine rotating
-    firsts = [timed[0][0], timed[12][0], timed[24][0]]
-    assert firsts == ["a", "b", "c"] and len(timed) == 3 * (4 + 4 + 2)
+    # rounds of 2 untimed + 3 timed forwards (the last round: 2 + 1), starting engine rotating
+    firsts = [timed[0][0], timed[15][0], timed[30][0]]
+    assert firsts == ["a", "b", "c"] and len(timed) == 3 * (5 + 5 + 3)
     assert [s for n, s in calls if n == "a"][:5] == [0, 1, 2, 0, 1]  # steps cycle through the schedule
 
 
