@@ -25,7 +25,15 @@ from torch import Tensor
 
 from calibration import CalibrationSet, capture
 from compress import QuantizedModel, quantize
-from engines import Engine, EngineVelocity, OrtEngine, TorchEngine, psnr_db, step_times_ms
+from engines import (
+    Engine,
+    EngineVelocity,
+    OrtEngine,
+    TorchEngine,
+    interleaved_step_times,
+    psnr_db,
+    step_times_ms,
+)
 from engines.base import graph_feeds
 from engines.openvino import OpenVinoEngine
 from export import export_onnx, ort_session
@@ -184,41 +192,6 @@ def _reset_peak_rss() -> bool:
 def _inputs(batch: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     return x, torch.zeros(batch, dtype=torch.int64)
-
-
-def interleaved_step_times(
-    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int, settle: int = 1
-) -> dict[str, np.ndarray]:
-    """Wall ms of `runs` forwards per engine at `batch`, timed in rounds: each round gives every
-    engine `settle` untimed forwards and then `block` timed ones; the engine order rotates each
-    round.  Measured on the digits DiT: after a switch of runtime an engine's first forwards run
-    cold (OpenVINO int8 b8 2.6 -> 5-6 ms median with 1 settle forward per 5 timed, 3.1 with 3 per
-    10, 3.1 timed alone), so a round must be long enough to be measured warm."""
-    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    cond = torch.zeros(batch, dtype=torch.int64)
-    names = list(engines)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    counts = dict.fromkeys(names, 0)
-
-    def forward(name: str) -> float:
-        engine = engines[name]
-        step = torch.full((batch,), counts[name] % engine.schedule.n_steps, dtype=torch.int64)
-        counts[name] += 1
-        start = time.perf_counter()
-        engine(x, step, cond)
-        return (time.perf_counter() - start) * 1000
-
-    with torch.no_grad():
-        for name in names:
-            for _ in range(warmup):
-                forward(name)
-        rounds = -(-runs // block)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                for _ in range(settle):
-                    forward(name)
-                times[name] += [forward(name) for _ in range(min(block, runs - len(times[name])))]
-    return {name: np.array(t) for name, t in times.items()}
 
 
 def interleaved_loop_seconds(

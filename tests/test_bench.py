@@ -2,9 +2,9 @@
 
 import torch
 
-from engines import OrtEngine
+from engines import OrtEngine, interleaved_step_times
 from export.openvino import cpu_has_bf16
-from flowpress.bench import BenchConfig, BenchModel, bars, bench_model, interleaved_step_times
+from flowpress.bench import BenchConfig, BenchModel, bars, bench_model
 from sampling import Schedule
 
 from .conftest import CLASSIFIER, TINY_SCHEDULE
