@@ -117,12 +117,57 @@ def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, o
                 f"engine (first: {corrupted[0]}); an optimizer besides {', '.join(FP8_DISABLED_OPTIMIZERS) or 'none'} "
                 "rewrites fp8 Q/DQ: add it to export.validate.FP8_DISABLED_OPTIMIZERS"
             )
+    merged = merge_twin_quantizers(engine_path)
     fused = fuse_integer_matmul_bias(engine_path)
     return {
         "qdq_types": qdq_types(engine_path),
         "disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
+        "merged_quantizers": merged,
         "fused_bias_adds": fused,
     }
+
+
+def merge_twin_quantizers(path: str | Path) -> int:
+    """Merge QuantizeLinear nodes that quantize the same tensor with equal scale and zero point
+    (the q / k / v projections of an attention block read one tensor, and their input
+    quantizers, calibrated on the same data, agree): the first one's output feeds every
+    consumer.  Rewrites the engine file in place; returns how many were merged."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def key(node) -> tuple | None:  # noqa: ANN001
+        if any(i not in constants for i in node.input[1:]) or node.output[0] in outputs:
+            return None
+        values = tuple((str(constants[i].dtype), constants[i].tobytes()) for i in node.input[1:])
+        attributes = tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute))
+        return node.input[0], values, attributes
+
+    kept: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    dropped = set()  # node indices (protobuf hands out fresh wrappers: never key nodes by id())
+    for index, node in enumerate(graph.node):
+        if node.op_type != "QuantizeLinear" or (k := key(node)) is None:
+            continue
+        if k in kept:
+            renamed[node.output[0]] = kept[k]
+            dropped.add(index)
+        else:
+            kept[k] = node.output[0]
+    if renamed:
+        nodes = [n for i, n in enumerate(graph.node) if i not in dropped]
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return len(renamed)
 
 
 def fuse_integer_matmul_bias(path: str | Path) -> int:
@@ -135,29 +180,29 @@ def fuse_integer_matmul_bias(path: str | Path) -> int:
     model = onnx.load(str(path))
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            consumers.setdefault(name, []).append(index)
     outputs = {o.name for o in graph.output}
-    fused, dropped = 0, set()
+    fused, dropped = 0, set()  # node indices (protobuf hands out fresh wrappers: never key nodes by id())
     for node in graph.node:
         if node.op_type != "MatMulIntegerToFloat" or len(node.input) > 6 or node.output[0] in outputs:
             continue
         users = consumers.get(node.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Add":
+        if len(users) != 1 or graph.node[users[0]].op_type != "Add":
             continue
-        add = users[0]
+        add = graph.node[users[0]]
         bias = next((constants[i] for i in add.input if i != node.output[0] and i in constants), None)
         n_out = constants[node.input[1]].dims[-1] if node.input[1] in constants else None
         if bias is None or bias.data_type != TensorProto.FLOAT or list(bias.dims) != [n_out]:
             continue
         node.input.extend([""] * (6 - len(node.input)) + [bias.name])
         node.output[0] = add.output[0]
-        dropped.add(id(add))
+        dropped.add(users[0])
         fused += 1
     if fused:
-        kept = [n for n in graph.node if id(n) not in dropped]
+        kept = [n for i, n in enumerate(graph.node) if i not in dropped]
         del graph.node[:]
         graph.node.extend(kept)
         onnx.save(model, str(path))

@@ -70,7 +70,7 @@ def test_ort_cpu_flavour_runs_every_quantized_layer_on_integer_kernels(quantized
     assert ops.count("MatMulIntegerToFloat") == n_linear
 
 
-def test_engine_folds_linear_bias_into_the_integer_matmul_without_changing_its_output(quantized, tmp_path):
+def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_its_output(quantized, tmp_path):
     _, qmodel, calib = quantized
     path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     unfused = tmp_path / "unfused.onnx"
@@ -83,6 +83,11 @@ def test_engine_folds_linear_bias_into_the_integer_matmul_without_changing_its_o
         for name, q in qmodel.layers.items()
     )
     assert facts["fused_bias_adds"] == len(with_bias) == n_bias > 0
+    # q / k / v read one tensor: one QuantizeLinear serves all three (2 merged per attention block)
+    n_attention = sum(name.endswith(".to_q") for name in qmodel.layers)
+    assert facts["merged_quantizers"] == 2 * n_attention > 0
+    quantized_inputs = [n.input[0] for n in nodes if n.op_type == "QuantizeLinear"]
+    assert len(quantized_inputs) == len(set(quantized_inputs))
     feeds = {k: v.numpy() for k, v in feeds_of(calib).items()}
     before = ort_session(unfused).run(None, feeds)[0]
     after = ort_session(tmp_path / "engine.onnx").run(None, feeds)[0]
