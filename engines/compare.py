@@ -239,13 +239,13 @@ def step_times_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], run
 
 
 def interleaved_step_times(
-    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int, settle: int = 1
+    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int, settle: int
 ) -> dict[str, np.ndarray]:
     """Wall ms of `runs` forwards per engine at `batch`, timed in rounds: each round gives every
     engine `settle` untimed forwards and then `block` timed ones; the engine order rotates each
     round.  Measured on the digits DiT: after a switch of runtime an engine's first forwards run
-    cold (OpenVINO int8 b8 2.6 -> 5-6 ms median with 1 settle forward per 5 timed, 3.1 with 3 per
-    10, 3.1 timed alone), so a round must be long enough to be measured warm."""
+    cold (OpenVINO int8 b8 median: 2.7-3.4 ms timed alone, 5.1-6.4 with 1 settle + 5 timed per
+    round, 3.2-3.4 with 3 + 10), so a round must be long enough to be measured warm."""
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     cond = torch.zeros(batch, dtype=torch.int64)
     names = list(engines)

@@ -103,8 +103,9 @@ def qdq_types(path: str | Path) -> list[str]:
 
 def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
     """Save `source` as onnxruntime optimizes it (level extended) to `engine_path`; an fp8 engine
-    is refused if it gained a non-fp8 QuantizeLinear.  Returns the engine manifest's facts:
-    qdq_types (of the engine file) and the optimizers kept off."""
+    is refused if it gained a non-fp8 QuantizeLinear; then twin quantizers are merged and Linear
+    biases folded into the integer matmuls.  Returns the engine manifest's facts: qdq_types (of
+    the engine file), the optimizers kept off and the two rewrites' counts."""
     import onnx
 
     fp8 = is_fp8_graph(source)
@@ -117,8 +118,13 @@ def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, o
                 f"engine (first: {corrupted[0]}); an optimizer besides {', '.join(FP8_DISABLED_OPTIMIZERS) or 'none'} "
                 "rewrites fp8 Q/DQ: add it to export.validate.FP8_DISABLED_OPTIMIZERS"
             )
-    merged = merge_twin_quantizers(engine_path)
-    fused = fuse_integer_matmul_bias(engine_path)
+    model = onnx.load(str(engine_path))
+    merged = merge_twin_quantizers(model.graph)
+    fused = fuse_integer_matmul_bias(model.graph)
+    if merged or fused:  # written beside, then renamed over: never a half-written engine file
+        staged = Path(engine_path).with_suffix(".rewrite.onnx")
+        onnx.save(model, str(staged))
+        staged.replace(engine_path)
     return {
         "qdq_types": qdq_types(engine_path),
         "disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
@@ -127,16 +133,21 @@ def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, o
     }
 
 
-def merge_twin_quantizers(path: str | Path) -> int:
+def _drop_nodes(graph, dropped: set[int]) -> None:  # noqa: ANN001
+    """Remove nodes by index (protobuf hands out fresh wrappers: never key nodes by id())."""
+    kept = [n for i, n in enumerate(graph.node) if i not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def merge_twin_quantizers(graph) -> int:  # noqa: ANN001
     """Merge QuantizeLinear nodes that quantize the same tensor with equal scale and zero point
     (the q / k / v projections of an attention block read one tensor, and their input
     quantizers, calibrated on the same data, agree): the first one's output feeds every
-    consumer.  Rewrites the engine file in place; returns how many were merged."""
+    consumer.  Rewrites `graph` in place; returns how many were merged."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    graph = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     outputs = {o.name for o in graph.output}
 
@@ -149,7 +160,7 @@ def merge_twin_quantizers(path: str | Path) -> int:
 
     kept: dict[tuple, str] = {}
     renamed: dict[str, str] = {}
-    dropped = set()  # node indices (protobuf hands out fresh wrappers: never key nodes by id())
+    dropped = set()
     for index, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear" or (k := key(node)) is None:
             continue
@@ -158,34 +169,27 @@ def merge_twin_quantizers(path: str | Path) -> int:
             dropped.add(index)
         else:
             kept[k] = node.output[0]
-    if renamed:
-        nodes = [n for i, n in enumerate(graph.node) if i not in dropped]
-        for node in nodes:
-            for i, name in enumerate(node.input):
-                if name in renamed:
-                    node.input[i] = renamed[name]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        onnx.save(model, str(path))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    _drop_nodes(graph, dropped)
     return len(renamed)
 
 
-def fuse_integer_matmul_bias(path: str | Path) -> int:
+def fuse_integer_matmul_bias(graph) -> int:  # noqa: ANN001
     """Move each constant bias Add behind a MatMulIntegerToFloat into the op's optional bias input
     (onnxruntime's QDQ fusion leaves it a separate Add: one more pass over every Linear's
-    output).  Rewrites the optimized engine file in place; returns how many were fused."""
-    import onnx
+    output).  Rewrites `graph` in place; returns how many were fused."""
     from onnx import TensorProto
 
-    model = onnx.load(str(path))
-    graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(index)
     outputs = {o.name for o in graph.output}
-    fused, dropped = 0, set()  # node indices (protobuf hands out fresh wrappers: never key nodes by id())
+    dropped = set()
     for node in graph.node:
         if node.op_type != "MatMulIntegerToFloat" or len(node.input) > 6 or node.output[0] in outputs:
             continue
@@ -200,13 +204,8 @@ def fuse_integer_matmul_bias(path: str | Path) -> int:
         node.input.extend([""] * (6 - len(node.input)) + [bias.name])
         node.output[0] = add.output[0]
         dropped.add(users[0])
-        fused += 1
-    if fused:
-        kept = [n for i, n in enumerate(graph.node) if i not in dropped]
-        del graph.node[:]
-        graph.node.extend(kept)
-        onnx.save(model, str(path))
-    return fused
+    _drop_nodes(graph, dropped)
+    return len(dropped)
 
 
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:

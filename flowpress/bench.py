@@ -111,6 +111,16 @@ class BenchModel:
     w4a8_recipe: str | None = None  # settings; a model without one has no such row
     student_recipe: str | None = None  # the distilled student of this model (its own sampler)
 
+    def __post_init__(self) -> None:
+        for key, precision in (("fp8_recipe", "fp8"), ("w4a8_recipe", "w4a8")):
+            path = getattr(self, key)
+            if path and load_recipe(path).quantize.precision != precision:
+                raise FlowpressError(
+                    f"bench model {self.name}: {key} {path} quantizes to "
+                    f"{load_recipe(path).quantize.precision}, not {precision}; name a {precision} recipe "
+                    f"(e.g. recipes/digits-unet-{precision}.yaml)"
+                )
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -473,7 +483,7 @@ def build_variants(
             )
     student_flops = {}
     if "student" in want and spec.student_recipe:
-        loaders["student"], student = _student(spec.student_recipe, threads, workdir / "student")
+        loaders["student"], student = _student(spec.student_recipe, model, threads, workdir / "student")
         student_flops = {b: forward_flops(student, b) for b in config.batches}
     if "flowpress-ov-int8" in want:
         ours = export_openvino(
@@ -510,11 +520,19 @@ def _ours_ort(
     return opt
 
 
-def _student(recipe_path: str, threads: int, workdir: Path) -> tuple[Any, DiffusersVelocity]:
+def _student(
+    recipe_path: str, teacher: DiffusersVelocity, threads: int, workdir: Path
+) -> tuple[Any, DiffusersVelocity]:
     """The distilled student as flowpress ships it: its own recipe's calibration (one-step
     inputs) into OpenVINO int8, sampled with its own schedule and guidance."""
     recipe = load_recipe(recipe_path)
     student = ensure_model(recipe, progress=False).eval()
+    if (student.sample_shape, student.num_classes) != (teacher.sample_shape, teacher.num_classes):
+        raise FlowpressError(
+            f"bench student_recipe {recipe_path}: its model takes {student.sample_shape} with "
+            f"{student.num_classes} classes, the teacher {teacher.sample_shape} with {teacher.num_classes}; "
+            "name the student distilled from this model (`make distill`)"
+        )
     schedule = recipe.sampling.schedule()
     calib = capture(
         student,

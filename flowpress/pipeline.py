@@ -49,6 +49,10 @@ from models.classifier import ClassifierConfig, DigitClassifier, classifier_accu
 from models.teacher import train_teacher
 from sampling import FlowpressError, Schedule, noise_for_seeds, sample
 
+# the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
+# forwards per runtime (engines/compare.py interleaved_step_times says why rounds must be long)
+LATENCY_BLOCK, LATENCY_SETTLE = 10, 3
+
 # ||ORT - fake-quant|| / ||fake-quant - FP|| per forward (ort-cpu, optimizations off / on):
 # measured 0.40 / 0.83 on the default UNet, 0.07 / 0.42 on the DiT, 0.09 / 1.05 on the tests'
 # tiny UNet (rounding flips amplify through chained
@@ -415,7 +419,7 @@ def _compare_stage(
         latency: dict[str, dict[str, float]] = {name: {} for name in runtimes}
         for batch in (1, 8):  # interleaved: a slow spell of the host does not pick the recommendation
             times = interleaved_step_times(
-                runtimes, batch, model.sample_shape, recipe.compare.latency_runs, warmup=3, block=10, settle=3
+                runtimes, batch, model.sample_shape, recipe.compare.latency_runs, 3, LATENCY_BLOCK, LATENCY_SETTLE
             )
             for name, t in times.items():
                 latency[name][f"b{batch}"] = float(np.median(t))
@@ -451,8 +455,8 @@ def _compare_stage(
         "engine": engine.name,
         "schedule": {"n_steps": schedule.n_steps, "method": schedule.method, "guidance": recipe.sampling.guidance},
         "latency_note": "median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
-        f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of 3 untimed + 10 "
-        f"timed forwards each), {torch.get_num_threads()} torch threads",
+        f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of "
+        f"{LATENCY_SETTLE} untimed + {LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads",
     }
     extra["cpu_engines"] = engines
     extra["recommendation"] = recommend(engines)
