@@ -102,14 +102,23 @@ def qdq_types(path: str | Path) -> list[str]:
 
 
 def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
-    """Save `source` as onnxruntime optimizes it (level extended) to `engine_path`; an fp8 engine
-    is refused if it gained a non-fp8 QuantizeLinear; then twin quantizers are merged and Linear
-    biases folded into the integer matmuls.  Returns the engine manifest's facts: qdq_types (of
-    the engine file), the optimizers kept off and the two rewrites' counts."""
+    """Save `source`, its shape arithmetic folded, as onnxruntime optimizes it (level extended)
+    to `engine_path`; an fp8 engine is refused if it gained a non-fp8 QuantizeLinear; then twin
+    quantizers are merged and Linear biases folded into the integer matmuls.  Returns the engine
+    manifest's facts: qdq_types (of the engine file), the optimizers kept off and the three
+    rewrites' counts."""
     import onnx
 
     fp8 = is_fp8_graph(source)
-    ort_session(source, "extended", optimized_path=str(engine_path))
+    shapes = onnx.load(str(source))
+    folded = fold_batch_shapes(shapes)
+    bypassed = bypass_concat_slices(shapes)
+    with tempfile.TemporaryDirectory(prefix="flowpress-engine-") as tmp:
+        if folded or bypassed:
+            source = Path(tmp) / "folded.onnx"
+            onnx.save(shapes, str(source))
+        del shapes
+        ort_session(source, "extended", optimized_path=str(engine_path))
     if fp8:
         corrupted = non_fp8_quantizers(onnx.load(str(engine_path), load_external_data=False))
         if corrupted:
@@ -128,6 +137,8 @@ def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, o
     return {
         "qdq_types": qdq_types(engine_path),
         "disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
+        "folded_shape_tensors": folded,
+        "bypassed_concat_slices": bypassed,
         "merged_quantizers": merged,
         "fused_bias_adds": fused,
     }
@@ -206,6 +217,203 @@ def fuse_integer_matmul_bias(graph) -> int:  # noqa: ANN001
         dropped.add(users[0])
     _drop_nodes(graph, dropped)
     return len(dropped)
+
+
+SHAPE_PROBE_BATCHES = (2, 3, 5)
+MAX_FOLDED_ELEMENTS = 1 << 16
+
+
+def fold_batch_shapes(model) -> int:  # noqa: ANN001
+    """Replace the shape arithmetic of a batch-dynamic graph with constants.
+
+    torch's exporter computes every Reshape target (and the attention scale) from Shape ->
+    Gather -> Unsqueeze -> Concat chains: hundreds of tiny nodes onnxruntime runs each forward.
+    Each tensor computed only from tensor shapes and constants is evaluated at batches
+    SHAPE_PROBE_BATCHES: one that never changes becomes a constant; a Reshape target that
+    changes only where it equals the batch becomes a constant with 0 or -1 there (see
+    _batch_reshape_target).  Anything else stays computed.  Rewrites `model` in place (dead nodes pruned); returns how many tensors
+    were folded."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # control flow: its subgraphs read outer shapes; not worth following
+    static = {t.name for t in graph.initializer} | {""}
+    derived: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Constant":
+            static.update(node.output)
+        elif node.op_type in ("Shape", "Size") or (
+            all(i in static or i in derived for i in node.input) and any(i in derived for i in node.input)
+        ):
+            derived.update(node.output)
+    frontier: dict[str, list[tuple[int, int]]] = {}  # tensor -> (node index, input slot) outside the chains
+    for index, node in enumerate(graph.node):
+        if not set(node.output) <= derived:
+            for slot, name in enumerate(node.input):
+                if name in derived:
+                    frontier.setdefault(name, []).append((index, slot))
+    if not frontier:
+        return 0
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *graph.input, *graph.output]}
+    reshaped = [
+        graph.node[i].input[0] for uses in frontier.values() for i, _ in uses if graph.node[i].op_type == "Reshape"
+    ]
+    names = [n for n in dict.fromkeys([*frontier, *reshaped]) if types.get(n)]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names if n not in outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    initializers = {t.name for t in graph.initializer}
+    values: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in SHAPE_PROBE_BATCHES:
+        feeds = {}
+        for graph_input in graph.input:
+            if graph_input.name in initializers:
+                continue
+            tensor_type = graph_input.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+            feeds[graph_input.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        got = session.run(names, feeds)
+        for name, value in zip(names, got, strict=True):
+            values[name].append(np.asarray(value))
+
+    folded: dict[str, np.ndarray] = {}
+    for name in frontier:
+        if name not in values or values[name][0].size > MAX_FOLDED_ELEMENTS:
+            continue
+        first, *rest = values[name]
+        if all(v.shape == first.shape and v.dtype == first.dtype and np.array_equal(v, first) for v in rest):
+            folded[name] = first
+        elif all(graph.node[i].op_type == "Reshape" and slot == 1 for i, slot in frontier[name]):
+            data = [values.get(graph.node[i].input[0]) for i, _ in frontier[name]]
+            target = None if any(d is None for d in data) else _batch_reshape_target(values[name], data)
+            if target is not None:
+                folded[name] = target
+    if not folded:
+        return 0
+    for name, value in folded.items():
+        constant = f"{name}__folded"
+        graph.initializer.append(numpy_helper.from_array(value, constant))
+        for index, slot in frontier[name]:
+            graph.node[index].input[slot] = constant
+    _prune_dead_nodes(graph)
+    return len(folded)
+
+
+def bypass_concat_slices(model) -> int:  # noqa: ANN001
+    """Read each slice of a Concat that is exactly one of its inputs from that input.
+
+    Split shortcuts (compress/shortcut.py) slice the decoder's cat[h, skip] back into h and
+    skip; the slices copy what the Concat just copied.  Rewrites `model` in place (the Slice
+    nodes pruned when nothing else reads them); returns how many slices were bypassed."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks: dict[str, list[int | None]] = {}
+    for value in [*inferred.value_info, *graph.input]:
+        dims = value.type.tensor_type.shape.dim
+        ranks[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    producers = {o: n for n in graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        concat = producers.get(node.input[0]) if node.op_type == "Slice" else None
+        if concat is None or concat.op_type != "Concat" or len(node.input) < 4:
+            continue
+        params = [int(p.item()) for name in node.input[1:5] if (p := constants.get(name)) is not None and p.size == 1]
+        if len(params) != len(node.input) - 1 or params[3:] not in ([], [1]):
+            continue  # starts, ends, axes (and steps) must be single constants, steps 1
+        start, end, axis = params[:3]
+        concat_axis = next(a.i for a in concat.attribute if a.name == "axis")
+        rank = len(ranks.get(concat.output[0], []))
+        if rank == 0 or axis % rank != concat_axis % rank:
+            continue
+        offset = 0
+        for name in concat.input:
+            width = (ranks.get(name) or [None] * rank)[axis % rank]
+            if width is None:
+                break
+            if (
+                start == offset
+                and min(end, np.iinfo(np.int64).max) >= offset + width
+                and (end == offset + width or name == concat.input[-1])
+            ):
+                renamed[node.output[0]] = name
+                break
+            offset += width
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    if renamed:
+        _prune_dead_nodes(graph)
+    return len(renamed)
+
+
+def _batch_reshape_target(values, data):  # noqa: ANN001, ANN202
+    """A Reshape target probed at SHAPE_PROBE_BATCHES (`values`; `data`: the reshaped tensors,
+    per consumer, per batch) that differs between them only at one position, holding the batch
+    there: that target with 0 there (copy the input's dim) where every input has the batch at
+    that position too, else with -1 (the element count is the batch times the rest).  None when
+    it is not of that form, or has another 0 / -1 that would make either ambiguous."""
+    import numpy as np
+
+    if any(v.ndim != 1 or v.dtype != np.int64 or v.shape != values[0].shape for v in values):
+        return None
+    stacked = np.stack(values)
+    varying = np.flatnonzero((stacked != stacked[0]).any(axis=0))
+    if len(varying) != 1 or list(stacked[:, varying[0]]) != list(SHAPE_PROBE_BATCHES):
+        return None
+    at = int(varying[0])
+    target = values[0].copy()
+    rest = np.delete(target, at)
+    if (rest == 0).any() or (rest < -1).any():
+        return None
+    batch_in_place = all(
+        tensor.ndim > at and tensor.shape[at] == batch
+        for tensors in data
+        for tensor, batch in zip(tensors, SHAPE_PROBE_BATCHES, strict=True)
+    )
+    if batch_in_place:
+        target[at] = 0
+    elif (rest == -1).any():
+        return None
+    else:
+        target[at] = -1
+    return target
+
+
+def _prune_dead_nodes(graph) -> None:  # noqa: ANN001
+    """Drop nodes none of whose outputs reach a graph output."""
+    live = {o.name for o in graph.output}
+    dropped = set()
+    for index in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[index]
+        if any(o in live for o in node.output):
+            live.update(node.input)
+        else:
+            dropped.add(index)
+    _drop_nodes(graph, dropped)
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def cosine_per_sample(a: Tensor, b: Tensor) -> Tensor:

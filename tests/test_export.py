@@ -15,6 +15,7 @@ from export import (
     float_weight_ops,
     ort_session,
 )
+from export.validate import SHAPE_PROBE_BATCHES, _batch_reshape_target
 from models import load_model
 from sampling import FlowpressError, Schedule
 
@@ -83,9 +84,11 @@ def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_it
         for name, q in qmodel.layers.items()
     )
     assert facts["fused_bias_adds"] == len(with_bias) == n_bias > 0
-    # q / k / v read one tensor: one QuantizeLinear serves all three (2 merged per attention block)
+    # q / k / v read one tensor: one QuantizeLinear serves all three (2 merged per attention block;
+    # more where a split shortcut now reads its skip tensor directly: conv_skip's quantizer and
+    # the downsampler's read that tensor, calibrated on the same data, and agree)
     n_attention = sum(name.endswith(".to_q") for name in qmodel.layers)
-    assert facts["merged_quantizers"] == 2 * n_attention > 0
+    assert facts["merged_quantizers"] >= 2 * n_attention > 0
     quantized_inputs = [n.input[0] for n in nodes if n.op_type == "QuantizeLinear"]
     assert len(quantized_inputs) == len(set(quantized_inputs))
     feeds = {k: v.numpy() for k, v in feeds_of(calib).items()}
@@ -93,6 +96,41 @@ def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_it
     after = ort_session(tmp_path / "engine.onnx").run(None, feeds)[0]
     # both rewrites are exact: measured max |diff| 0.0 (|v| up to 1.5; 8 merged, 16 biases folded)
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+
+
+def test_engine_folds_shape_arithmetic_and_reads_split_shortcuts_from_the_concat_inputs(quantized, tmp_path):
+    _, qmodel, calib = quantized
+    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
+    source_ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    unfolded = tmp_path / "unfolded.onnx"
+    ort_session(path, "extended", optimized_path=str(unfolded))
+    facts = build_ort_engine(path, tmp_path / "engine.onnx")
+    engine_ops = [n.op_type for n in onnx.load(str(tmp_path / "engine.onnx")).graph.node]
+    # every Reshape target and the attention scale came from Shape chains; none is left
+    # (measured on this tiny UNet: 49 Shape nodes in the export, none in the engine, 53 tensors folded)
+    assert source_ops.count("Shape") > 0 and engine_ops.count("Shape") == 0
+    assert facts["folded_shape_tensors"] > 0
+    # each split shortcut's two slices of cat[h, skip] read h and skip themselves
+    n_split = sum(name.endswith(".conv_shortcut.conv_h") for name in qmodel.layers)
+    assert facts["bypassed_concat_slices"] == 2 * n_split > 0
+    assert "Slice" in source_ops and not {"Slice", "Split"} & set(engine_ops)
+    before, after = ort_session(unfolded), ort_session(tmp_path / "engine.onnx")
+    for n in (1, 5, 16):  # batches other than the probes' (2, 3, 5) and one of them
+        feeds = {k: v.numpy() for k, v in feeds_of(calib, n).items()}
+        np.testing.assert_allclose(after.run(None, feeds)[0], before.run(None, feeds)[0], rtol=0, atol=1e-5)
+
+
+def test_batch_reshape_target_copies_or_infers_the_batch_and_refuses_anything_else():
+    probes = [np.array([b, 4, 8], dtype=np.int64) for b in SHAPE_PROBE_BATCHES]
+    batch_first = [[np.zeros((b, 32)) for b in SHAPE_PROBE_BATCHES]]
+    other_first = [[np.zeros((32, b)) for b in SHAPE_PROBE_BATCHES]]
+    assert _batch_reshape_target(probes, batch_first).tolist() == [0, 4, 8]
+    assert _batch_reshape_target(probes, other_first).tolist() == [-1, 4, 8]
+    with_infer = [np.array([b, -1, 8], dtype=np.int64) for b in SHAPE_PROBE_BATCHES]
+    assert _batch_reshape_target(with_infer, batch_first).tolist() == [0, -1, 8]
+    assert _batch_reshape_target(with_infer, other_first) is None  # two -1: ambiguous
+    times_heads = [np.array([2 * b, 4, 8], dtype=np.int64) for b in SHAPE_PROBE_BATCHES]
+    assert _batch_reshape_target(times_heads, batch_first) is None  # not the batch itself
 
 
 def test_tensorrt_flavour_is_symmetric_int8_per_output_channel(quantized, tmp_path):
