@@ -144,6 +144,13 @@ def dist_info() -> Dist:
 def init_distributed() -> Dist:
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU); a no-op otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if torch.cuda.is_available() and torch.cuda.device_count() < local:
+            raise FlowpressError(
+                f"torchrun started {local} processes on this host, which has {torch.cuda.device_count()} CUDA "
+                f"GPU(s): nccl needs one GPU per process; use --nproc_per_node={torch.cuda.device_count()}, "
+                "or CUDA_VISIBLE_DEVICES= to train on the CPU (gloo)"
+            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
     return dist_info()

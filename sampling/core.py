@@ -137,7 +137,7 @@ def sample(
     batch = noise.shape[0]
 
     def evaluate(x: Tensor, step: int) -> Tensor:
-        t = torch.full((batch,), float(times[step]), dtype=noise.dtype)
+        t = torch.full((batch,), float(times[step]), dtype=noise.dtype, device=noise.device)
         v, mx, mt, mc, mv = velocity(x, t, cond)
         if callback is not None:
             callback(ModelCall(step, float(times[step]), x, mx, mt, mc, mv, v))

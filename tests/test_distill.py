@@ -142,8 +142,9 @@ def _clone(model):
     return copy.deepcopy(model).train().requires_grad_(True)
 
 
-def test_torchrun_two_processes(tiny_model_dir, tmp_path):
-    """`flowpress distill` under torchrun --nproc_per_node=2 (gloo): pairs split by rank, DDP training, rank-0 report."""
+def run_distill_cli(tiny_model_dir, tmp_path, nproc: int, cuda_visible: str | None):
+    """`flowpress distill` on a tiny recipe under torchrun --nproc_per_node=nproc; returns
+    (process, distill.json).  cuda_visible="" hides the GPUs (gloo on the CPU)."""
     recipe = {
         "name": "tiny-slimflow",
         "teacher": {"path": str(tiny_model_dir)},
@@ -164,11 +165,20 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    if cuda_visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "flowpress", "distill", "--recipe", str(path), "--runs", str(tmp_path / "runs"), "--quiet"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1 = a bar failed, which a 4-iteration run may
-    report = json.loads((tmp_path / "runs" / "tiny-slimflow" / "distill.json").read_text())
+    report_path = tmp_path / "runs" / "tiny-slimflow" / "distill.json"
+    assert report_path.is_file(), (done.stdout + done.stderr)[-3000:]
+    return done, json.loads(report_path.read_text())
+
+
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
+    """`flowpress distill` under torchrun --nproc_per_node=2 (gloo): pairs split by rank, DDP training, rank-0 report."""
+    done, report = run_distill_cli(tiny_model_dir, tmp_path, 2, cuda_visible="")
     assert report["budget"]["world_size"] == 2
     assert set(report["entries"]) >= {"teacher", "student_1step", "student_2step", "baseline_1step"}
     assert done.stdout.count("[flowpress] teacher:") == 1  # only rank 0 reports
@@ -180,3 +190,11 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
         assert saved["step"] == (4 if "reflow" in ckpt.name else 3), ckpt.name
     student = load_model(tmp_path / "student")
     assert count_params(student) == report["entries"]["student_1step"]["params"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+def test_distill_on_a_gpu(tiny_model_dir, tmp_path):
+    """The whole `flowpress distill` (pairs, reflow, distillation, evaluation) on one CUDA GPU."""
+    _, report = run_distill_cli(tiny_model_dir, tmp_path, 1, cuda_visible=None)
+    assert report["budget"]["world_size"] == 1 and report["machine"].endswith("1 process(es), cuda")
+    assert set(report["entries"]) >= {"teacher", "student_1step", "student_2step", "baseline_1step"}
