@@ -788,6 +788,19 @@ def bars(rows: list[dict[str, Any]], batch: int = 8, peaks: dict[str, Any] | Non
                     and ours["final_psnr_db"] - peer["final_psnr_db"] >= 1.0,
                 }
             )
+        ours, bf16 = _row(rows, model, "flowpress-ov-int8", batch), _row(rows, model, "ov-bf16", batch)
+        if ours and bf16:
+            need = {"speed-dit": 1.1}.get(model)
+            speedup = bf16["ms_per_step_median"] / ours["ms_per_step_median"]
+            out.append(
+                {
+                    "model": model,
+                    "bar": "flowpress-ov-int8 vs ov-bf16" + (f": >= {need:g}x faster" if need else " (no bar)"),
+                    "speedup": speedup,
+                    "psnr_gain_db": ours["final_psnr_db"] - bf16["final_psnr_db"],
+                    "passed": speedup >= need if need else None,
+                }
+            )
         fp = _row(rows, model, "ort-fp32", batch)
         candidates = [
             r

@@ -132,3 +132,33 @@ def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path):
     checks = {b["bar"].split(":")[0]: b for b in bars(result["rows"])}
     assert "flowpress-ov-int8 vs ov-nncf-default" in checks
     assert not any("(student)" in bar for bar in checks)  # another network: never the "fastest engine"
+
+
+def test_int8_against_bf16_bar_is_speed_dits_only():
+    def rows(model, bf16_ms):
+        return [
+            {
+                "model": model,
+                "variant": "flowpress-ov-int8",
+                "batch": 8,
+                "ms_per_step_median": 100.0,
+                "final_psnr_db": 50.0,
+                "peer": False,
+            },
+            {
+                "model": model,
+                "variant": "ov-bf16",
+                "batch": 8,
+                "ms_per_step_median": bf16_ms,
+                "final_psnr_db": 55.0,
+                "peer": True,
+            },
+        ]
+
+    def bar(model, bf16_ms):
+        (only,) = [b for b in bars(rows(model, bf16_ms)) if "ov-bf16" in b["bar"]]
+        return only
+
+    assert bar("speed-dit", 112.0)["passed"] is True and bar("speed-dit", 108.0)["passed"] is False
+    assert bar("speed-dit", 112.0)["psnr_gain_db"] == -5.0
+    assert bar("digits-unet", 200.0)["passed"] is None  # reported, no bar
