@@ -102,11 +102,11 @@ def qdq_types(path: str | Path) -> list[str]:
 
 
 def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
-    """Save `source`, its shape arithmetic folded, as onnxruntime optimizes it (level extended)
-    to `engine_path`; an fp8 engine is refused if it gained a non-fp8 QuantizeLinear; then twin
-    quantizers are merged and Linear biases folded into the integer matmuls.  Returns the engine
-    manifest's facts: qdq_types (of the engine file), the optimizers kept off and the three
-    rewrites' counts."""
+    """Save `source` as onnxruntime optimizes it (level extended) to `engine_path`, its shape
+    arithmetic folded and concat slices bypassed first; an fp8 engine is refused if it gained a
+    non-fp8 QuantizeLinear; then twin quantizers are merged and Linear biases folded into the
+    integer matmuls.  Returns the engine manifest's facts: qdq_types (of the engine file), the
+    optimizers kept off and the four rewrites' counts."""
     import onnx
 
     fp8 = is_fp8_graph(source)
@@ -231,8 +231,8 @@ def fold_batch_shapes(model) -> int:  # noqa: ANN001
     Each tensor computed only from tensor shapes and constants is evaluated at batches
     SHAPE_PROBE_BATCHES: one that never changes becomes a constant; a Reshape target that
     changes only where it equals the batch becomes a constant with 0 or -1 there (see
-    _batch_reshape_target).  Anything else stays computed.  Rewrites `model` in place (dead nodes pruned); returns how many tensors
-    were folded."""
+    _batch_reshape_target).  Anything else stays computed.  Rewrites `model` in place (dead
+    nodes pruned); returns how many tensors were folded."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -316,7 +316,6 @@ def bypass_concat_slices(model) -> int:  # noqa: ANN001
     Split shortcuts (compress/shortcut.py) slice the decoder's cat[h, skip] back into h and
     skip; the slices copy what the Concat just copied.  Rewrites `model` in place (the Slice
     nodes pruned when nothing else reads them); returns how many slices were bypassed."""
-    import numpy as np
     import onnx
     from onnx import numpy_helper
 
@@ -326,10 +325,10 @@ def bypass_concat_slices(model) -> int:  # noqa: ANN001
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    ranks: dict[str, list[int | None]] = {}
+    dims: dict[str, list[int | None]] = {}
     for value in [*inferred.value_info, *graph.input]:
-        dims = value.type.tensor_type.shape.dim
-        ranks[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        shape = value.type.tensor_type.shape.dim
+        dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape]
     producers = {o: n for n in graph.node for o in n.output}
     renamed: dict[str, str] = {}
     for node in graph.node:
@@ -341,19 +340,15 @@ def bypass_concat_slices(model) -> int:  # noqa: ANN001
             continue  # starts, ends, axes (and steps) must be single constants, steps 1
         start, end, axis = params[:3]
         concat_axis = next(a.i for a in concat.attribute if a.name == "axis")
-        rank = len(ranks.get(concat.output[0], []))
+        rank = len(dims.get(concat.output[0], []))
         if rank == 0 or axis % rank != concat_axis % rank:
             continue
         offset = 0
         for name in concat.input:
-            width = (ranks.get(name) or [None] * rank)[axis % rank]
+            width = (dims.get(name) or [None] * rank)[axis % rank]
             if width is None:
                 break
-            if (
-                start == offset
-                and min(end, np.iinfo(np.int64).max) >= offset + width
-                and (end == offset + width or name == concat.input[-1])
-            ):
+            if start == offset and end >= offset + width and (end == offset + width or name == concat.input[-1]):
                 renamed[node.output[0]] = name
                 break
             offset += width
