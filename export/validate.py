@@ -319,11 +319,10 @@ def bypass_concat_slices(model) -> int:  # noqa: ANN001
     import onnx
     from onnx import numpy_helper
 
+    from export.lint import _constants
+
     graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}
     inferred = onnx.shape_inference.infer_shapes(model).graph
     dims: dict[str, list[int | None]] = {}
     for value in [*inferred.value_info, *graph.input]:

@@ -114,11 +114,11 @@ class BenchModel:
     def __post_init__(self) -> None:
         for key, precision in (("fp8_recipe", "fp8"), ("w4a8_recipe", "w4a8")):
             path = getattr(self, key)
-            if path and load_recipe(path).quantize.precision != precision:
+            found = load_recipe(path).quantize.precision if path else precision
+            if found != precision:
                 raise FlowpressError(
-                    f"bench model {self.name}: {key} {path} quantizes to "
-                    f"{load_recipe(path).quantize.precision}, not {precision}; name a {precision} recipe "
-                    f"(e.g. recipes/digits-unet-{precision}.yaml)"
+                    f"bench model {self.name}: {key} {path} quantizes to {found}, not {precision}; "
+                    f"name a {precision} recipe (e.g. recipes/digits-unet-{precision}.yaml)"
                 )
 
 
