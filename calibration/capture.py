@@ -85,7 +85,13 @@ class CalibrationSet:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         if self.cond is not None:
             tensors["cond"] = self.cond.contiguous()
-        save_file(tensors, str(path))
+        try:
+            save_file(tensors, str(path))
+        except Exception as err:  # safetensors reports a failed write (full disk, permissions) as its own error
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FlowpressError(
+                f"{path}: cannot write the calibration set ({reason}); free space or make the directory writable"
+            ) from None
         return Path(path)
 
     @classmethod
@@ -117,6 +123,12 @@ def capture(
         chunk = seeds[start : start + config.batch_size]
         cond = None if labels is None else labels[start : start + len(chunk)]
         sample(model, noise_for_seeds(chunk, sample_shape), cond, schedule, guidance, null_cond, calls.append)
+    for c in calls:
+        if not (bool(torch.isfinite(c.model_v).all()) and bool(torch.isfinite(c.model_x).all())):
+            raise FlowpressError(
+                f"calibration: the FP model's inputs or outputs hold NaN / Inf at sampler step {c.step}; check the "
+                "model's weights and the recipe's sampling settings before quantizing"
+            )
     x = torch.cat([c.model_x for c in calls])
     t = torch.cat([c.model_t for c in calls])
     step = torch.cat([torch.full((c.model_x.shape[0],), c.step, dtype=torch.int64) for c in calls])

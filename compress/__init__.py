@@ -1,6 +1,7 @@
 """Compression: post-training quantization (modelopt), shortcut splitting, per-layer sensitivity."""
 
 from compress.quantize import (
+    PORTABLE_WEIGHT_BITS,
     LayerQuant,
     QuantConfig,
     QuantizedModel,
@@ -9,6 +10,8 @@ from compress.quantize import (
     prepare,
     quantize,
     set_output_quant,
+    set_weight_bits,
+    weight_bits_of,
 )
 from compress.sensitivity import (
     LayerSensitivity,
@@ -36,5 +39,8 @@ __all__ = [
     "prepare",
     "quantize",
     "set_output_quant",
+    "set_weight_bits",
+    "weight_bits_of",
+    "PORTABLE_WEIGHT_BITS",
     "split_shortcuts",
 ]

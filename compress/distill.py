@@ -172,6 +172,12 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _why(error: Exception) -> str:
+    """The first line of an exception's message (its type when the message is empty), at most 200 characters."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
 # ---------------------------------------------------------------- reflow pairs
 
 
@@ -208,6 +214,7 @@ def generate_pairs(
     Shard s holds pairs [s * shard_size, (s + 1) * shard_size); rank r writes shards s = r mod world.
     A shard is written to a temporary file and renamed, so an interrupted run leaves only whole
     shards, and every pair depends only on its seed: resuming neither duplicates nor loses pairs.
+    A shard already there that fails read_shard (truncated, NaN, ...) is deleted and written again.
     on_shard(s) is called after shard s is written (tests interrupt there).
     """
     from safetensors.torch import save_file
@@ -223,7 +230,16 @@ def generate_pairs(
             raise FlowpressError(f"{root}: holds pairs of another pair config; delete it or change the run name")
         meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     n_shards = math.ceil(config.n_pairs / config.shard_size)
-    mine = [s for s in range(n_shards) if s % dist.world == dist.rank and not shard_path(root, s).is_file()]
+    mine = []
+    for s in range(dist.rank, n_shards, dist.world):
+        path = shard_path(root, s)
+        if path.is_file():
+            problem = read_shard(path, config, s, teacher.sample_shape)[1]
+            if not problem:
+                continue
+            print(f"[flowpress] {path}: {problem}; regenerating it")
+            path.unlink()
+        mine.append(s)
     schedule = Schedule(config.steps, config.method)
     dev = next(teacher.parameters()).device
     for shard in tqdm(mine, desc="reflow pairs", disable=not (progress and dist.main)):
@@ -253,17 +269,61 @@ def generate_pairs(
     return root
 
 
-def load_pairs(root: str | Path, config: PairConfig) -> Pairs:
-    """All pairs of a finished generate_pairs run, in index order."""
+PAIR_KEYS = ("noise", "sample", "labels", "index")
+
+
+def read_shard(
+    path: Path, config: PairConfig, shard: int, sample_shape: tuple[int, ...] | None = None
+) -> tuple[dict[str, Tensor], str]:
+    """(tensors, "") for a whole pair shard, ({}, what is wrong) otherwise: a readable safetensors file
+    holding exactly PAIR_KEYS, index = the shard's pair indices, labels = index % 10, noise float32
+    (N, *sample_shape) (any (N, C, H, W) when sample_shape is None), sample a float tensor of the
+    same shape, both finite."""
     from safetensors.torch import load_file
 
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError for a bad header, OSError for a bad file
+        return {}, f"unreadable safetensors ({_why(e)})"
+    if sorted(tensors) != sorted(PAIR_KEYS):
+        return {}, f"keys {sorted(tensors)}, expected {sorted(PAIR_KEYS)}"
+    noise, samples, labels, index = (tensors[k] for k in PAIR_KEYS)
+    expected = torch.arange(shard * config.shard_size, min(config.n_pairs, (shard + 1) * config.shard_size))
+    shape = (len(expected), *sample_shape) if sample_shape is not None else None
+    if index.dtype != torch.int64 or index.shape != expected.shape:
+        return {}, f"index is {index.dtype} {tuple(index.shape)}, expected torch.int64 ({len(expected)},)"
+    if not torch.equal(index, expected):
+        return {}, f"index is not {int(expected[0])}..{int(expected[-1])}"
+    if labels.dtype != torch.int64 or not torch.equal(labels, index % NUM_CLASSES):
+        return {}, f"labels are not index % {NUM_CLASSES}"
+    if noise.dtype != torch.float32 or noise.dim() != 4 or len(noise) != len(expected):
+        return {}, f"noise is {noise.dtype} {tuple(noise.shape)}, expected torch.float32 ({len(expected)}, C, H, W)"
+    if shape is not None and noise.shape != shape:
+        return {}, f"noise has shape {tuple(noise.shape)}, expected {shape}"
+    if not samples.dtype.is_floating_point or samples.shape != noise.shape:
+        return {}, f"sample is {samples.dtype} {tuple(samples.shape)}, expected a float tensor of {tuple(noise.shape)}"
+    for name in ("noise", "sample"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            return {}, f"{name} holds NaN or inf"
+    return tensors, ""
+
+
+def load_pairs(root: str | Path, config: PairConfig, sample_shape: tuple[int, ...] | None = None) -> Pairs:
+    """All pairs of a finished generate_pairs run, in index order; every shard is checked by read_shard
+    (sample_shape: the teacher's (C, H, W), else that of shard 0)."""
     root = Path(root)
     n_shards = math.ceil(config.n_pairs / config.shard_size)
     missing = [s for s in range(n_shards) if not shard_path(root, s).is_file()]
     if missing:
         raise FlowpressError(f"{root}: {len(missing)} of {n_shards} pair shards missing; re-run to generate them")
-    shards = [load_file(str(shard_path(root, s))) for s in range(n_shards)]
-    pairs = Pairs(*(torch.cat([s[k] for s in shards]) for k in ("noise", "sample", "labels", "index")))
+    shards = []
+    for s in range(n_shards):
+        tensors, problem = read_shard(shard_path(root, s), config, s, sample_shape)
+        if problem:
+            raise FlowpressError(f"{shard_path(root, s)}: bad pair shard ({problem}); re-run to regenerate it")
+        sample_shape = tuple(tensors["noise"].shape[1:])
+        shards.append(tensors)
+    pairs = Pairs(*(torch.cat([s[k] for s in shards]) for k in PAIR_KEYS))
     if not torch.equal(pairs.index, torch.arange(config.n_pairs)):
         raise FlowpressError(f"{root}: pair indices are not 0..{config.n_pairs - 1}; delete the directory")
     return pairs
@@ -336,27 +396,96 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
 
 
+STATE_FORMAT = "flowpress-train-state/1"
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A training state as written by _save_state: tensors named model/<key>, ema/<key> and
+    opt/<param>/<key>; meta: the JSON rest (format, step, losses, param_groups, opt_state, sha256)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+    def part(self, prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+def _state_digest(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+    """sha256 over the name, dtype, shape and bytes of every tensor (in name order) and the JSON rest."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _save_state(state: TrainState, path: Path) -> None:
+    """Write `state` to `path` without pickle: one safetensors file of every tensor (model, EMA, optimizer
+    moments) whose metadata holds the rest as JSON, with the sha256 of both; temporary file, then rename."""
+    from safetensors.torch import save_file
+
+    opt = state.opt.state_dict()
+    tensors = {f"model/{k}": v for k, v in state.model.state_dict().items()}
+    tensors.update({f"ema/{k}": v for k, v in state.ema.state_dict().items()})
+    opt_state: dict[str, dict[str, Any]] = {}
+    for param, entry in opt["state"].items():
+        opt_state[str(param)] = {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
+        tensors.update({f"opt/{param}/{k}": v for k, v in entry.items() if isinstance(v, Tensor)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {
+        "format": STATE_FORMAT,
+        "step": state.step,
+        "losses": state.losses,
+        "param_groups": opt["param_groups"],
+        "opt_state": opt_state,
+    }
+    meta = json.loads(json.dumps(meta))  # what reading it back gives (tuples become lists), for the digest
+    meta["sha256"] = _state_digest(tensors, meta)
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": state.model.state_dict(),
-            "ema": state.ema.state_dict(),
-            "opt": state.opt.state_dict(),
-            "step": state.step,
-            "losses": state.losses,
-        },
-        tmp,
-    )
+    save_file(tensors, str(tmp), metadata={"flowpress": json.dumps(meta)})
     os.replace(tmp, path)
 
 
+def read_state(path: Path) -> SavedState:
+    """A _save_state file, read without pickle and checked against its sha256; an unreadable,
+    truncated or altered file is a FlowpressError."""
+    from safetensors import safe_open
+
+    def bad(reason: str) -> FlowpressError:
+        return FlowpressError(f"{path}: not a whole training state ({reason}); delete it to start that stage afresh")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["flowpress"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError (header, size), KeyError / ValueError (metadata), OSError
+        raise bad(_why(e)) from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != STATE_FORMAT:
+        raise bad(f"format {found!r}, expected {STATE_FORMAT!r}")
+    sha = meta.pop("sha256", None)
+    if sha != _state_digest(tensors, meta):
+        raise bad("sha256 mismatch")
+    return SavedState(tensors, meta)
+
+
 def _load_state(state: TrainState, path: Path) -> None:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    state.model.load_state_dict(saved["model"])
-    state.ema.load_state_dict(saved["ema"])
-    state.opt.load_state_dict(saved["opt"])
-    state.step, state.losses = int(saved["step"]), list(saved["losses"])
+    """Restore `state` from read_state(path); a state of another model or optimizer is a FlowpressError."""
+    saved = read_state(path)
+    try:
+        opt_state = {
+            int(param): {**rest, **saved.part(f"opt/{param}/")} for param, rest in saved.meta["opt_state"].items()
+        }
+        state.model.load_state_dict(saved.part("model/"))
+        state.ema.load_state_dict(saved.part("ema/"))
+        state.opt.load_state_dict({"state": opt_state, "param_groups": saved.meta["param_groups"]})
+        state.step, state.losses = int(saved.meta["step"]), [float(x) for x in saved.meta["losses"]]
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # another model's or optimizer's state
+        raise FlowpressError(
+            f"{path}: training state does not fit this model ({_why(e)}); delete it to start that stage afresh"
+        ) from None
 
 
 def _batch_generator(seed: int, step: int, rank: int) -> torch.Generator:

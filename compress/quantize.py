@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -363,6 +363,29 @@ def _apply_per_step_amax(
         module.input_quantizer.amax = torch.tensor(reduce(stats[f"{name}.input"]))
         if layer.output_amax is not None:
             module.output_quantizer.amax = torch.tensor(reduce(stats[f"{name}.output"]))
+
+
+PORTABLE_WEIGHT_BITS = 7  # |w| <= 63: u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
+
+
+def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
+    """Quantize the int8 layers' weights to `bits` bits (8, or PORTABLE_WEIGHT_BITS) in the torch
+    model and in what the exporter writes: the same per-channel amax, scale amax / (2^(bits-1) - 1),
+    so a 7-bit weight is calibrated as such, not an 8-bit one clipped."""
+    if qmodel.config.precision != "int8":
+        return
+    if bits not in (8, PORTABLE_WEIGHT_BITS):
+        raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")
+    for name, module in qmodel.module.named_modules():
+        weight_quantizer: Any = getattr(module, "weight_quantizer", None)
+        if weight_quantizer is not None and name in qmodel.layers:
+            weight_quantizer.num_bits = bits
+    qmodel.layers = {name: replace(layer, weight_bits=bits) for name, layer in qmodel.layers.items()}
+
+
+def weight_bits_of(qmodel: QuantizedModel) -> int:
+    """The weight bits of the int8 layers (8 or PORTABLE_WEIGHT_BITS)."""
+    return min((layer.weight_bits for layer in qmodel.layers.values()), default=8)
 
 
 def set_output_quant(qmodel: QuantizedModel, enabled: bool) -> None:

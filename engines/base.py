@@ -23,15 +23,23 @@ class Engine(Protocol):
     def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor: ...
 
 
+def host_array(tensor: Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array in host memory (a copy when it lives on a GPU)."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.detach().to("cpu")
+    return tensor.numpy()
+
+
 def check_steps(engine: Engine, step: Tensor) -> None:
-    last = engine.schedule.n_steps
+    last = len(engine.schedule.evaluated_steps) - 1
     # numpy, not torch: a torch reduction on a (B,) tensor measured ~0.8 ms here (its thread pool
     # waking up after the runtime's), which dominated a batch-1 sampler step
-    steps = step.numpy()
-    if int(steps.min()) < 0 or int(steps.max()) > last:
+    steps = host_array(step)
+    bad = int(steps.min()) if int(steps.min()) < 0 else int(steps.max())
+    if bad < 0 or bad > last:
         raise FlowpressError(
-            f"engine {engine.name}: step {int(steps.max())} is outside its schedule (0..{last}, "
-            f"{engine.schedule.n_steps} steps); rebuild the engine for this step count (`make engines`)"
+            f"engine {engine.name}: step {bad} is outside its schedule (0..{last}, "
+            f"{engine.schedule.n_steps} {engine.schedule.method} steps); rebuild the engine for this step count (`make engines`)"
         )
 
 
@@ -40,11 +48,11 @@ def graph_feeds(
 ) -> dict[str, np.ndarray]:
     """Checked numpy inputs of an exported engine graph (x, step[, class_labels])."""
     check_steps(engine, step)
-    feeds: dict[str, np.ndarray] = {"x": x.numpy(), "step": step.numpy()}
+    feeds: dict[str, np.ndarray] = {"x": host_array(x), "step": host_array(step)}
     if "class_labels" in input_names:
         if cond is None:
             raise FlowpressError(f"engine {path}: this engine needs class labels")
-        feeds["class_labels"] = cond.numpy()
+        feeds["class_labels"] = host_array(cond)
     return feeds
 
 
@@ -70,14 +78,26 @@ class OrtEngine:
     """
 
     def __init__(
-        self, path: str | Path, schedule: Schedule, name: str = "onnxruntime", threads: int = 0, io_binding: bool = True
+        self,
+        path: str | Path,
+        schedule: Schedule,
+        name: str = "onnxruntime",
+        threads: int = 0,
+        io_binding: bool = True,
+        optimization: str = "all",
     ):
         self.name = name
         self.schedule = schedule
         self.path = Path(path)
         if not self.path.is_file():
             raise FlowpressError(f"{self.path}: engine file missing; build it with `make engines`")
-        self.session = ort_session(self.path, "all", threads)
+        try:
+            self.session = ort_session(self.path, optimization, threads)
+        except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise FlowpressError(
+                f"{self.path}: onnxruntime cannot load this engine ({reason}); rebuild it with `make quantize`"
+            ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.io_binding = io_binding

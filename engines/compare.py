@@ -22,6 +22,9 @@ class GateConfig:
     min_final_psnr_db: float | None = 30.0
     max_classifier_acc_drop: float | None = 0.02  # absolute, in accuracy (0.02 = 2 points)
     max_fd_ratio: float | None = None  # engine FD / reference FD
+    # the FP reference itself must be sane: a setting that breaks the model (a negative guidance,
+    # a wrong time convention) would otherwise pass by being consistently wrong
+    min_reference_classifier_acc: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ def evaluate_gate(gate: GateConfig, final: dict[str, float], quality_: dict[str,
         checks.append(
             ("classifier_acc_drop", drop, "<=", gate.max_classifier_acc_drop, drop <= gate.max_classifier_acc_drop)
         )
+    if gate.min_reference_classifier_acc is not None:
+        floor = gate.min_reference_classifier_acc
+        acc = ref["classifier_acc"]
+        checks.append(("reference_classifier_acc", acc, ">=", floor, acc >= floor))
     if gate.max_fd_ratio is not None:
         ratio = eng["fd"] / max(ref["fd"], 1e-12)
         checks.append(("fd_ratio", ratio, "<=", gate.max_fd_ratio, ratio <= gate.max_fd_ratio))
@@ -119,6 +126,17 @@ def evaluate_gate(gate: GateConfig, final: dict[str, float], quality_: dict[str,
             {"name": n, "value": v, "op": op, "threshold": th, "passed": bool(ok)} for n, v, op, th, ok in checks
         ],
     }
+
+
+def check_finite(samples: Tensor, engine: Engine, seeds: Tensor) -> None:
+    """One line when an engine's samples hold NaN / Inf (a corrupt engine, or one that overflows)."""
+    bad = ~torch.isfinite(samples.flatten(1)).all(dim=1)
+    if bool(bad.any()):
+        seed = int(seeds[int(bad.nonzero()[0])])
+        raise FlowpressError(
+            f"compare: engine {engine.name} produced NaN / Inf for seed {seed} ({int(bad.sum())} of {len(seeds)} "
+            "samples in the batch); the engine file is corrupt or overflows: rebuild it with `make quantize`"
+        )
 
 
 def compare(
@@ -152,6 +170,8 @@ def compare(
         cond = None if labels is None else labels[start : start + len(chunk)]
         traj_fp = sample(ref_v, noise, cond, schedule, config.guidance, config.null_label)
         traj_engine = sample(eng_v, noise, cond, schedule, config.guidance, config.null_label)
+        check_finite(traj_fp.final, reference, chunk)
+        check_finite(traj_engine.final, engine, chunk)
         for k in range(n_grid):
             rel_sum[k] += rel_l2(traj_fp.xs[k], traj_engine.xs[k]).sum()
             cos_sum[k] += torch.nn.functional.cosine_similarity(
@@ -199,6 +219,7 @@ def judge(
         cond = None if comparison.labels is None else comparison.labels[start : start + len(chunk)]
         noise = noise_for_seeds(chunk.tolist(), sample_shape)
         finals.append(sample(velocity, noise, cond, engine.schedule, config.guidance, config.null_label).final)
+        check_finite(finals[-1], engine, chunk)
     eng = torch.cat(finals)
     final = {"psnr_db": psnr_db(comparison.fp, eng), "rel_l2": float(rel_l2(comparison.fp, eng).mean())}
     if comparison.labels is None:

@@ -42,7 +42,13 @@ class OpenVinoEngine:
         self.threads = threads
         self.perf_counters = perf_counters
         self.core = ov.Core()
-        self.model = self.core.read_model(str(self.path))
+        try:
+            self.model = self.core.read_model(str(self.path))
+        except Exception as err:  # OpenVINO raises RuntimeError for unreadable or inconsistent IR
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise FlowpressError(
+                f"{self.path}: OpenVINO cannot read this IR ({reason}); rebuild it with `make quantize`"
+            ) from None
         self.input_names = [port.get_any_name() for port in self.model.inputs]
         self.compiled: dict[int, Any] = {}
 

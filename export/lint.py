@@ -31,12 +31,13 @@ SUPPORTED_OPS = frozenset(
         "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "DequantizeLinear", "Div",
         "Gather", "Gemm", "InstanceNormalization", "MatMul", "Mul", "QuantizeLinear", "Reshape", "Resize",
         "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Sqrt", "Transpose", "Unsqueeze",
+        "And", "GreaterOrEqual", "Less", "Where",  # the step bounds check (export/onnx.py StepModel)
         # common in diffusion UNets / DiTs and supported by TensorRT 10
         "Abs", "AveragePool", "BatchNormalization", "Ceil", "Clip", "ConvTranspose", "Einsum", "Equal", "Erf",
         "Exp", "Expand", "Flatten", "Floor", "Gelu", "GlobalAveragePool", "Greater", "GroupNormalization",
-        "Identity", "LayerNormalization", "LeakyRelu", "Less", "Log", "Max", "MaxPool", "Min", "Neg", "Not",
+        "Identity", "LayerNormalization", "LeakyRelu", "Log", "Max", "MaxPool", "Min", "Neg", "Not",
         "Pad", "Pow", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Softplus",
-        "Split", "Squeeze", "Sub", "Tanh", "Tile", "Where",
+        "Split", "Squeeze", "Sub", "Tanh", "Tile",
     }
 )  # fmt: skip
 

@@ -22,7 +22,10 @@ WRAPPED = "model"  # attribute name of the wrapped VelocityModel inside StepMode
 
 
 class StepModel(nn.Module):
-    """Engine-facing model: v = model(x, times[step], class_labels); the schedule is baked in."""
+    """Engine-facing model: v = model(x, times[step], class_labels); the schedule is baked in.
+
+    A step outside the schedule's evaluated steps gives NaN for that sample (a negative index
+    would otherwise wrap around the tables), so the graph refuses it even when fed directly."""
 
     times: Tensor
 
@@ -30,12 +33,17 @@ class StepModel(nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("times", schedule.times)
+        self.n_evaluated = len(schedule.evaluated_steps)
 
     def forward(self, x: Tensor, step: Tensor, class_labels: Tensor | None = None) -> Tensor:
         forward_step = getattr(self.model, "forward_step", None)
         if forward_step is not None:  # temporal-cache models gather their features by step
-            return forward_step(x, step, class_labels)
-        return self.model(x, self.times[step], class_labels)
+            v = forward_step(x, step, class_labels)
+        else:
+            v = self.model(x, self.times[step], class_labels)
+        valid = ((step >= 0) & (step < self.n_evaluated)).reshape(-1, *([1] * (v.dim() - 1)))
+        # v + 0 is v exactly; NaN where the step is off the schedule (shapes stay static in the graph)
+        return v + torch.where(valid, 0.0, float("nan"))
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ def export_onnx(
             dynamo=False,
         )
     proto = onnx.load(str(tmp))
+    for dim, size in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
+        dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
+        dim.dim_value = size
     if quant is not None:
         if config.opset < 21 and any(layer.weight_bits == 4 for layer in quant.layers.values()):
             raise FlowpressError(
@@ -155,7 +166,8 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
             if attrs.get("transB", 0):
                 weight = weight.T
         axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
-        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / qmax
+        w_qmax = qmax if fp8 else float(2 ** (layer.weight_bits - 1) - 1)
+        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / w_qmax
         bshape = [1] * weight.ndim
         bshape[axis] = -1
         prefix = name

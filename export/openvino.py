@@ -58,11 +58,23 @@ def cpu_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def overflow_fix(portable: bool) -> str:
+    """NNCF's overflow fix for an int8 IR: 'enable' (every Conv / MatMul weight in half the int8
+    range, exact where the int8 kernels saturate: engines/isa.py) when portable, else NNCF's
+    default 'first_layer_only'."""
+    return "enable" if portable else "first_layer_only"
+
+
 def export_openvino(
-    onnx_path: str | Path, out_xml: str | Path, config: OpenVinoConfig, calib: CalibrationSet | None = None
+    onnx_path: str | Path,
+    out_xml: str | Path,
+    config: OpenVinoConfig,
+    calib: CalibrationSet | None = None,
+    portable: bool = False,
 ) -> Path:
     """Read the FP ONNX graph (x, step[, class_labels]) -> v, quantize it with NNCF when
-    config.precision is int8, and save IR (xml + bin) into a fresh directory atomically."""
+    config.precision is int8 (weights in half range when `portable`), and save IR (xml + bin)
+    into a fresh directory atomically."""
     import openvino as ov
 
     out_xml = Path(out_xml)
@@ -84,11 +96,22 @@ def export_openvino(
             nncf.Dataset(items),
             subset_size=len(items),  # NNCF counts dataset items (batches here)
             model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                overflow_fix=nncf.OverflowFix(overflow_fix(portable))
+            ),
         )
     tmp = out_xml.parent.with_name(out_xml.parent.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ov.save_model(model, str(tmp / out_xml.name), compress_to_fp16=False)
+    try:
+        ov.save_model(model, str(tmp / out_xml.name), compress_to_fp16=False)
+    except RuntimeError as err:  # OpenVINO reports a failed write (full disk, no permission) this way
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "write failed"
+        raise FlowpressError(
+            f"{tmp / out_xml.name}: OpenVINO could not write the IR ({reason}); free space or make the runs "
+            "directory writable"
+        ) from None
     shutil.rmtree(out_xml.parent, ignore_errors=True)
     tmp.rename(out_xml.parent)
     return out_xml

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sampling import FlowpressError
+from sampling import EngineParityError, FlowpressError
 
 OPT_LEVELS = ("disabled", "all")
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul")
@@ -432,6 +432,7 @@ def check_parity(
     fp_reference: nn.Module | None = None,
     max_noise_ratio: float = 2.0,
     min_cosine: float = 0.99999,
+    levels: tuple[str, ...] = OPT_LEVELS,
 ) -> list[Parity]:
     """Run the graph with onnxruntime optimizations off and on and compare every forward.
 
@@ -439,12 +440,15 @@ def check_parity(
     model as `reference` and the FP model as `fp_reference`: rounding flips amplify through
     chained 8-bit quantizers, so the graph need not match fake-quant bit for bit, only stay
     within `max_noise_ratio` times the quantization noise itself.  FP graphs need `min_cosine`.
+    Optimizations off run Q/DQ graphs on float kernels (the quantized math, exactly); on, on the
+    host's integer kernels.  Raises EngineParityError (with .results so far) at the first level
+    that disagrees.
     """
     with torch.no_grad():
         expected = reference(*feeds.values())
         fp = None if fp_reference is None else fp_reference(*feeds.values())
     results = []
-    for level in OPT_LEVELS:
+    for level in levels:
         session = ort_session(path, level)
         got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
         cos = float(cosine_per_sample(got, expected).min())
@@ -460,8 +464,9 @@ def check_parity(
                 if ratio is not None
                 else f"min cosine {cos:.6f} < {min_cosine}"
             )
-            raise FlowpressError(
-                f"{path}: onnxruntime (optimizations {level}) disagrees with the torch model ({measure}); the export is broken"
+            raise EngineParityError(
+                f"{path}: onnxruntime (optimizations {level}) disagrees with the torch model ({measure})",
+                tuple(results),
             )
     return results
 

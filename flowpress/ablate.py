@@ -25,7 +25,7 @@ from engines import Engine, EngineVelocity, OrtEngine, TorchEngine, median_step_
 from export import ExportConfig, export_onnx, ort_session
 from flowpress.pipeline import ensure_classifier, ensure_model
 from flowpress.recipe import Recipe, from_dict, load_recipe, load_yaml
-from flowpress.rundir import staged_run
+from flowpress.rundir import run_lock, staged_run
 from models import DiffusersVelocity, load_digits
 from models.classifier import DigitClassifier
 from sampling import FlowpressError, Schedule, noise_for_seeds, sample
@@ -275,7 +275,7 @@ def run_ablation(config: AblationConfig, runs_root: str | Path = "runs", progres
     for path in config.recipes:
         rows += run_model(load_recipe(path), config, progress)
     final = Path(runs_root) / config.name
-    with staged_run(final) as out:
+    with run_lock(final), staged_run(final) as out:
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
         plot_error(rows, out / "error_vs_step.png")
         (out / "ablation.md").write_text(ablation_markdown(rows, config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sampling import FlowpressError
+from sampling import EngineParityError, FlowpressError
 
 DEFAULT_RECIPE = "recipes/digits-unet-int8.yaml"
 DEFAULT_TEACHER = "recipes/digits-teacher.yaml"
@@ -120,8 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             for line in gpu.bench_lines(bench):
                 print(f"[flowpress] {line}")
             return 0
+    except EngineParityError as err:
+        print(f"flowpress: engine not faithful on this host: {err}", file=sys.stderr)
+        return err.exit_code
     except FlowpressError as err:
         print(f"flowpress: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or an unwritable runs directory, wherever the write was
+        from flowpress.rundir import write_error
+
+        mapped = write_error(err, getattr(args, "runs", "the output directory"))
+        if mapped is None:
+            raise
+        print(f"flowpress: error: {mapped}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowpress: interrupted; the run directory was not replaced", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 teacher -> reflow pairs -> annealing reflow -> flow-guided one-step distillation (the student),
 and the baseline on the same pairs and budget: 2-rectified flow -> plain one-step distillation.
-Intermediate pairs and checkpoints live in runs/<name>-work/ under names hashed from everything
-that shaped them, so an interrupted run resumes and a changed recipe starts afresh.
+Intermediate pairs and checkpoints (safetensors, no pickle) live in runs/<name>-work/ under names
+hashed from everything that shaped them, so an interrupted run resumes and a changed recipe starts afresh.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from compress.distill import (
 )
 from engines.compare import quality
 from flowpress.recipe import DistillRecipe, to_dict
-from flowpress.rundir import staged_run, tree_hashes
+from flowpress.rundir import run_lock, staged_run, tree_hashes
 from models import DiffusersVelocity, load_digits, load_model, save_model
 from models.classifier import load_classifier
 from sampling import Schedule, noise_for_seeds, sample
@@ -201,12 +201,13 @@ def run_distill(
     pairs_key = config_hash(recipe.pairs, teacher_hash)
     names = {
         "pairs": work / f"pairs-{pairs_key}",
-        "reflow": work / f"reflow-{config_hash(pairs_key, recipe.student, recipe.reflow)}.pt",
-        "baseline_reflow": work / f"baseline-reflow-{config_hash(pairs_key, recipe.student, baseline_reflow)}.pt",
+        "reflow": work / f"reflow-{config_hash(pairs_key, recipe.student, recipe.reflow)}.state.safetensors",
+        "baseline_reflow": work
+        / f"baseline-reflow-{config_hash(pairs_key, recipe.student, baseline_reflow)}.state.safetensors",
         "distill": work
-        / f"distill-{config_hash(pairs_key, recipe.student, recipe.reflow, recipe.distill, dist.world)}.pt",
+        / f"distill-{config_hash(pairs_key, recipe.student, recipe.reflow, recipe.distill, dist.world)}.state.safetensors",
         "baseline_distill": work
-        / f"baseline-distill-{config_hash(pairs_key, recipe.student, baseline_reflow, baseline_distill, dist.world)}.pt",
+        / f"baseline-distill-{config_hash(pairs_key, recipe.student, baseline_reflow, baseline_distill, dist.world)}.state.safetensors",
     }
 
     def stage(name: str, began: float) -> None:
@@ -214,7 +215,7 @@ def run_distill(
 
     began = time.perf_counter()
     generate_pairs(teacher.to(dev), recipe.pairs, names["pairs"], progress)
-    pairs = load_pairs(names["pairs"], recipe.pairs)
+    pairs = load_pairs(names["pairs"], recipe.pairs, teacher.sample_shape)
     stage("pairs", began)
     teacher = teacher.cpu()
     teacher_params = count_params(teacher)
@@ -296,7 +297,7 @@ def run_distill(
         "recipe_full": to_dict(recipe),
         "loss_last_50": {k: float(np.mean(st.losses[-50:])) if st.losses else None for k, st in states.items()},
     }
-    with staged_run(Path(runs_root) / recipe.name) as run:
+    with run_lock(Path(runs_root) / recipe.name, "distill"), staged_run(Path(runs_root) / recipe.name) as run:
         (run / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot_grid({k: results[k] for k in ENTRIES}, run / "distill.png")
         (run / "distill.md").write_text(distill_markdown(report))

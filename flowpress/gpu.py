@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,11 @@ import torch
 from torch import Tensor
 
 from engines import TorchEngine, compare, median_step_ms, report_dict, write_report
-from export import StepModel, build_ort_engine
+from export import StepModel
 from export.lint import BatchProfile, check_tensorrt
 from export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, sha256_file, tensorrt_unavailable
 from flowpress.recipe import Recipe
-from flowpress.rundir import tree_hashes
+from flowpress.rundir import read_manifest, record_outputs, run_lock, verify_run, write_json
 from models import load_digits
 from sampling import FlowpressError, Schedule
 
@@ -64,11 +62,12 @@ class BenchResult:
 # ---------------------------------------------------------------- the run directory
 
 
-def _finished_run(recipe: Recipe, runs_root: str | Path) -> Path:
+def _finished_run(recipe: Recipe, runs_root: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The run directory and its manifest, every recorded file checked against its sha256."""
     run_dir = Path(runs_root) / recipe.name
-    if not (run_dir / "manifest.json").is_file():
-        raise FlowpressError(f"{run_dir}: no finished run; run `make quantize RECIPE=...` first")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    fix = f"rerun `make quantize RECIPE=...` for {recipe.name}"
+    manifest = read_manifest(run_dir, fix)
+    verify_run(run_dir, manifest, fix=fix)
     schedule = recipe.sampling.schedule()
     built = manifest.get("schedule", {})
     if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
@@ -76,7 +75,7 @@ def _finished_run(recipe: Recipe, runs_root: str | Path) -> Path:
             f"{run_dir}: the run was quantized for the {built.get('n_steps')}-step {built.get('method')} schedule, "
             f"the recipe asks for {schedule.n_steps}-step {schedule.method}; rerun `make quantize`"
         )
-    return run_dir
+    return run_dir, manifest
 
 
 def tensorrt_onnx(recipe: Recipe, run_dir: Path) -> Path:
@@ -91,69 +90,23 @@ def batch_profile(recipe: Recipe) -> BatchProfile:
     return BatchProfile(min=1, opt=per_forward, max=max(per_forward, 8))
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _refresh_output_hashes(run_dir: Path) -> None:
-    """Keep manifest.json's output sha256 table true after a stage added or changed files."""
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    outputs = {k: v for k, v in tree_hashes(run_dir).items() if k != "manifest.json"}
-    if manifest.get("outputs") != outputs:
-        manifest["outputs"] = outputs
-        _write_json_atomic(run_dir / "manifest.json", manifest)
-
-
-def ensure_ort_engine(recipe: Recipe, run_dir: Path) -> Path:
-    """engine/model.opt.onnx (onnxruntime CPU, optimized model.onnx); built atomically when missing."""
-    engine_dir = run_dir / "engine"
-    path = engine_dir / "model.opt.onnx"
-    if path.is_file():
-        return path
-    source = run_dir / "model.onnx"
-    if not source.is_file():
-        raise FlowpressError(f"{source}: missing; rerun `make quantize`")
-    engine_dir.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=engine_dir, prefix=".ort-") as tmp:
-        ort_facts = build_ort_engine(source, Path(tmp) / path.name)
-        os.replace(Path(tmp) / path.name, path)
-    engine_json = engine_dir / "engine.json"
-    if not engine_json.is_file():
-        _write_json_atomic(
-            engine_json,
-            {
-                "runtime": "onnxruntime",
-                "provider": "CPUExecutionProvider",
-                "precision": recipe.quantize.precision,
-                "flavour": recipe.export.flavour,
-                "source": "model.onnx",
-                "file": "engine/model.opt.onnx",
-                **ort_facts,
-                "schedule": recipe.sampling.schedule().as_dict(),
-                "onnxruntime": metadata.version("onnxruntime"),
-            },
-        )
-    return path
-
-
 # ---------------------------------------------------------------- engines
 
 
 def run_engines(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> EnginesResult:
-    """Lint the tensorrt-flavour graph, keep the CPU engine, and on a GPU host build + validate the plan."""
-    run_dir = _finished_run(recipe, runs_root)
-    linted = tensorrt_onnx(recipe, run_dir)
-    profile = batch_profile(recipe)
-    check_tensorrt(linted, profile, where=str(linted))
-    ort_engine = ensure_ort_engine(recipe, run_dir)
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        _refresh_output_hashes(run_dir)
-        return EnginesResult(run_dir, linted, ort_engine, skipped=reason)
-    plan, report = _build_and_validate(recipe, run_dir, linted, profile, progress)
-    _refresh_output_hashes(run_dir)
+    """Lint the tensorrt-flavour graph of a checked run and, on a GPU host, build + validate the plan."""
+    with run_lock(Path(runs_root) / recipe.name, "engines"):
+        run_dir, manifest = _finished_run(recipe, runs_root)
+        linted = tensorrt_onnx(recipe, run_dir)
+        profile = batch_profile(recipe)
+        check_tensorrt(linted, profile, where=str(linted))
+        ort_engine = run_dir / "engine" / "model.opt.onnx"
+        reason = tensorrt_unavailable()
+        if reason is not None:
+            return EnginesResult(run_dir, linted, ort_engine, skipped=reason)
+        plan, report = _build_and_validate(recipe, run_dir, linted, profile, progress)
+        written = [str(p.relative_to(run_dir)) for p in (run_dir / "engine").rglob("*") if p.is_file()]
+        write_json(run_dir / "manifest.json", record_outputs(run_dir, manifest, written))
     return EnginesResult(run_dir, linted, ort_engine, plan=plan, report=report)
 
 
@@ -269,17 +222,18 @@ def _row(ms: float, batch: int, schedule: Schedule, guidance: float) -> dict[str
 
 def run_bench_gpu(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> BenchResult:
     """Latency of torch fp16 and TensorRT fp16 / int8 / fp8 at the engine's profile, into report.json."""
-    run_dir = _finished_run(recipe, runs_root)
-    if not (run_dir / "report.json").is_file():
-        raise FlowpressError(f"{run_dir}: report.json missing; rerun `make quantize`")
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        return BenchResult(run_dir, skipped=reason)
-    bench = _bench(recipe, run_dir, progress)
-    report = json.loads((run_dir / "report.json").read_text())
-    report["gpu_bench"] = bench
-    _write_json_atomic(run_dir / "report.json", report)
-    _refresh_output_hashes(run_dir)
+    with run_lock(Path(runs_root) / recipe.name, "bench-gpu"):
+        run_dir, manifest = _finished_run(recipe, runs_root)
+        if "report.json" not in manifest["outputs"]:
+            raise FlowpressError(f"{run_dir}: report.json missing; rerun `make quantize`")
+        reason = tensorrt_unavailable()
+        if reason is not None:
+            return BenchResult(run_dir, skipped=reason)
+        bench = _bench(recipe, run_dir, progress)
+        report = json.loads((run_dir / "report.json").read_text())
+        report["gpu_bench"] = bench
+        write_json(run_dir / "report.json", report)
+        write_json(run_dir / "manifest.json", record_outputs(run_dir, manifest, ["report.json", "engine/timing.cache"]))
     return BenchResult(run_dir, gpu_bench=bench)
 
 

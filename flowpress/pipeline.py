@@ -6,6 +6,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -16,9 +17,19 @@ import numpy as np
 import torch
 
 from calibration import CalibrationSet, capture
-from compress import QuantizedModel, SensitivityConfig, layer_sensitivity, quantize, set_output_quant
+from compress import (
+    PORTABLE_WEIGHT_BITS,
+    QuantizedModel,
+    SensitivityConfig,
+    layer_sensitivity,
+    quantize,
+    set_output_quant,
+    set_weight_bits,
+    weight_bits_of,
+)
 from engines import (
     CompareConfig,
+    Comparison,
     Engine,
     EngineVelocity,
     OrtEngine,
@@ -30,7 +41,9 @@ from engines import (
     report_dict,
     write_report,
 )
+from engines.isa import HostIsa, host_isa
 from engines.openvino import OpenVinoEngine
+from engines.portability import check_engine_host, host_figures, host_record, resolve_portable
 from export import (
     ExportConfig,
     StepModel,
@@ -40,14 +53,23 @@ from export import (
     float_weight_ops,
     qdq_types,
 )
-from export.openvino import export_openvino
+from export.openvino import export_openvino, overflow_fix
 from flowpress.mixed import EngineCheck, SearchResult, gated_search
 from flowpress.recipe import Recipe, TeacherRecipe, load_teacher_recipe, to_dict
-from flowpress.rundir import staged_run, tree_hashes
+from flowpress.rundir import (
+    read_manifest,
+    record_outputs,
+    run_lock,
+    staged_run,
+    tree_hashes,
+    verify_inputs,
+    verify_run,
+    write_json,
+)
 from models import DiffusersVelocity, load_digits, load_model
 from models.classifier import ClassifierConfig, DigitClassifier, classifier_accuracy, load_classifier, train_classifier
 from models.teacher import train_teacher
-from sampling import FlowpressError, Schedule, noise_for_seeds, sample
+from sampling import EngineParityError, FlowpressError, Schedule, noise_for_seeds, sample
 
 # the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
 # forwards per runtime (engines/compare.py interleaved_step_times says why rounds must be long)
@@ -174,42 +196,125 @@ def _parity_feeds(calib: CalibrationSet, n: int = 32) -> dict[str, torch.Tensor]
 
 
 def export_checked(
-    qmodel: QuantizedModel, schedule: Schedule, flavour: str, path: Path, calib: CalibrationSet, opset: int = 19
+    qmodel: QuantizedModel,
+    schedule: Schedule,
+    flavour: str,
+    path: Path,
+    calib: CalibrationSet,
+    opset: int = 19,
+    levels: tuple[str, ...] = ("disabled", "all"),
 ) -> dict[str, Any]:
-    """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
+    """Export one Q/DQ flavour and check it against the torch fake-quant model it came from
+    (onnxruntime optimizations `levels`: 'disabled' runs float kernels, 'all' the host's
+    integer kernels)."""
     export_onnx(qmodel.fp_module, schedule, path, ExportConfig(flavour=flavour, opset=opset), qmodel)  # type: ignore[arg-type]
     set_output_quant(qmodel, flavour == "ort-cpu")
     reference, fp = StepModel(qmodel.module, schedule).eval(), StepModel(qmodel.fp_module, schedule).eval()
-    parity = check_parity(path, reference, _parity_feeds(calib), fp, PARITY_MAX_NOISE_RATIO)
-    set_output_quant(qmodel, True)
+    try:
+        parity = check_parity(path, reference, _parity_feeds(calib), fp, PARITY_MAX_NOISE_RATIO, levels=levels)
+    finally:
+        set_output_quant(qmodel, True)
     return {
         "flavour": flavour,
         "qdq_types": qdq_types(path),
+        "weight_bits": weight_bits_of(qmodel) if qmodel.config.precision == "int8" else None,
+        "parity_levels": list(levels),
         "parity": [dataclasses.asdict(p) for p in parity],
         "float_weight_ops": float_weight_ops(path),
     }
 
 
+def _parity_failure(
+    err: EngineParityError, qmodel: QuantizedModel, schedule: Schedule, calib: CalibrationSet, host: HostIsa, name: str
+) -> EngineParityError:
+    """The one-line reason an exported graph fails its parity check here, and what passes instead."""
+    measured = "; ".join(f"{p.optimization}: {p.noise_ratio:.3f}" for p in err.results if p.noise_ratio is not None)  # type: ignore[attr-defined]
+    bits = weight_bits_of(qmodel)
+    float_ok = err.results[-1].optimization != "disabled"  # type: ignore[attr-defined]
+    if not float_ok:
+        return EngineParityError(
+            f"{name}: the Q/DQ graph disagrees with the fake-quant model even on float kernels ({err}); "
+            "an export defect, not this host: report it with the recipe"
+        )
+    if qmodel.config.precision == "int8" and bits == 8 and host.int8_saturates:
+        with tempfile.TemporaryDirectory(prefix="flowpress-portable-") as tmp:
+            set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS)
+            try:
+                portable = export_checked(qmodel, schedule, "ort-cpu", Path(tmp) / "m.onnx", calib)
+                alternative = f"7-bit weights measured noise ratio {portable['parity'][-1]['noise_ratio']:.3f} here"
+            except EngineParityError:
+                alternative = "7-bit weights failed too"
+            finally:
+                set_weight_bits(qmodel, bits)
+        return EngineParityError(
+            f"{name}: onnxruntime's int8 kernels on this {host.isa_class} host (no VNNI) saturate 8-bit weights "
+            f"(noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {alternative}: set "
+            "engine.portable: true (or remove engine.portable: false), or use engine.runtime: openvino"
+        )
+    return EngineParityError(
+        f"{name}: onnxruntime's integer kernels on this {host.isa_class} host disagree with the graph's float "
+        f"kernels (noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); try engine.portable: true "
+        "or engine.runtime: openvino"
+    )
+
+
+def _parity_feeds_of(run: Path) -> dict[str, torch.Tensor]:
+    """The parity feeds of a finished run's stored calibration inputs."""
+    return _parity_feeds(CalibrationSet.load(run / "calibration" / "inputs.safetensors"))
+
+
 def _build_engine(
-    recipe: Recipe, model: DiffusersVelocity, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, timer: Timer
+    recipe: Recipe,
+    model: DiffusersVelocity,
+    qmodel: QuantizedModel,
+    calib: CalibrationSet,
+    run: Path,
+    timer: Timer,
+    host: HostIsa,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
-    (exports, engine manifest). Rebuilding into the same run overwrites the files."""
+    (exports, engine manifest). Rebuilding into the same run overwrites the files.
+
+    The CPU engines take the run's int8 weight bits (7 where portable); the tensorrt graph for
+    GPUs keeps 8 and is checked on float kernels only where this host's int8 kernels saturate.
+    The int8 form not shipped is exported as model.w<bits>.onnx for the report's comparison."""
     schedule = recipe.sampling.schedule()
+    portable = resolve_portable(recipe.engine.portable, host)
+    int8 = recipe.quantize.precision == "int8"
+    bits = weight_bits_of(qmodel)
     with timer.stage("export"):
         export_onnx(model, schedule, run / "fp32.onnx")
         fp_feeds = {k: v[:8] for k, v in _parity_feeds(calib).items()}
         check_parity(run / "fp32.onnx", StepModel(model, schedule).eval(), fp_feeds)
         flavour = recipe.export.flavour
         opset = recipe.export.opset
-        exports = [export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
+        try:
+            exports = [export_checked(qmodel, schedule, flavour, run / "model.onnx", calib, opset)]
+        except EngineParityError as err:
+            raise _parity_failure(err, qmodel, schedule, calib, host, f"{recipe.name}: model.onnx") from None
         if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
             other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-            exports.append(export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset))
+            levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
+            if other == "tensorrt":
+                set_weight_bits(qmodel, 8)
+            try:
+                exports.append(
+                    export_checked(qmodel, schedule, other, run / f"model.{other}.onnx", calib, opset, levels)
+                )
+            finally:
+                set_weight_bits(qmodel, bits)
+        if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
+            alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
+            set_weight_bits(qmodel, alternative)
+            try:
+                path = run / f"model.w{alternative}.onnx"
+                exports.append(export_checked(qmodel, schedule, flavour, path, calib, opset, ("disabled",)))
+            finally:
+                set_weight_bits(qmodel, bits)
     with timer.stage("engine"):
         (run / "engine").mkdir(exist_ok=True)
         ort_facts = build_ort_engine(run / "model.onnx", run / "engine" / "model.opt.onnx")
-        engine_manifest = {
+        engine_manifest: dict[str, Any] = {
             "runtime": "onnxruntime",
             "provider": "CPUExecutionProvider",
             "precision": recipe.quantize.precision,
@@ -219,6 +324,8 @@ def _build_engine(
             **ort_facts,
             "schedule": schedule.as_dict(),
             "onnxruntime": metadata.version("onnxruntime"),
+            "portable": portable,
+            "int8_weights": f"{bits}-bit" if int8 else None,
         }
         if recipe.quantize.precision == "w4a8":
             from compress.w4a8 import engine_note
@@ -232,7 +339,8 @@ def _build_engine(
             export_onnx(qmodel.fp_module, schedule, run / "engine" / "prepared_fp32.onnx")
             for precision in precisions:
                 ov_config = dataclasses.replace(ov_main, precision=precision)
-                export_openvino(run / "engine" / "prepared_fp32.onnx", _ov_xml(run, precision), ov_config, calib)
+                xml = _ov_xml(run, precision)
+                export_openvino(run / "engine" / "prepared_fp32.onnx", xml, ov_config, calib, portable)
                 engine_manifest[f"openvino-{precision}"] = {
                     "version": metadata.version("openvino"),
                     "precision": precision,
@@ -240,12 +348,20 @@ def _build_engine(
                     "nncf_preset": ("transformer" if ov_config.transformer else "default")
                     if precision == "int8"
                     else None,
+                    "overflow_fix": overflow_fix(portable) if precision == "int8" else None,
                     "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
                     if precision == "int8"
                     else "the FP graph with temporal tables",
                     "static_batch": "compiled per batch size at load",
                 }
             (run / "engine" / "prepared_fp32.onnx").unlink()
+        engine_manifest["validated_on"] = host_record(host)
+        engines = {name: engine for name, (engine, _) in _cpu_engines(recipe, run, schedule).items()}
+        fp = OrtEngine(run / "fp32.onnx", schedule, "ort-fp32", optimization="disabled")
+        engine_manifest["host_check"] = {
+            "feeds": "32 calibration inputs spread over the steps (calibration/inputs.safetensors)",
+            "figures": host_figures(engines, fp, _parity_feeds(calib)),
+        }
         (run / "engine" / "engine.json").write_text(json.dumps(engine_manifest, indent=2) + "\n")
     return exports, engine_manifest
 
@@ -299,7 +415,7 @@ def _mixed_precision(
 
     def confirm(search: SearchResult) -> bool:
         shutil.rmtree(run / ".search", ignore_errors=True)
-        found["exports"], found["engine"] = _build_engine(recipe, model, qmodel, calib, run, timer)
+        found["exports"], found["engine"] = _build_engine(recipe, model, qmodel, calib, run, timer, host_isa())
         found["report"] = _compare_stage(recipe, model, classifier, run, timer, progress, search)
         return bool(found["report"]["gate"]["passed"])
 
@@ -333,20 +449,23 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             f"{recipe.model.path}: flowpress compares class-conditional models for now (num_class_embeds is unset)"
         )
     guidance, null = recipe.sampling.guidance, model.null_label
-    with staged_run(final_dir) as run:
+    with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
         with timer.stage("calibrate"):
             calib = capture(model, model.sample_shape, model.num_classes, schedule, recipe.calibration, guidance, null)
             (run / "calibration").mkdir()
             calib.save(run / "calibration" / "inputs.safetensors")
         with timer.stage("quantize"):
             qmodel = quantize(model, recipe.quantize, calib)
+            host = host_isa()
+            portable = resolve_portable(recipe.engine.portable, host)
+            set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if portable else 8)
         search = None
         if recipe.quantize.mixed_precision.enabled:
             exports, engine_manifest, report, search = _mixed_precision(
                 recipe, model, classifier, qmodel, calib, run, timer, progress
             )
         else:
-            exports, engine_manifest = _build_engine(recipe, model, qmodel, calib, run, timer)
+            exports, engine_manifest = _build_engine(recipe, model, qmodel, calib, run, timer, host)
             report = _compare_stage(recipe, model, classifier, run, timer, progress)
         manifest = {
             "recipe": to_dict(recipe),
@@ -360,7 +479,8 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 "inputs": len(calib),
             },
             "precision": recipe.quantize.precision,
-            "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers")},
+            "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")},
+            "host": engine_manifest["validated_on"],
             "quantized_layers": sorted(qmodel.layers),
             "full_precision_fallback": search.fallback_layers if search is not None else [],
             "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
@@ -373,7 +493,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             "stage_seconds": timer.seconds,
         }
         manifest["outputs"] = tree_hashes(run)
-        (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(run / "manifest.json", manifest)
     return final_dir, report
 
 
@@ -404,6 +524,16 @@ def _compare_stage(
     candidates = _cpu_engines(recipe, run, schedule)
     main = f"openvino-{recipe.engine.openvino.precision}" if recipe.engine.runtime == "openvino" else _ort_name(recipe)
     engine, engine_files = candidates[main]
+    engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
+    with timer.stage("host_check"):
+        fp_graph = OrtEngine(run / "fp32.onnx", schedule, "ort-fp32", optimization="disabled")
+        revalidated = check_engine_host(
+            engine_manifest,
+            {name: e for name, (e, _) in candidates.items()},
+            fp_graph,
+            lambda: _parity_feeds_of(run),
+            f"{recipe.name}: engine/",
+        )
     real_features = _real_features(classifier)
     with timer.stage("compare"):
         comparison = compare(
@@ -444,6 +574,7 @@ def _compare_stage(
                     "gate_passed": judged["gate"]["passed"],
                 }
             )
+        forms = _weight_forms(engine_manifest, run, schedule, comparison, config, classifier, real_features, model)
     sizes = {
         "fp32_onnx": (run / "fp32.onnx").stat().st_size,
         "engine": sum(f.stat().st_size for f in engine_files),
@@ -458,6 +589,9 @@ def _compare_stage(
         f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of "
         f"{LATENCY_SETTLE} untimed + {LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads",
     }
+    extra["host"] = {"isa": host_record(), "validated_on": engine_manifest["validated_on"], "revalidated": revalidated}
+    if forms is not None:
+        extra["weight_forms"] = forms
     extra["cpu_engines"] = engines
     extra["recommendation"] = recommend(engines)
     report = report_dict(comparison, latency, sizes, extra)
@@ -467,6 +601,45 @@ def _compare_stage(
         report["mixed_precision"] = search.report()
     write_report(run, comparison, report, f"{recipe.name}: {engine.name} vs FP")
     return report
+
+
+def _weight_forms(
+    engine_manifest: dict[str, Any],
+    run: Path,
+    schedule: Schedule,
+    comparison: Comparison,
+    config: CompareConfig,
+    classifier: DigitClassifier,
+    real_features: np.ndarray,
+    model: DiffusersVelocity,
+) -> dict[str, Any] | None:
+    """The int8 engine's final fidelity with 8-bit weights (exact on VNNI / AMX / ARM dot-product
+    hosts) beside 7-bit (exact on every x86 host): the shipped form as its engine ran, the other
+    as its Q/DQ graph computes on float kernels (the quantized math, exactly, on any host)."""
+    shipped = engine_manifest.get("int8_weights")
+    others = sorted(run.glob("model.w*.onnx"))
+    if shipped is None or not others:
+        return None
+    other = others[0]
+    emulated = OrtEngine(other, schedule, f"ort-int8-{other.stem[6:]}", optimization="disabled")
+    judged = judge(comparison, emulated, config, classifier, real_features, model.sample_shape)
+    exact_on = {"8-bit": "x86 with VNNI or AMX, ARM with dot-product", "7-bit": "every x86 host"}
+    other_bits = f"{other.stem[len('model.w') :]}-bit"
+    return {
+        "shipped": shipped,
+        "forms": {
+            shipped: {
+                "final_psnr_db": comparison.final["psnr_db"],
+                "exact_on": exact_on[shipped],
+                "measured": "the shipped onnxruntime engine on this host",
+            },
+            other_bits: {
+                "final_psnr_db": judged["final"]["psnr_db"],
+                "exact_on": exact_on[other_bits],
+                "measured": f"{other.name} on float kernels (onnxruntime optimizations off)",
+            },
+        },
+    }
 
 
 def _ov_xml(run: Path, precision: str) -> Path:
@@ -491,21 +664,34 @@ def _cpu_engines(recipe: Recipe, run: Path, schedule: Schedule) -> dict[str, tup
     return found
 
 
+REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "trajectory_error.png")
+
+
 def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Re-run the compare stage on an existing run directory (staged, then swapped in)."""
+    """Re-run the compare stage on an existing run directory (staged, then swapped in); the run's
+    files and the model checkpoint are checked against manifest.json first."""
     final_dir = Path(runs_root) / recipe.name
-    if not (final_dir / "manifest.json").is_file():
-        raise FlowpressError(f"{final_dir}: no finished run to compare; run `make quantize RECIPE=...` first")
-    model = ensure_model(recipe, progress)
-    classifier = ensure_classifier(recipe.classifier.path, progress)
-    timer = Timer()
-    with staged_run(final_dir) as run:
-        shutil.copytree(final_dir, run, dirs_exist_ok=True)
-        report = _compare_stage(recipe, model, classifier, run, timer, progress)
-        manifest = json.loads((run / "manifest.json").read_text())
-        manifest["stage_seconds"].update(timer.seconds)
-        manifest["outputs"] = tree_hashes(run)
-        (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    fix = f"rerun `make quantize RECIPE=...` for {recipe.name} (its old report is left in place)"
+    with run_lock(final_dir, "compare"):
+        manifest = read_manifest(final_dir, fix)
+        verify_run(final_dir, manifest, fix=fix)
+        verify_inputs(manifest.get("inputs", {}).get("model", {}), Path(recipe.model.path), "model checkpoint", fix)
+        built = manifest.get("schedule", {})
+        schedule = recipe.sampling.schedule()
+        if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
+            raise FlowpressError(
+                f"{final_dir}: the run was built for the {built.get('n_steps')}-step {built.get('method')} schedule, "
+                f"the recipe asks for {schedule.n_steps}-step {schedule.method}; {fix}"
+            )
+        model = ensure_model(recipe, progress)
+        classifier = ensure_classifier(recipe.classifier.path, progress)
+        timer = Timer()
+        with staged_run(final_dir) as run:
+            shutil.copytree(final_dir, run, dirs_exist_ok=True)
+            report = _compare_stage(recipe, model, classifier, run, timer, progress)
+            manifest = record_outputs(run, manifest, REPORT_FILES)
+            manifest["stage_seconds"] = {**manifest.get("stage_seconds", {}), **timer.seconds}
+            write_json(run / "manifest.json", manifest)
     return final_dir, report
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flowpress.rundir import staged_run
+from flowpress.rundir import run_lock, staged_run
 from sampling import FlowpressError
 
 RECIPES = (
@@ -76,7 +76,7 @@ def precision_table(runs_root: str | Path = "runs", names: tuple[str, ...] = REC
             "(or `make quantize RECIPE=recipes/<name>.yaml`) first"
         )
     final = runs_root / "precisions"
-    with staged_run(final) as out:
+    with run_lock(final), staged_run(final) as out:
         (out / "precisions.json").write_text(json.dumps({"rows": rows, "missing": missing}, indent=2) + "\n")
         (out / "precisions.md").write_text(precision_markdown(rows, missing))
     return final

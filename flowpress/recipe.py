@@ -34,6 +34,13 @@ class SamplingSection:
     method: Literal["euler", "heun"] = "euler"
     guidance: float = 1.0
 
+    def __post_init__(self) -> None:
+        Schedule(self.steps, self.method)  # checks steps and method
+        if not self.guidance >= 0:
+            raise FlowpressError(
+                f"sampling.guidance must be >= 0 (1 = no classifier-free guidance), got {self.guidance}"
+            )
+
     def schedule(self) -> Schedule:
         return Schedule(self.steps, self.method)
 
@@ -56,11 +63,15 @@ class EngineSection:
     """runtime: the engine compare and gate judge — 'onnxruntime' (the ort-cpu Q/DQ graph) or
     'openvino' (IR from the prepared FP graph; NNCF int8 on the calibration set, or bf16/f32).
     candidates: also build the other CPU engines (OpenVINO int8 and bf16), judge each on the
-    same seeds and gate, and recommend the one to ship in the report."""
+    same seeds and gate, and recommend the one to ship in the report.
+    portable: int8 engines exact on every x86 host — 7-bit weights in onnxruntime, NNCF's
+    overflow fix in OpenVINO (engines/isa.py says why); null (default) = portable exactly where
+    this host's int8 kernels would saturate 8-bit weights (x86 without VNNI)."""
 
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
     candidates: bool = True
+    portable: bool | None = None
 
 
 @dataclass(frozen=True)

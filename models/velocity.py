@@ -115,10 +115,29 @@ def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersVe
             f"{path}: cannot load {class_name} weights ({reason}); re-create them with `make teacher` "
             "or save the model with diffusers' save_pretrained"
         ) from None
+    check_finite_weights(net, str(path))
     scale = time_scale if time_scale is not None else float(extra.get("time_scale", 1000.0))
     model = DiffusersVelocity(net, scale, extra.get("null_label")).eval()
     check_velocity_model(model, str(path))
     return model
+
+
+@torch.no_grad()
+def check_finite_weights(net: nn.Module, where: str) -> None:
+    """Every parameter and buffer finite, none so large that a forward overflows float32 (|w| >= 1e18)."""
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FlowpressError(
+                f"{where}: weight {name} holds {bad} NaN / Inf value(s); the checkpoint is corrupt: re-save or retrain it"
+            )
+        if tensor.numel() and float(tensor.abs().max()) >= 1e18:
+            raise FlowpressError(
+                f"{where}: weight {name} reaches {float(tensor.abs().max()):.3g}, which overflows float32 in a "
+                "forward; the checkpoint is corrupt: re-save or retrain it"
+            )
 
 
 @torch.no_grad()
@@ -138,3 +157,5 @@ def check_velocity_model(model: VelocityModel, where: str) -> None:
         raise FlowpressError(
             f"{where}: model returned shape {tuple(v.shape)} for input {tuple(x.shape)}; a velocity model must return x's shape"
         )
+    if not bool(torch.isfinite(v).all()):
+        raise FlowpressError(f"{where}: model returns NaN / Inf for a probe input; check its weights and config")

@@ -16,9 +16,10 @@ from sampling.core import (
     sample,
     target_velocity,
 )
-from sampling.errors import FlowpressError
+from sampling.errors import EngineParityError, FlowpressError
 
 __all__ = [
+    "EngineParityError",
     "FlowpressError",
     "ModelCall",
     "Schedule",

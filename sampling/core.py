@@ -9,6 +9,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from sampling.errors import FlowpressError
+
 Method = Literal["euler", "heun"]
 
 
@@ -35,10 +37,10 @@ class Schedule:
     method: Method = "euler"
 
     def __post_init__(self) -> None:
-        if self.n_steps < 1:
-            raise ValueError(f"schedule: n_steps must be >= 1, got {self.n_steps}")
+        if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise FlowpressError(f"sampling.steps must be an integer >= 1, got {self.n_steps!r}")
         if self.method not in ("euler", "heun"):
-            raise ValueError(f"schedule: method must be 'euler' or 'heun', got {self.method!r}")
+            raise FlowpressError(f"sampling.method must be 'euler' or 'heun', got {self.method!r}")
 
     @property
     def times(self) -> Tensor:
@@ -110,7 +112,7 @@ def guided(
             v = model(x, t, cond)
             return v, x, t, cond, v
         if null_cond is None:
-            raise ValueError("guidance != 1 needs a null condition (null_label)")
+            raise FlowpressError("sampling: guidance != 1 needs a null condition (the model's null_label)")
         model_x = torch.cat([x, x])
         model_t = torch.cat([t, t])
         model_cond = torch.cat([cond, torch.full_like(cond, null_cond)])

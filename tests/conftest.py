@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize
+from compress import PORTABLE_WEIGHT_BITS, QuantConfig, quantize, set_weight_bits
+from engines.isa import host_isa
+from engines.portability import resolve_portable
 from export import ExportConfig, export_onnx
 from models import load_model, save_model
 from models.teacher import TeacherConfig, build_unet
@@ -34,6 +36,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 TINY_SCHEDULE = Schedule(4)
+
+
+def for_this_host(qmodel):
+    """The int8 weight form `make quantize` ships on this host (7-bit where 8-bit saturates)."""
+    set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if resolve_portable(None, host_isa()) else 8)
+    return qmodel
 
 
 def tiny_calibration(model):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from compress.distill import (
     DistillConfig,
@@ -24,6 +28,7 @@ from compress.distill import (
     generate_pairs,
     load_pairs,
     one_step,
+    read_state,
     reflow,
     shard_path,
 )
@@ -64,6 +69,98 @@ def test_pairs_resume_gives_identical_pairs(tiny_model_dir, tmp_path):
     # the pair's sample is the teacher's guided Heun sample from the pair's noise
     traj = sample(teacher, whole.noise[:4], whole.labels[:4], Schedule(2, "heun"), 2.0, teacher.null_label)
     assert torch.allclose(traj.final, whole.sample[:4], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def clean_pairs(tiny_model_dir, tmp_path_factory):
+    """(directory of PAIRS from the tiny teacher, written once by an uninterrupted run, its sample shape)."""
+    teacher = load_model(tiny_model_dir)
+    return generate_pairs(
+        teacher, PAIRS, tmp_path_factory.mktemp("pairs") / "clean", progress=False
+    ), teacher.sample_shape
+
+
+def _edit_shard(path, **changes) -> None:
+    """Rewrite a shard with changes[key](tensor) in place of each named tensor (None drops the key)."""
+    tensors = load_file(str(path))
+    for key, change in changes.items():
+        if change is None:
+            del tensors[key]
+        else:
+            tensors[key] = change(tensors[key]).contiguous()
+    save_file(tensors, str(path))
+
+
+def _with_nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[5] = float("nan")
+    return t
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_bad_pair_shards_are_regenerated(tiny_model_dir, tmp_path, capsys):
+    """A truncated shard and one holding NaN are rewritten, bit-for-bit what an untouched run writes;
+    the whole shard between them is left alone; one line names each bad shard and why."""
+    teacher = load_model(tiny_model_dir)
+    # here, not the module fixture: the autouse thread count is set only now, and float sums depend on it
+    clean, shape = generate_pairs(teacher, PAIRS, tmp_path / "clean", progress=False), teacher.sample_shape
+    bad = tmp_path / "bad"
+    shutil.copytree(clean, bad)
+    _truncate(shard_path(bad, 0))
+    _edit_shard(shard_path(bad, 2), sample=_with_nan)
+    untouched = shard_path(bad, 1).stat().st_mtime_ns
+    capsys.readouterr()
+    pairs = load_pairs(generate_pairs(teacher, PAIRS, bad, progress=False), PAIRS, shape)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"[flowpress] {shard_path(bad, 0)}: unreadable safetensors (")
+    assert lines[1] == f"[flowpress] {shard_path(bad, 2)}: sample holds NaN or inf; regenerating it"
+    assert lines[0].endswith("; regenerating it")
+    for s in range(3):
+        assert shard_path(bad, s).read_bytes() == shard_path(clean, s).read_bytes(), s
+    assert shard_path(bad, 1).stat().st_mtime_ns == untouched
+    whole = load_pairs(clean, PAIRS, shape)
+    for name in ("noise", "sample", "labels", "index"):
+        assert torch.equal(getattr(pairs, name), getattr(whole, name)), name
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (_truncate, "unreadable safetensors (Error while deserializing header"),
+        (lambda p: _edit_shard(p, sample=_with_nan), "sample holds NaN or inf"),
+        (lambda p: _edit_shard(p, labels=None), "keys ['index', 'noise', 'sample'], expected"),
+        (lambda p: _edit_shard(p, index=lambda i: i + 1), "index is not 4..7"),
+        (
+            lambda p: _edit_shard(p, **dict.fromkeys(("noise", "sample", "labels", "index"), lambda t: t[:3])),
+            "index is torch.int64 (3,), expected torch.int64 (4,)",
+        ),
+        (
+            lambda p: _edit_shard(p, noise=lambda t: t[..., :8], sample=lambda t: t[..., :8]),
+            "noise has shape (4, 1, 16, 8), expected (4, 1, 16, 16)",
+        ),
+        (lambda p: _edit_shard(p, sample=lambda t: t.double()), None),  # any float dtype is a sample
+    ],
+    ids=["truncated", "nan", "missing-key", "index", "rows", "shape", "float64-sample"],
+)
+def test_load_pairs_names_a_bad_shard(clean_pairs, tmp_path, fault, reason):
+    """A bad shard handed straight to the loader is a one-line FlowpressError naming it, why, and the fix."""
+    clean, shape = clean_pairs
+    root = tmp_path / "pairs"
+    shutil.copytree(clean, root)
+    fault(shard_path(root, 1))
+    if reason is None:
+        assert len(load_pairs(root, PAIRS, shape)) == PAIRS.n_pairs
+        return
+    with pytest.raises(FlowpressError) as error:
+        load_pairs(root, PAIRS, shape)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{shard_path(root, 1)}: bad pair shard ({reason}")
+    assert message.endswith("); re-run to regenerate it")
 
 
 def test_pairs_refuse_another_config(tiny_model_dir, tmp_path):
@@ -121,10 +218,10 @@ def test_training_resumes_exactly_and_learns(tmp_path):
     config = ReflowConfig(iterations=8, batch_size=16, anneal_steps=4, checkpoint_every=100)
     torch.manual_seed(0)
     init = build_student(TINY_STUDENT)
-    straight = reflow(_clone(init), pairs, config, tmp_path / "a.pt", progress=False)
+    straight = reflow(_clone(init), pairs, config, tmp_path / "a.state.safetensors", progress=False)
     resumed_model = _clone(init)
-    reflow(resumed_model, pairs, config, tmp_path / "b.pt", progress=False, stop_at=3)
-    resumed = reflow(resumed_model, pairs, config, tmp_path / "b.pt", progress=False)
+    reflow(resumed_model, pairs, config, tmp_path / "b.state.safetensors", progress=False, stop_at=3)
+    resumed = reflow(resumed_model, pairs, config, tmp_path / "b.state.safetensors", progress=False)
     assert resumed.step == 8 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
     for a, b in zip(straight.ema.parameters(), resumed.ema.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
@@ -132,8 +229,60 @@ def test_training_resumes_exactly_and_learns(tmp_path):
     # (measured: the last 3 losses sum to 0.95 of the first 3 over 12 iterations, 80.7 -> 76.6; seeded, so exact)
     guide = straight.ema
     d_config = DistillConfig(iterations=12, batch_size=16, lr=2e-3, checkpoint_every=100)
-    state = distill(_clone(guide).requires_grad_(True), guide, pairs, d_config, tmp_path / "d.pt", progress=False)
+    state = distill(
+        _clone(guide).requires_grad_(True), guide, pairs, d_config, tmp_path / "d.state.safetensors", progress=False
+    )
     assert sum(state.losses[-3:]) < 0.97 * sum(state.losses[:3])
+
+
+def test_training_state_is_pickle_free_and_checked(tmp_path, monkeypatch):
+    """The resumable state is one safetensors file with its JSON rest in the header: resuming never
+    unpickles and gives the uninterrupted run exactly; a truncated, altered or pickled state is a
+    one-line FlowpressError naming the file and the fix."""
+    pairs = _toy_pairs(32)
+    config = ReflowConfig(iterations=6, batch_size=8, anneal_steps=3, checkpoint_every=100)
+    torch.manual_seed(0)
+    init = build_student(TINY_STUDENT)
+    straight = reflow(_clone(init), pairs, config, tmp_path / "a.state.safetensors", progress=False)
+    path = tmp_path / "b.state.safetensors"
+    resumed_model = _clone(init)
+    reflow(resumed_model, pairs, config, path, progress=False, stop_at=2)
+    data = path.read_bytes()
+    assert not data.startswith((b"PK", b"\x80"))  # neither torch.save's zip nor a bare pickle
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: length, JSON header
+    meta = json.loads(header["__metadata__"]["flowpress"])
+    assert meta["step"] == 2 and len(meta["losses"]) == 2 and len(meta["sha256"]) == 64
+    assert {k.split("/")[0] for k in header if k != "__metadata__"} == {"model", "ema", "opt"}
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("the training state was unpickled")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, no_unpickling)
+    resumed = reflow(resumed_model, pairs, config, path, progress=False)
+    assert resumed.step == 6 and resumed.losses == straight.losses
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    whole = path.read_bytes()
+    flipped = bytearray(whole)
+    flipped[-3] ^= 0x10  # one bit of the last tensor's data
+    monkeypatch.undo()  # torch.save below pickles (writing, not reading)
+    torch.save({"step": 1}, tmp_path / "old.pt")
+    for bad, reason in (
+        (whole[: len(whole) // 2], r"Error while deserializing header"),
+        (bytes(flipped), r"sha256 mismatch"),
+        ((tmp_path / "old.pt").read_bytes(), r"Error while deserializing header"),
+    ):
+        path.write_bytes(bad)
+        with pytest.raises(FlowpressError) as error:
+            reflow(_clone(init), pairs, config, path, progress=False)
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"{path}: not a whole training state (")
+        assert re.search(reason, message) and message.endswith("); delete it to start that stage afresh")
 
 
 def _clone(model):
@@ -185,9 +334,10 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     work = tmp_path / "runs" / "tiny-slimflow-work"
     (pair_dir,) = work.glob("pairs-*")
     assert len(list(pair_dir.glob("pairs-*.safetensors"))) == 4  # both ranks' shards, none twice
-    for ckpt in work.glob("*.pt"):
-        saved = torch.load(ckpt, weights_only=False)
-        assert saved["step"] == (4 if "reflow" in ckpt.name else 3), ckpt.name
+    checkpoints = sorted(work.glob("*.state.safetensors"))
+    assert len(checkpoints) == 4
+    for ckpt in checkpoints:
+        assert read_state(ckpt).meta["step"] == (4 if "reflow" in ckpt.name else 3), ckpt.name
     student = load_model(tmp_path / "student")
     assert count_params(student) == report["entries"]["student_1step"]["params"]
 

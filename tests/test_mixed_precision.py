@@ -12,7 +12,7 @@ from models import load_model
 from models.classifier import load_classifier
 from sampling import FlowpressError
 
-from .conftest import CLASSIFIER, TINY_SCHEDULE, tiny_calibration
+from .conftest import CLASSIFIER, TINY_SCHEDULE, for_this_host, tiny_calibration
 
 BROKEN = "net.mid_block.resnets.0.conv1"
 CANDIDATES = '["net.conv_in", "net.mid_block.resnets.*", "net.conv_out"]'
@@ -52,7 +52,7 @@ def tiny(tiny_model_dir):
 
 def broken_quant(model, calib):
     """The tiny UNet quantized W8A8, with BROKEN's input quantizer made 64x coarser (about 2 bits)."""
-    qmodel = quantize(model, QuantConfig(), calib)
+    qmodel = for_this_host(quantize(model, QuantConfig(), calib))
     quantizer = dict(qmodel.module.named_modules())[BROKEN].input_quantizer
     quantizer.amax = quantizer.amax * 64
     qmodel.layers[BROKEN] = dataclasses.replace(qmodel.layers[BROKEN], input_amax=float(quantizer.amax))

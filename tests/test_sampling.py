@@ -79,9 +79,9 @@ def test_noise_depends_only_on_its_seed():
 
 
 def test_bad_schedule_is_an_error():
-    with pytest.raises(ValueError, match="n_steps"):
+    with pytest.raises(FlowpressError, match="steps must be an integer >= 1, got 0"):
         Schedule(0)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(FlowpressError, match="method"):
         Schedule(4, "rk4")  # type: ignore[arg-type]
     with pytest.raises((ValueError, FlowpressError), match="null"):
         guided(lambda x, t, c: x, 2.0, None)(torch.zeros(1, 2), torch.ones(1), torch.tensor([1]))

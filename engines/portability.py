@@ -1,0 +1,88 @@
+"""Engines know where they were validated: the host record, its figures, re-validation elsewhere.
+
+Each engine's error against the FP graph is measured on stored calibration inputs where it is
+built and written into engine.json.  On a host of another ISA class the same error is measured
+again before the engine is used; an engine whose error grew past HOST_DRIFT_LIMIT times the
+recorded one (8-bit weights on a host whose int8 kernels saturate: about 5x) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engines.base import Engine
+from engines.isa import HostIsa, host_isa
+from sampling import EngineParityError
+
+HOST_DRIFT_LIMIT = 1.5  # error here / error where validated; same host: 1.0 exactly
+FLOAT_ENGINE_ERROR = 1e-4  # below this recorded error an engine runs float kernels: nothing to re-check
+
+
+def resolve_portable(setting: bool | None, host: HostIsa) -> bool:
+    """engine.portable: True / False as set, None = portable exactly where 8-bit weights saturate."""
+    return host.int8_saturates if setting is None else bool(setting)
+
+
+def host_record(host: HostIsa | None = None) -> dict[str, Any]:
+    """The ISA class and runtime versions an engine is validated with."""
+    host = host or host_isa()
+    record: dict[str, Any] = host.as_dict()
+    for package in ("onnxruntime", "openvino"):
+        try:
+            record[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            record[package] = "missing"
+    return record
+
+
+@torch.no_grad()
+def error_vs_fp(engine: Engine, fp: Engine, feeds: dict[str, Tensor]) -> float:
+    """Mean over the feeds of ||engine - fp|| / ||fp|| of one forward at each feed's step."""
+    args = (feeds["x"], feeds["step"], feeds.get("class_labels"))
+    got, want = engine(*args), fp(*args)
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float(((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def host_figures(engines: dict[str, Engine], fp: Engine, feeds: dict[str, Tensor]) -> dict[str, float]:
+    """error_vs_fp of every engine: the figures engine.json records where they are validated."""
+    return {name: error_vs_fp(engine, fp, feeds) for name, engine in engines.items()}
+
+
+def check_engine_host(
+    engine_manifest: dict[str, Any],
+    engines: dict[str, Engine],
+    fp: Engine,
+    load_feeds: Callable[[], dict[str, Tensor]],
+    where: str,
+) -> dict[str, Any] | None:
+    """None when this host is of the class the engines were validated on (engine.json's
+    validated_on); else re-measure each engine's figure here and raise EngineParityError naming
+    both classes for one that drifted.  Returns {isa_class, emulated, figures} of the re-validation."""
+    host = host_isa()
+    validated_on = engine_manifest.get("validated_on", {})
+    recorded = engine_manifest.get("host_check", {}).get("figures", {})
+    if validated_on.get("isa_class") == host.isa_class:
+        return None
+    feeds = load_feeds()
+    figures: dict[str, float] = {}
+    for name, engine in engines.items():
+        before = recorded.get(name)
+        if before is None or before < FLOAT_ENGINE_ERROR:
+            continue
+        figures[name] = error_vs_fp(engine, fp, feeds)
+        if not figures[name] <= HOST_DRIFT_LIMIT * before + FLOAT_ENGINE_ERROR:
+            raise EngineParityError(
+                f"{where}: engine {name} was validated on {validated_on.get('isa_class')} "
+                f"({engine_manifest.get('int8_weights', 'float')} weights); on this {host.isa_class} host its error vs FP is "
+                f"{figures[name]:.4g}, {figures[name] / before:.1f}x the {before:.4g} recorded there"
+                + (" (int8 pair sums saturate here)" if host.int8_saturates else "")
+                + "; rebuild the run here or with engine.portable: true (exact on every x86 host)"
+            )
+    return {"isa_class": host.isa_class, "emulated": host.emulated, "figures": figures}
