@@ -1,24 +1,32 @@
 # flowpress: `make quantize` (the main job) and `make test`. Both create .venv when missing.
+# Under make every failing command exits 2 (make's own code); `python -m flowpress ...` keeps
+# flowpress's codes: 0 passed, 1 gate failed, 2 bad input or a fault, 3 an engine not faithful here.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-RECIPE ?= recipes/digits-unet-int8.yaml
-TEACHER_RECIPE ?= recipes/digits-teacher.yaml
+DIGITS := examples/digits/recipes
+RECIPE ?= $(DIGITS)/digits-unet-int8.yaml
+TEACHER_RECIPE ?= $(DIGITS)/digits-teacher.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install quantize compare engines ablate bench teacher classifier distill precisions test quality clean
+.PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test quality clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# the CPU build of torch first (a local wheel on these machines), then the rest
+	# the CPU build of torch first (a local wheel on these machines), then the rest at the locked versions
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# refresh constraints.txt from what `pip install -e ".[dev]"` resolves today (torch stays pinned above)
+lock: $(STAMP)
+	$(PY) -m pip install --quiet --upgrade -e ".[dev]"
+	$(PY) -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
+
 quantize: $(STAMP)
-	$(PY) -m flowpress quantize --recipe $(RECIPE)
+	$(PY) -m flowpress quantize --recipe $(RECIPE) --results results
 
 compare: $(STAMP)
 	$(PY) -m flowpress compare --recipe $(RECIPE)
@@ -32,30 +40,30 @@ bench-gpu: $(STAMP)
 	$(PY) -m flowpress bench-gpu --recipe $(RECIPE)
 
 ablate: $(STAMP)
-	$(PY) -m flowpress ablate --recipe recipes/ablation.yaml
+	$(PY) -m flowpress ablate --recipe $(DIGITS)/ablation.yaml --results results
 
-# every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/bench/
+# every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/bench/, results/bench.md
 bench: $(STAMP)
-	$(PY) -m flowpress bench --recipe recipes/bench.yaml
+	$(PY) -m flowpress bench --recipe recipes/bench.yaml --results results
 
 # int8, fp8, W4A8 and gated mixed precision of both teachers, then the precision x calibration
-# table (runs/precisions/precisions.md); a run whose gate fails still gets its row
+# table (results/precisions.md); a run whose gate fails still gets its row
 PRECISION_RECIPES ?= digits-unet-int8 digits-unet-fp8 digits-unet-w4a8 digits-unet-gated digits-dit-int8 digits-dit-fp8 digits-dit-w4a8
 precisions: $(STAMP)
-	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe recipes/$$r.yaml || echo "$$r: exit $$?"; done
-	$(PY) -m flowpress precisions
+	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe $(DIGITS)/$$r.yaml || echo "$$r: exit $$?"; done
+	$(PY) -m flowpress precisions --results results
 
 teacher: $(STAMP)
-	$(PY) -m flowpress teacher --recipe $(TEACHER_RECIPE)
+	$(PY) -m examples.digits teacher --recipe $(TEACHER_RECIPE)
 
-# SlimFlow: a small one-step student of the teacher (runs/digits-slimflow/distill.json); then
-# `make quantize RECIPE=recipes/digits-slimflow-int8.yaml` ships it through the normal chain
-DISTILL_RECIPE ?= recipes/digits-slimflow.yaml
+# SlimFlow: a small one-step student of the teacher (runs/digits-slimflow/, results/distill.md); then
+# `make quantize RECIPE=examples/digits/recipes/digits-slimflow-int8.yaml` ships it through the normal chain
+DISTILL_RECIPE ?= $(DIGITS)/digits-slimflow.yaml
 distill: $(STAMP)
-	$(PY) -m flowpress distill --recipe $(DISTILL_RECIPE)
+	$(PY) -m flowpress distill --recipe $(DISTILL_RECIPE) --results results
 
 classifier: $(STAMP)
-	$(PY) -m flowpress classifier
+	$(PY) -m examples.digits classifier
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,15 +1,14 @@
 """Calibration: the model's own inputs along seeded FP trajectories; the temporal-feature cache."""
 
-from calibration.capture import CalibrationConfig, CalibrationSet, calibration_labels, capture, select
-from calibration.temporal import CachedVelocity, TemporalTable, build_table, discover_temporal
+from flowpress.calibration.capture import CalibrationConfig, CalibrationSet, capture, select
+from flowpress.calibration.temporal import CachedStepModel, TemporalTable, build_table, discover_temporal
 
 __all__ = [
-    "CachedVelocity",
+    "CachedStepModel",
     "CalibrationConfig",
     "CalibrationSet",
     "TemporalTable",
     "build_table",
-    "calibration_labels",
     "capture",
     "discover_temporal",
     "select",

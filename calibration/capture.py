@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sampling import FlowpressError, ModelCall, Schedule, VelocityFn, noise_for_seeds, sample
+from flowpress.errors import FlowpressError
+from flowpress.sampling import ModelCall, Sampler, StepFn, batch_cond, noise_for_seeds, sample
 
 Strategy = Literal["all", "naive", "uniform", "ndtc"]
 
@@ -52,39 +53,40 @@ class CalibrationConfig:
 class CalibrationSet:
     """Every network input seen along the FP trajectories, flat.
 
-    x: (K, C, H, W) inputs (batch doubled under guidance); t: (K,) their times;
-    cond: (K,) int64 or None; step: (K,) grid index of the sampler step each came from;
-    times: (n + 1,) the schedule's grid.
+    x: (K, C, H, W) inputs (batch doubled under guidance); step: (K,) index of the sampler
+    evaluation each came from; cond: the conditioning inputs by name, (K, ...) each;
+    times: (n_evaluations,) what each step index stands for (the sampler's model_times).
     """
 
     x: Tensor
-    t: Tensor
-    cond: Tensor | None
     step: Tensor
+    cond: dict[str, Tensor]
     times: Tensor
 
     def subset(self, index: Tensor) -> CalibrationSet:
-        cond = None if self.cond is None else self.cond[index]
-        return CalibrationSet(self.x[index], self.t[index], cond, self.step[index], self.times)
+        return CalibrationSet(self.x[index], self.step[index], batch_cond(self.cond, index), self.times)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None, int]]:
-        """(x, t, cond, step) batches, step by step; the step index is explicit, never counted."""
-        for step in torch.unique(self.step).tolist():
-            index = torch.nonzero(self.step == step).flatten()
+    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor], int]]:
+        """(x, step, cond, k) batches, step by step: every row of a batch is at step k."""
+        for k in torch.unique(self.step).tolist():
+            index = torch.nonzero(self.step == k).flatten()
             for chunk in index.split(batch_size):
-                cond = None if self.cond is None else self.cond[chunk]
-                yield self.x[chunk], self.t[chunk], cond, int(step)
+                yield self.x[chunk], self.step[chunk], batch_cond(self.cond, chunk), int(k)
+
+    def feeds(self, n: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """n inputs spread evenly over the set (over all steps): (x, step, cond)."""
+        index = torch.linspace(0, len(self) - 1, n).long()
+        return self.x[index], self.step[index], batch_cond(self.cond, index)
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
-        tensors = {"x": self.x, "t": self.t, "step": self.step, "times": self.times}
+        tensors = {"x": self.x, "step": self.step, "times": self.times}
+        tensors |= {f"cond.{name}": value for name, value in self.cond.items()}
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        if self.cond is not None:
-            tensors["cond"] = self.cond.contiguous()
         try:
             save_file(tensors, str(path))
         except Exception as err:  # safetensors reports a failed write (full disk, permissions) as its own error
@@ -98,43 +100,44 @@ class CalibrationSet:
     def load(cls, path: str | Path) -> CalibrationSet:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
-        return cls(tensors["x"], tensors["t"], tensors.get("cond"), tensors["step"], tensors["times"])
-
-
-def calibration_labels(n: int, num_classes: int | None) -> Tensor | None:
-    return None if not num_classes else torch.arange(n, dtype=torch.int64) % num_classes
+        try:
+            tensors = load_file(str(path))
+            cond = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
+            return cls(tensors["x"], tensors["step"], cond, tensors["times"])
+        except Exception as err:  # a truncated or foreign file: safetensors' own error, or a missing key
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FlowpressError(f"{path}: not a calibration set ({reason}); rerun `make quantize`") from None
 
 
 def capture(
-    model: VelocityFn,
-    sample_shape: tuple[int, ...],
-    num_classes: int | None,
-    schedule: Schedule,
+    model: StepFn,
+    sampler: Sampler,
+    shape: tuple[int, ...],
+    cond: dict[str, Tensor],
     config: CalibrationConfig,
     guidance: float = 1.0,
-    null_cond: int | None = None,
+    null: dict[str, Tensor] | None = None,
 ) -> CalibrationSet:
-    """Run the FP sampler from seeded noise and keep what the network saw at every step."""
+    """Run the FP sampler from seeded noise and keep what the network saw at every step.
+
+    cond: the conditioning of the config.n_samples trajectories, (n_samples, ...) per name."""
     seeds = list(range(config.seed_base, config.seed_base + config.n_samples))
-    labels = calibration_labels(config.n_samples, num_classes)
     calls: list[ModelCall] = []
     for start in range(0, config.n_samples, config.batch_size):
         chunk = seeds[start : start + config.batch_size]
-        cond = None if labels is None else labels[start : start + len(chunk)]
-        sample(model, noise_for_seeds(chunk, sample_shape), cond, schedule, guidance, null_cond, calls.append)
+        rows = batch_cond(cond, slice(start, start + len(chunk)))
+        sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, calls.append)
     for c in calls:
-        if not (bool(torch.isfinite(c.model_v).all()) and bool(torch.isfinite(c.model_x).all())):
+        if not (bool(torch.isfinite(c.model_out).all()) and bool(torch.isfinite(c.model_x).all())):
             raise FlowpressError(
                 f"calibration: the FP model's inputs or outputs hold NaN / Inf at sampler step {c.step}; check the "
                 "model's weights and the recipe's sampling settings before quantizing"
             )
     x = torch.cat([c.model_x for c in calls])
-    t = torch.cat([c.model_t for c in calls])
-    step = torch.cat([torch.full((c.model_x.shape[0],), c.step, dtype=torch.int64) for c in calls])
-    cond_out = None if labels is None else torch.cat([c.model_cond for c in calls])  # type: ignore[misc]
-    full = CalibrationSet(x, t, cond_out, step, schedule.times)
-    return select(full, config, schedule.n_steps)
+    step = torch.cat([c.model_step for c in calls])
+    cond_out = {name: torch.cat([c.model_cond[name] for c in calls]) for name in cond}
+    full = CalibrationSet(x, step, cond_out, sampler.model_times)
+    return select(full, config, sampler.n_steps)
 
 
 def select(calib: CalibrationSet, config: CalibrationConfig, n_steps: int) -> CalibrationSet:

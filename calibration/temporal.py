@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models import DiffusersVelocity
-from sampling import FlowpressError
+from flowpress.errors import FlowpressError
+from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.sampling import Sampler
 
 
 class _Key:
-    """Shared holder of the current (B,) int64 table key, set by CachedVelocity.forward_step."""
+    """Shared holder of the current (B,) int64 table key, set by CachedStepModel.evaluate."""
 
     key: Tensor | None = None
 
@@ -38,7 +39,7 @@ class TableLookup(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> Tensor:
         if self.holder.key is None:
-            raise FlowpressError(f"temporal table {self.source}: called outside CachedVelocity.forward_step")
+            raise FlowpressError(f"temporal table {self.source}: called outside CachedStepModel.evaluate")
         features = self.table[self.holder.key]
         return features.float() if features.dtype != torch.float32 else features  # float16 tables: see half_tables
 
@@ -69,7 +70,7 @@ def discover_temporal(model: DiffusersVelocity, times: Tensor) -> list[str]:
     handles = [m.register_forward_hook(hook) for m in names]
     n = 4
     t = times[torch.arange(n) % len(times)]
-    cond = torch.arange(n) % model.num_classes if model.num_classes else None
+    cond = model.class_condition(torch.arange(n) % model.num_classes if model.num_classes else None)
     gen = torch.Generator().manual_seed(0)
     try:
         for run in (0, 1):
@@ -91,8 +92,8 @@ def discover_temporal(model: DiffusersVelocity, times: Tensor) -> list[str]:
 
 @dataclass(frozen=True)
 class TemporalTable:
-    """times: (n+1,) schedule grid; n_cond: classes incl. null (1 if unconditional);
-    tables[name]: (len(times) * n_cond, ...) output of module `name` for key step * n_cond + class."""
+    """times: (n,) the sampler's model times; n_cond: classes incl. null (1 if unconditional);
+    tables[name]: (n * n_cond, ...) output of module `name` for key step * n_cond + class."""
 
     times: Tensor
     n_cond: int
@@ -104,7 +105,7 @@ def build_table(model: DiffusersVelocity, times: Tensor, names: list[str]) -> Te
     """Run the FP model once on every (step, class) pair and keep the temporal modules' outputs."""
     n_cond = (model.num_classes + 1) if model.num_classes else 1
     steps = torch.arange(len(times)).repeat_interleave(n_cond)
-    cond = torch.arange(n_cond).repeat(len(times)) if model.num_classes else None
+    cond = model.class_condition(torch.arange(n_cond).repeat(len(times)) if model.num_classes else None)
     modules = dict(model.named_modules())
     captured: dict[str, Tensor] = {}
     handles = []
@@ -133,48 +134,31 @@ def half_tables(model: nn.Module) -> None:
             module.table = module.table.half()
 
 
-class CachedVelocity(DiffusersVelocity):
-    """A copy of `model` whose temporal modules are table lookups keyed by (step, class).
+class CachedStepModel(StepModel):
+    """A step model over a copy of `model` whose temporal modules are table lookups keyed by
+    (step, class): the exported graph gathers from the tables, no time MLP is left in it."""
 
-    forward(x, t, cond) accepts only t on the table's grid; forward_step(x, step, cond) is what
-    engines run (the exported graph gathers from the tables, no time MLP is left in it).
-    """
-
-    times: Tensor
-
-    def __init__(self, model: DiffusersVelocity, times: Tensor, names: list[str] | None = None):
-        super().__init__(copy.deepcopy(model.net), model.time_scale, model.null_label)
+    def __init__(self, model: DiffusersVelocity, sampler: Sampler, names: list[str] | None = None):
+        times = sampler.model_times
         names = discover_temporal(model, times) if names is None else names
         if not names:
             raise FlowpressError(
                 "temporal cache: no module depends only on (t, class); set quantize.temporal to 'int8'"
             )
-        self.table = build_table(model, times, names)
+        table = build_table(model, times, names)
+        super().__init__(copy.deepcopy(model), sampler)
+        self.table = table
         self.temporal_modules = names
-        self.register_buffer("times", times.clone())
         self._key = _Key()
         for name in names:
             parent_name, _, child = name.rpartition(".")
-            parent = self.get_submodule(parent_name) if parent_name else self
-            setattr(parent, child, TableLookup(self.table.tables[name], self._key, name))
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, TableLookup(table.tables[name], self._key, name))
 
-    def step_of(self, t: Tensor) -> Tensor:
-        """(B,) grid index of each t; t off the grid is an error."""
-        gap, step = (t.reshape(-1, 1) - self.times.reshape(1, -1)).abs().min(dim=1)
-        if float(gap.max()) > 1e-6:
-            raise FlowpressError(
-                f"temporal cache: t={float(t[int(gap.argmax())]):.6f} is not on the {len(self.times) - 1}-step "
-                "schedule the tables were built for; rebuild for this step count"
-            )
-        return step
-
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.forward_step(x, self.step_of(t), cond)
-
-    def forward_step(self, x: Tensor, step: Tensor, cond: Tensor | None = None) -> Tensor:
-        key = step if cond is None else step * self.table.n_cond + cond
-        self._key.key = key
+    def evaluate(self, x: Tensor, step: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        labels = cond.get("class_labels")
+        self._key.key = step if labels is None else step * self.table.n_cond + labels
         try:
-            return self.net(x, self.times[step] * self.time_scale, class_labels=cond).sample
+            return self.model(x, self.times[step], cond)
         finally:
             self._key.key = None

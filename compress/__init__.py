@@ -1,29 +1,38 @@
-"""Compression: post-training quantization (modelopt), shortcut splitting, per-layer sensitivity."""
+"""Compression: per-precision quantization (modelopt int8 / fp8, brevitas W4A8), shortcut
+splitting, per-layer sensitivity; SlimFlow distillation lives in compress.distill."""
 
-from compress.quantize import (
+from flowpress.compress.config import (
+    PRECISIONS,
+    Fp8Config,
+    Int8Config,
+    MixedPrecisionConfig,
+    QuantConfig,
+    W4A8Config,
+)
+from flowpress.compress.model import (
     PORTABLE_WEIGHT_BITS,
     LayerQuant,
-    QuantConfig,
     QuantizedModel,
-    layer_quants,
-    per_step_absmax,
     prepare,
-    quantize,
     set_output_quant,
     set_weight_bits,
     weight_bits_of,
 )
-from compress.sensitivity import (
+from flowpress.compress.quantize import quantize
+from flowpress.compress.sensitivity import (
     LayerSensitivity,
-    MixedPrecisionConfig,
     Sensitivity,
     SensitivityConfig,
     keep_full_precision,
     layer_sensitivity,
 )
-from compress.shortcut import SplitConv2d, split_shortcuts
+from flowpress.compress.shortcut import SplitConv2d, split_shortcuts
 
 __all__ = [
+    "PORTABLE_WEIGHT_BITS",
+    "PRECISIONS",
+    "Fp8Config",
+    "Int8Config",
     "LayerQuant",
     "LayerSensitivity",
     "MixedPrecisionConfig",
@@ -32,15 +41,13 @@ __all__ = [
     "Sensitivity",
     "SensitivityConfig",
     "SplitConv2d",
+    "W4A8Config",
     "keep_full_precision",
-    "layer_quants",
     "layer_sensitivity",
-    "per_step_absmax",
     "prepare",
     "quantize",
     "set_output_quant",
     "set_weight_bits",
-    "weight_bits_of",
-    "PORTABLE_WEIGHT_BITS",
     "split_shortcuts",
+    "weight_bits_of",
 ]

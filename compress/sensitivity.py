@@ -7,65 +7,32 @@ seeded samples driven through the whole sampler.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sampling import FlowpressError, Schedule, noise_for_seeds, sample
-
-if TYPE_CHECKING:
-    from compress.quantize import QuantizedModel
+from flowpress.compress.model import QuantizedModel
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel
+from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
 QUANTIZERS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 
 
 @dataclass(frozen=True)
-class MixedPrecisionConfig:
-    """quantize.mixed_precision: keep the most trajectory-sensitive layers in full precision,
-    one at a time, until the recipe's gate passes on the exported engine.
-
-    max_fallback: the most layers kept in full precision before the search gives up.
-    sensitivity_samples / sensitivity_seed_base: seeded samples of the sensitivity ranking
-      (torch fake-quant); the default seeds are disjoint from calibration and compare seeds.
-    check_samples: the first compare seeds each candidate engine is checked on before the
-      full compare (compare.n_samples) confirms it.
-    candidates: module-name patterns (fnmatch) of the layers that may fall back; empty: all.
-    """
-
-    enabled: bool = False
-    max_fallback: int = 8
-    sensitivity_samples: int = 32
-    sensitivity_seed_base: int = 200000
-    check_samples: int = 100
-    candidates: tuple[str, ...] = ()
-
-    def allows(self, name: str) -> bool:
-        return not self.candidates or any(fnmatch.fnmatch(name, p) for p in self.candidates)
-
-    def __post_init__(self) -> None:
-        if self.max_fallback < 1:
-            raise FlowpressError(f"quantize.mixed_precision.max_fallback must be >= 1, got {self.max_fallback}")
-        if self.sensitivity_samples < 1 or self.check_samples < 2:
-            raise FlowpressError(
-                "quantize.mixed_precision: sensitivity_samples must be >= 1 and check_samples >= 2, "
-                f"got {self.sensitivity_samples}, {self.check_samples}"
-            )
-
-
-@dataclass(frozen=True)
 class SensitivityConfig:
-    """Seeded samples (labels cycling over the classes) driven through `schedule`."""
+    """Seeded samples driven through `sampler`; cond: their conditioning, (n_samples, ...) per name."""
 
-    schedule: Schedule
+    sampler: Sampler
+    cond: Cond = field(default_factory=dict)
     n_samples: int = 32
     seed_base: int = 200000
     batch_size: int = 32
     guidance: float = 1.0
-    null_label: int | None = None
+    null: Cond | None = None
 
 
 @dataclass(frozen=True)
@@ -98,10 +65,10 @@ def final_psnr_db(mse: float) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def disable_layer_quant(module: nn.Module, name: str) -> list[Any]:
+def disable_layer_quant(module: StepModel, name: str) -> list[Any]:
     """Switch off the modelopt quantizers (input, weight, output) of layer `name`; returns the
     ones that were on, for `enable_quantizers` (a Linear's output quantizer exists but is off)."""
-    layer = dict(module.named_modules())[name]
+    layer = dict(module.model.named_modules())[name]
     switched = []
     for attr in QUANTIZERS:
         quantizer: Any = getattr(layer, attr, None)
@@ -126,21 +93,21 @@ def keep_full_precision(qmodel: QuantizedModel, name: str) -> None:
 
 
 @torch.no_grad()
-def _finals(model: nn.Module, config: SensitivityConfig, num_classes: int | None, shape: tuple[int, ...]) -> Tensor:
+def _finals(model: StepModel, config: SensitivityConfig) -> Tensor:
     seeds = list(range(config.seed_base, config.seed_base + config.n_samples))
-    labels = torch.arange(config.n_samples) % num_classes if num_classes else None
     finals = []
     for start in range(0, config.n_samples, config.batch_size):
         chunk = seeds[start : start + config.batch_size]
-        cond = None if labels is None else labels[start : start + len(chunk)]
-        traj = sample(model, noise_for_seeds(chunk, shape), cond, config.schedule, config.guidance, config.null_label)
+        cond = batch_cond(config.cond, slice(start, start + len(chunk)))
+        noise = noise_for_seeds(chunk, model.sample_shape)
+        traj = sample(config.sampler, model.run, noise, cond, config.guidance, config.null)
         finals.append(traj.final.clamp(-1, 1))
     return torch.cat(finals)
 
 
 @torch.no_grad()
 def layer_sensitivity(
-    fp_model: nn.Module,
+    fp_model: StepModel,
     qmodel: QuantizedModel,
     config: SensitivityConfig,
     progress: bool = False,
@@ -157,13 +124,11 @@ def layer_sensitivity(
     """
     from tqdm import tqdm
 
-    shape = tuple(fp_model.sample_shape)  # type: ignore[arg-type]
-    num_classes = getattr(fp_model, "num_classes", None)
     fp_model.eval()
-    reference = _finals(fp_model, config, num_classes, shape)
+    reference = _finals(fp_model, config)
 
-    def mse_of(model: nn.Module) -> float:
-        return float((_finals(model, config, num_classes, shape) - reference).double().pow(2).mean())
+    def mse_of(model: StepModel) -> float:
+        return float((_finals(model, config) - reference).double().pow(2).mean())
 
     baseline = mse_of(qmodel.module)
     baseline_db = final_psnr_db(baseline)

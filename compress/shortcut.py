@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models import DiffusersVelocity
+from flowpress.errors import FlowpressError
+from flowpress.models import DiffusersVelocity
 
 
 class SplitConv2d(nn.Module):
@@ -18,7 +19,7 @@ class SplitConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, split: int):
         super().__init__()
         if not 0 < split < conv.in_channels or conv.groups != 1:
-            raise ValueError(f"cannot split a conv with {conv.in_channels} inputs at {split}")
+            raise FlowpressError(f"shortcut splitting: cannot split a conv with {conv.in_channels} inputs at {split}")
         self.split = split
 
         def half(in_channels: int, bias: bool) -> nn.Conv2d:

@@ -9,9 +9,9 @@ rectifier h(v) (AdaRound), initialised so that h(v) is the fractional part of w 
 i.e. rounding to nearest when hardened — then optimised block by block to reproduce the
 full-precision block output on inputs that come from the already quantized blocks before it.
 Activations: the input of every Conv2d / Linear, per tensor, signed int8, with the amax of
-QuantConfig.amax computed on the FP model (the same statistics the int8 path uses).
+W4A8Config.amax computed on the FP model (the same statistics the int8 path uses).
 
-When the temporal modules stay in the graph quantized (QuantConfig.temporal == 'int8') they
+When the temporal modules stay in the graph quantized (W4A8Config.temporal == 'int8') they
 form one more block, reconstructed first against the sum of its outputs' errors (TFMQ-DM's
 TIAR); with 'cache' they are FP tables and with 'fp' they are not quantized.
 """
@@ -21,16 +21,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from calibration import CalibrationSet
-from sampling import FlowpressError
-
-if TYPE_CHECKING:
-    from compress.quantize import LayerQuant, QuantConfig, QuantizedModel
+from flowpress.calibration import CalibrationSet
+from flowpress.compress.amax import activation_amax
+from flowpress.compress.config import W4A8Config
+from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel
+from flowpress.sampling import batch_cond
 
 WEIGHT_BITS = 4
 WEIGHT_QMAX = 2 ** (WEIGHT_BITS - 1) - 1  # narrow range: [-7, 7]
@@ -161,26 +163,6 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
-def _input_amax(fp_module: nn.Module, names: list[str], calib: CalibrationSet, config: QuantConfig) -> dict[str, float]:
-    """Per-tensor input amax of each named layer under config.amax, from the FP model."""
-    from compress.quantize import activation_samples, mse_amax, per_step_absmax
-
-    stats = per_step_absmax(fp_module, names, calib, config.calib_batch_size)
-    found = {}
-    for name in names:
-        per_step = stats[f"{name}.input"]
-        if config.amax in ("max", "mse", "perstep-max"):
-            found[name] = float(per_step.max())
-        elif config.amax == "perstep-mean":
-            found[name] = float(per_step.mean())
-        else:
-            found[name] = float(torch.quantile(per_step, config.percentile / 100.0))
-    if config.amax == "mse":
-        samples = activation_samples(fp_module, names, calib, config.calib_batch_size)
-        found = {n: mse_amax(samples[f"{n}.input"], found[n], config.activation_bits) for n in names}
-    return found
-
-
 # ------------------------------------------------------------------------- reconstruction
 
 
@@ -206,12 +188,12 @@ def _cat(chunks: list[Any]) -> Any:
 
 
 def _holder(module: nn.Module) -> Any:
-    """The temporal-cache key holder of a CachedVelocity (None for other models)."""
+    """The temporal-cache key holder of a CachedStepModel (None for other models)."""
     return getattr(module, "_key", None)
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, block: nn.Module, recon: CalibrationSet, batch_size: int, want: str) -> _Inputs | Tensor:
+def _capture(model: StepModel, block: nn.Module, recon: CalibrationSet, batch_size: int, want: str) -> _Inputs | Tensor:
     """Run `model` on `recon` and keep `block`'s inputs (want='inputs') or output ('output')."""
     args_chunks: list[list[Any]] = []
     kwargs_chunks: list[dict[str, Any]] = []
@@ -239,9 +221,9 @@ def _capture(model: nn.Module, block: nn.Module, recon: CalibrationSet, batch_si
         else block.register_forward_hook(hook)
     )
     try:
-        for x, t, cond, _step in recon.batches(batch_size):
+        for x, step, cond, _k in recon.batches(batch_size):
             try:
-                model(x, t, cond)
+                model.run(x, step, cond)
             except _Stop:
                 pass
             finally:
@@ -270,7 +252,7 @@ def reconstruct(
     layers: list[nn.Module],
     loss_fn: Callable[[Tensor], Tensor],
     n: int,
-    config: QuantConfig,
+    config: W4A8Config,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Learn the roundings of `layers` (AdaRound) to minimise loss_fn(batch index) + rounding term.
@@ -309,13 +291,13 @@ def reconstruct(
     return before, after
 
 
-def _blocks(qmodule: nn.Module, quant_names: list[str], recon: CalibrationSet) -> list[tuple[str, list[str]]]:
+def _blocks(qmodule: StepModel, quant_names: list[str], recon: CalibrationSet) -> list[tuple[str, list[str]]]:
     """(block name, its quantized layer names) in the order the forward pass first calls them.
 
     A block is the outermost module of a BLOCK_TYPES class holding quantized layers; any layer
     outside such a module is a block by itself.
     """
-    modules = dict(qmodule.named_modules())
+    modules = dict(qmodule.model.named_modules())
     owner: dict[str, str] = {}
     for name in quant_names:
         parts = name.split(".")
@@ -337,8 +319,8 @@ def _blocks(qmodule: nn.Module, quant_names: list[str], recon: CalibrationSet) -
         handles.append(modules[block].register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
-            x, t, cond, _ = next(recon.batches(2))
-            qmodule(x, t, cond)
+            x, step, cond, _ = next(recon.batches(2))
+            qmodule.run(x, step, cond)
     finally:
         for handle in handles:
             handle.remove()
@@ -351,21 +333,21 @@ def _frozen(module: nn.Module) -> None:
 
 
 def _tiar(
-    qmodule: nn.Module,
-    fp_module: nn.Module,
+    qmodule: StepModel,
+    fp_module: StepModel,
     temporal: list[str],
     layers: list[nn.Module],
     recon: CalibrationSet,
-    config: QuantConfig,
+    config: W4A8Config,
 ) -> tuple[float, float]:
     """TFMQ-DM's TIAR: the temporal modules' roundings against the sum of their outputs' MSE."""
 
-    def outputs(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None) -> list[Tensor]:
-        mods = dict(model.named_modules())
+    def outputs(model: StepModel, x: Tensor, step: Tensor, cond: dict[str, Tensor]) -> list[Tensor]:
+        mods = dict(model.model.named_modules())
         found: list[Tensor] = []
         handles = [mods[n].register_forward_hook(lambda _m, _a, out: found.append(out)) for n in temporal]
         try:
-            model(x, t, cond)
+            model.run(x, step, cond)
         finally:
             for handle in handles:
                 handle.remove()
@@ -375,13 +357,12 @@ def _tiar(
         targets = [
             torch.cat(chunk)
             for chunk in zip(
-                *(outputs(fp_module, x, t, c) for x, t, c, _ in recon.batches(config.recon_batch_size)), strict=True
+                *(outputs(fp_module, x, s, c) for x, s, c, _ in recon.batches(config.recon_batch_size)), strict=True
             )
         ]
 
     def loss_fn(index: Tensor) -> Tensor:
-        cond = None if recon.cond is None else recon.cond[index]
-        got = outputs(qmodule, recon.x[index], recon.t[index], cond)
+        got = outputs(qmodule, recon.x[index], recon.step[index], batch_cond(recon.cond, index))
         return sum((g - target[index]).pow(2).flatten(1).sum(1).mean() for g, target in zip(got, targets, strict=True))  # type: ignore[return-value]
 
     return reconstruct(layers, loss_fn, len(recon), config)
@@ -414,27 +395,26 @@ def _recon_set(calib: CalibrationSet, n: int, seed: int = 0) -> CalibrationSet:
 
 
 def quantize_w4a8(
-    fp_module: nn.Module, temporal: list[str], calib: CalibrationSet, config: QuantConfig
+    fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A8Config
 ) -> QuantizedModel:
     """Fake-quantize a copy of the prepared `fp_module` to W4A8 and learn its weight rounding."""
-    from compress.quantize import QuantizedModel, _excluded, _patterns
-
-    exclude = _patterns(config, temporal)
+    exclude = excluded_patterns(config, temporal)
     names = [
         n
-        for n, m in fp_module.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear) and not _excluded(n, exclude) and not isinstance(m, nn.LazyLinear)
+        for n, m in fp_module.model.named_modules()
+        if type(m) in (nn.Conv2d, nn.Linear) and not is_excluded(n, exclude) and not isinstance(m, nn.LazyLinear)
     ]
     if not names:
         raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
-    amax = _input_amax(fp_module, names, calib, config)
+    amax = activation_amax(fp_module, names, calib, config)
     qmodule = copy.deepcopy(fp_module)
     for name in names:
-        _replace(qmodule, name, _quant_layer(qmodule.get_submodule(name), amax[name], config.weight_group_size))
+        layer = qmodule.model.get_submodule(name)
+        _replace(qmodule.model, name, _quant_layer(layer, amax[f"{name}.input"], config.weight_group_size))
     qmodule.eval()
     _frozen(qmodule)
     _frozen(fp_module)
-    quant = {n: qmodule.get_submodule(n) for n in names}
+    quant = {n: qmodule.model.get_submodule(n) for n in names}
     recon = _recon_set(calib, config.recon_samples)
     # Reconstruction runs small tensors: on this shared 2-core machine one thread took 7 s
     # where two took 170 s (OpenMP threads spinning against other processes).
@@ -451,13 +431,13 @@ def quantize_w4a8(
 
 
 def _reconstruct_all(
-    qmodule: nn.Module,
-    fp_module: nn.Module,
+    qmodule: StepModel,
+    fp_module: StepModel,
     names: list[str],
     quant: dict[str, nn.Module],
     temporal: list[str],
     recon: CalibrationSet,
-    config: QuantConfig,
+    config: W4A8Config,
 ) -> dict[str, tuple[float, float]]:
     """The temporal block (TIAR) when quantized, then every block in forward order."""
     gains: dict[str, tuple[float, float]] = {}
@@ -471,7 +451,7 @@ def _reconstruct_all(
             todo = [n for n in block_layers if n not in done]
             if not todo:
                 continue
-            q_block, fp_block = qmodule.get_submodule(block_name), fp_module.get_submodule(block_name)
+            q_block, fp_block = qmodule.model.get_submodule(block_name), fp_module.model.get_submodule(block_name)
             inputs = _capture(qmodule, q_block, recon, config.calib_batch_size, "inputs")
             target = _capture(fp_module, fp_block, recon, config.calib_batch_size, "output")
             assert isinstance(inputs, _Inputs) and isinstance(target, Tensor)
@@ -492,11 +472,9 @@ def quantized_weight(quant: Any) -> tuple[Tensor, Tensor]:
     return w_int.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8), scale
 
 
-def layer_quant(quant: Any, config: QuantConfig) -> LayerQuant:
+def layer_quant(quant: Any, config: W4A8Config) -> LayerQuant:
     """What the exporter needs: int4 weights and their scales (per channel, or per group along
     the input channels), the input amax."""
-    from compress.quantize import LayerQuant
-
     w_int, scale = quantized_weight(quant)
     group = quant.group_size
     block_scale = scale.flatten(1)[:, 0] if group is None else scale[:, ::group].contiguous()
@@ -507,6 +485,7 @@ def layer_quant(quant: Any, config: QuantConfig) -> LayerQuant:
         weight_amax=(scale.flatten(1).amax(1) * WEIGHT_QMAX).clone(),
         output_amax=None,
         activation_bits=config.activation_bits,
+        precision="w4a8",
         weight_bits=WEIGHT_BITS,
         weight_int=w_int,
         weight_scale=block_scale,
@@ -514,7 +493,7 @@ def layer_quant(quant: Any, config: QuantConfig) -> LayerQuant:
     )
 
 
-def engine_note(config: QuantConfig) -> str:
+def engine_note(config: W4A8Config) -> str:
     """The manifest's one-line statement of how the weights are stored."""
     group = (
         "per output channel"

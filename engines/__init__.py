@@ -1,42 +1,39 @@
-"""Engines: runtimes behind one protocol, the engine-driven sampler, compare / report / gate."""
+"""Engines: runtimes behind one protocol, host-ISA checks, compare / report / gate."""
 
-from engines.base import Engine, EngineVelocity, OrtEngine, TorchEngine, check_steps
-from engines.compare import (
+from flowpress.engines.base import Engine, OrtEngine, TorchEngine, check_steps
+from flowpress.engines.compare import (
     CompareConfig,
     Comparison,
+    Evaluator,
     GateConfig,
+    MetricBound,
     compare,
-    frechet_distance,
-    interleaved_step_times,
+    evaluate_gate,
     judge,
-    median_step_ms,
-    psnr_db,
-    quality,
     recommend,
-    rel_l2,
-    step_times_ms,
 )
-from engines.report import report_dict, write_report
+from flowpress.engines.metrics import frechet_distance, psnr_db, rel_l2, ssim
+from flowpress.engines.timing import interleaved_step_times, median_step_ms, step_times_ms
 
 __all__ = [
     "CompareConfig",
     "Comparison",
     "Engine",
-    "EngineVelocity",
+    "Evaluator",
     "GateConfig",
+    "MetricBound",
     "OrtEngine",
     "TorchEngine",
     "check_steps",
     "compare",
+    "evaluate_gate",
     "frechet_distance",
     "interleaved_step_times",
     "judge",
     "median_step_ms",
     "psnr_db",
-    "quality",
     "recommend",
     "rel_l2",
+    "ssim",
     "step_times_ms",
-    "report_dict",
-    "write_report",
 ]

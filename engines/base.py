@@ -1,4 +1,4 @@
-"""The Engine protocol: anything that maps (x, step, cond) -> v on a fixed schedule."""
+"""The Engine protocol: anything that maps (x, step, cond) -> out on a fixed schedule."""
 
 from __future__ import annotations
 
@@ -7,20 +7,25 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from export import StepModel, ort_session
-from sampling import FlowpressError, Schedule
+from flowpress.errors import FlowpressError
+from flowpress.export import ort_session
+from flowpress.models import StepModel
+from flowpress.sampling import Cond, Sampler
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """v = engine(x, step, cond).  x: (B, C, H, W); step: (B,) int64 grid index; cond: (B,) int64."""
+    """out = engine(x, step, cond).  x: (B, C, H, W); step: (B,) int64 index of the sampler's
+    evaluation; cond: the conditioning inputs by name (e.g. {"class_labels": (B,) int64})."""
 
     name: str
-    schedule: Schedule
 
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor: ...
+    @property
+    def schedule(self) -> Sampler: ...
+
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor: ...
 
 
 def host_array(tensor: Tensor) -> np.ndarray:
@@ -31,47 +36,47 @@ def host_array(tensor: Tensor) -> np.ndarray:
 
 
 def check_steps(engine: Engine, step: Tensor) -> None:
-    last = len(engine.schedule.evaluated_steps) - 1
+    last = engine.schedule.n_evaluations - 1
     # numpy, not torch: a torch reduction on a (B,) tensor measured ~0.8 ms here (its thread pool
     # waking up after the runtime's), which dominated a batch-1 sampler step
     steps = host_array(step)
     bad = int(steps.min()) if int(steps.min()) < 0 else int(steps.max())
     if bad < 0 or bad > last:
         raise FlowpressError(
-            f"engine {engine.name}: step {bad} is outside its schedule (0..{last}, "
-            f"{engine.schedule.n_steps} {engine.schedule.method} steps); rebuild the engine for this step count (`make engines`)"
+            f"engine {engine.name}: step {bad} is outside its schedule (0..{last}, {engine.schedule.n_steps} steps); "
+            "rebuild the engine for this step count (`make quantize`)"
         )
 
 
 def graph_feeds(
-    engine: Engine, path: Path, input_names: list[str], x: Tensor, step: Tensor, cond: Tensor | None
+    engine: Engine, path: Path, input_names: list[str], x: Tensor, step: Tensor, cond: Cond
 ) -> dict[str, np.ndarray]:
-    """Checked numpy inputs of an exported engine graph (x, step[, class_labels])."""
+    """Checked numpy inputs of an exported engine graph (x, step, *cond)."""
     check_steps(engine, step)
     feeds: dict[str, np.ndarray] = {"x": host_array(x), "step": host_array(step)}
-    if "class_labels" in input_names:
-        if cond is None:
-            raise FlowpressError(f"engine {path}: this engine needs class labels")
-        feeds["class_labels"] = host_array(cond)
+    for name in input_names[2:]:
+        if name not in cond:
+            raise FlowpressError(f"engine {path}: this engine needs the conditioning input {name!r}")
+        feeds[name] = host_array(cond[name])
     return feeds
 
 
 class TorchEngine:
-    """Any VelocityModel (FP or fake-quant) as an engine: the reference for every comparison."""
+    """A step model (FP or fake-quant) as an engine: the reference for every comparison."""
 
-    def __init__(self, model: nn.Module, schedule: Schedule, name: str = "torch"):
+    def __init__(self, step_model: StepModel, schedule: Sampler, name: str = "torch"):
         self.name = name
         self.schedule = schedule
-        self.step_model = StepModel(model, schedule).eval()
+        self.step_model = step_model.eval()
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         check_steps(self, step)
-        return self.step_model(x, step, cond)
+        return self.step_model.run(x, step, cond)
 
 
 class OrtEngine:
-    """An ONNX graph (x, step[, class_labels]) -> v run by onnxruntime on the CPU provider.
+    """An ONNX graph (x, step, *cond) -> out run by onnxruntime on the CPU provider.
 
     io_binding: inputs are bound in place and v is written into a buffer kept per batch shape
     (the sampler loop calls the engine with the same shapes every step), then copied out once.
@@ -80,7 +85,7 @@ class OrtEngine:
     def __init__(
         self,
         path: str | Path,
-        schedule: Schedule,
+        schedule: Sampler,
         name: str = "onnxruntime",
         threads: int = 0,
         io_binding: bool = True,
@@ -104,7 +109,7 @@ class OrtEngine:
         self._binding = self.session.io_binding()
         self._outputs: dict[tuple[int, ...], np.ndarray] = {}
 
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         if not self.io_binding:
             return torch.from_numpy(self.session.run(None, feeds)[0])
@@ -117,22 +122,3 @@ class OrtEngine:
         self._binding.bind_output(self.output_name, "cpu", 0, np.float32, list(shape), out.ctypes.data)
         self.session.run_with_iobinding(self._binding)
         return torch.from_numpy(out.copy())  # the buffer is reused by the next call
-
-
-class EngineVelocity:
-    """An engine behind the sampler's (x, t, cond) -> v call: t is looked up in the schedule."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.times = engine.schedule.times.numpy().astype(np.float64)
-
-    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        distance = np.abs(t.numpy().astype(np.float64).reshape(-1, 1) - self.times.reshape(1, -1))
-        step = distance.argmin(axis=1)
-        gap = distance[np.arange(len(step)), step]
-        if float(gap.max()) > 1e-6:
-            raise FlowpressError(
-                f"engine {self.engine.name}: t={float(t[int(gap.argmax())]):.6f} is not on its "
-                f"{self.engine.schedule.n_steps}-step schedule; rebuild the engine (`make engines`)"
-            )
-        return self.engine(x, torch.from_numpy(step), cond)

@@ -1,30 +1,57 @@
-"""FP vs engine from the same seeds and labels: per-step error, final fidelity, quality, gate."""
+"""FP vs engine from the same seeds and conditioning: per-step error, final fidelity, the
+model's own quality (an Evaluator), and the gate."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import Engine, EngineVelocity
-from models.classifier import DigitClassifier
-from sampling import FlowpressError, noise_for_seeds, sample
+from flowpress.engines.base import Engine
+from flowpress.engines.metrics import cosine, psnr_db, rel_l2, ssim
+from flowpress.errors import FlowpressError
+from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
+
+Direction = Literal["higher", "lower"]
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """A model's own quality measure, plugged into compare (the digits example brings a
+    classifier's accuracy and a Frechet distance).
+
+    metrics: name -> which way is better ('higher' or 'lower'); score: (N, C, H, W) final
+    samples in [-1, 1] and their conditioning (N rows) -> {metric: value}."""
+
+    metrics: dict[str, Direction]
+
+    def score(self, samples: Tensor, cond: Cond) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class MetricBound:
+    """Bounds on one evaluator metric.  max_drop: how much worse than the FP reference the
+    engine may score (reference - engine for 'higher', engine - reference for 'lower');
+    max_ratio: engine / reference at most; min_reference / max_reference: the FP reference's own
+    score must reach it — a setting that breaks the model then fails instead of passing by
+    being consistently wrong."""
+
+    max_drop: float | None = None
+    max_ratio: float | None = None
+    min_reference: float | None = None
+    max_reference: float | None = None
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The engine passes when every threshold holds (None disables one)."""
+    """The engine passes when every bound holds (None disables one); metrics: evaluator
+    metrics by name (e.g. classifier_acc: {max_drop: 0.01, min_reference: 0.9})."""
 
     min_final_psnr_db: float | None = 30.0
-    max_classifier_acc_drop: float | None = 0.02  # absolute, in accuracy (0.02 = 2 points)
-    max_fd_ratio: float | None = None  # engine FD / reference FD
-    # the FP reference itself must be sane: a setting that breaks the model (a negative guidance,
-    # a wrong time convention) would otherwise pass by being consistently wrong
-    min_reference_classifier_acc: float | None = None
+    min_final_ssim: float | None = None
+    metrics: dict[str, MetricBound] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -33,7 +60,6 @@ class CompareConfig:
     seed_base: int = 0
     batch_size: int = 50
     guidance: float = 1.0
-    null_label: int | None = None
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
@@ -42,14 +68,22 @@ class CompareConfig:
                 f"compare: n_samples must be >= 2 and batch_size >= 1, got {self.n_samples}, {self.batch_size}"
             )
 
+    @property
+    def seeds(self) -> Tensor:
+        return torch.arange(self.seed_base, self.seed_base + self.n_samples)
+
 
 @dataclass
 class Comparison:
-    """Samples and errors of one FP-vs-engine run; `report()` gives the report.json fields."""
+    """Samples and errors of one FP-vs-engine run.
 
-    fp: Tensor  # (N, C, H, W) final FP samples
-    engine: Tensor  # (N, C, H, W) final engine samples
-    labels: Tensor | None
+    fp / engine: (N, C, H, W) final samples; cond: their conditioning; per_step: {step, t, rel_l2,
+    cosine} of the state after each sampler step (step 0: the shared noise); final: psnr_db,
+    ssim, rel_l2; quality: {reference, engine} evaluator scores; gate: the verdict."""
+
+    fp: Tensor
+    engine: Tensor
+    cond: Cond
     seeds: Tensor
     per_step: list[dict[str, float]]
     final: dict[str, float]
@@ -57,46 +91,23 @@ class Comparison:
     gate: dict[str, Any]
 
 
-def psnr_db(reference: Tensor, test: Tensor) -> float:
-    """PSNR over the [-1, 1] data range (peak-to-peak 2), both clamped to it."""
-    mse = float((reference.clamp(-1, 1) - test.clamp(-1, 1)).double().pow(2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
-
-
-def rel_l2(reference: Tensor, test: Tensor) -> Tensor:
-    """(B,) ||test - ref|| / ||ref|| per sample."""
-    ref = reference.flatten(1).double()
-    return (test.flatten(1).double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two (N, D) feature sets."""
-    from scipy import linalg
-
-    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    # ReLU features have dead dimensions: a tiny ridge keeps the covariances invertible.
-    ridge = 1e-6 * np.eye(features_a.shape[1])
-    cov_a, cov_b = np.cov(features_a, rowvar=False) + ridge, np.cov(features_b, rowvar=False) + ridge
-    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
-
-
-@torch.no_grad()
-def quality(
-    classifier: DigitClassifier, samples: Tensor, labels: Tensor, real_features: np.ndarray
-) -> dict[str, float]:
-    """classifier_acc: fraction recognised as the requested class; fd: vs real digits' features."""
-    logits = torch.cat([classifier(chunk.clamp(-1, 1)) for chunk in samples.split(256)])
-    features = torch.cat([classifier.embed(chunk.clamp(-1, 1)) for chunk in samples.split(256)]).numpy()
+def final_metrics(reference: Tensor, test: Tensor) -> dict[str, float]:
     return {
-        "classifier_acc": float((logits.argmax(1) == labels).float().mean()),
-        "fd": frechet_distance(features.astype(np.float64), real_features.astype(np.float64)),
+        "psnr_db": psnr_db(reference, test),
+        "ssim": ssim(reference, test),
+        "rel_l2": float(rel_l2(reference, test).mean()),
     }
 
 
-def evaluate_gate(gate: GateConfig, final: dict[str, float], quality_: dict[str, dict[str, float]]) -> dict[str, Any]:
-    checks = []
-    ref, eng = quality_["reference"], quality_["engine"]
+def evaluate_gate(
+    gate: GateConfig,
+    final: dict[str, float],
+    quality: dict[str, dict[str, float]],
+    directions: dict[str, Direction] | None = None,
+) -> dict[str, Any]:
+    """{passed, thresholds, checks} of the gate on one comparison."""
+    directions = directions or {}
+    checks: list[tuple[str, float, str, float, bool]] = []
     if gate.min_final_psnr_db is not None:
         checks.append(
             (
@@ -107,21 +118,37 @@ def evaluate_gate(gate: GateConfig, final: dict[str, float], quality_: dict[str,
                 final["psnr_db"] >= gate.min_final_psnr_db,
             )
         )
-    if gate.max_classifier_acc_drop is not None:
-        drop = ref["classifier_acc"] - eng["classifier_acc"]
-        checks.append(
-            ("classifier_acc_drop", drop, "<=", gate.max_classifier_acc_drop, drop <= gate.max_classifier_acc_drop)
-        )
-    if gate.min_reference_classifier_acc is not None:
-        floor = gate.min_reference_classifier_acc
-        acc = ref["classifier_acc"]
-        checks.append(("reference_classifier_acc", acc, ">=", floor, acc >= floor))
-    if gate.max_fd_ratio is not None:
-        ratio = eng["fd"] / max(ref["fd"], 1e-12)
-        checks.append(("fd_ratio", ratio, "<=", gate.max_fd_ratio, ratio <= gate.max_fd_ratio))
+    if gate.min_final_ssim is not None:
+        checks.append(("final_ssim", final["ssim"], ">=", gate.min_final_ssim, final["ssim"] >= gate.min_final_ssim))
+    for name, bound in gate.metrics.items():
+        if name not in directions:
+            raise FlowpressError(
+                f"gate.metrics.{name}: the recipe's evaluator measures {sorted(directions) or 'nothing'}; "
+                "bound one of those or remove it"
+            )
+        ref, eng = quality["reference"][name], quality["engine"][name]
+        higher = directions[name] == "higher"
+        if bound.max_drop is not None:
+            drop = ref - eng if higher else eng - ref
+            checks.append((f"{name}_drop", drop, "<=", bound.max_drop, drop <= bound.max_drop))
+        if bound.max_ratio is not None:
+            ratio = eng / max(ref, 1e-12)
+            checks.append((f"{name}_ratio", ratio, "<=", bound.max_ratio, ratio <= bound.max_ratio))
+        if bound.min_reference is not None:
+            checks.append((f"reference_{name}", ref, ">=", bound.min_reference, ref >= bound.min_reference))
+        if bound.max_reference is not None:
+            checks.append((f"reference_{name}", ref, "<=", bound.max_reference, ref <= bound.max_reference))
+    thresholds: dict[str, Any] = {
+        k: v
+        for k, v in (("min_final_psnr_db", gate.min_final_psnr_db), ("min_final_ssim", gate.min_final_ssim))
+        if v is not None
+    }
+    thresholds["metrics"] = {
+        name: {k: v for k, v in vars(b).items() if v is not None} for name, b in gate.metrics.items()
+    }
     return {
         "passed": all(c[4] for c in checks),
-        "thresholds": {k: v for k, v in asdict(gate).items() if v is not None},
+        "thresholds": thresholds,
         "checks": [
             {"name": n, "value": v, "op": op, "threshold": th, "passed": bool(ok)} for n, v, op, th, ok in checks
         ],
@@ -139,48 +166,46 @@ def check_finite(samples: Tensor, engine: Engine, seeds: Tensor) -> None:
         )
 
 
+def _scores(evaluator: Evaluator | None, samples: Tensor, cond: Cond) -> dict[str, float]:
+    return {} if evaluator is None else evaluator.score(samples, cond)
+
+
+@torch.no_grad()
 def compare(
     reference: Engine,
     engine: Engine,
+    sampler: Sampler,
     config: CompareConfig,
-    classifier: DigitClassifier,
-    real_features: np.ndarray,
-    sample_shape: tuple[int, ...],
-    num_classes: int | None,
+    shape: tuple[int, ...],
+    cond: Cond,
+    null: Cond | None = None,
+    evaluator: Evaluator | None = None,
     progress: bool = True,
 ) -> Comparison:
-    """Sample with `reference` and `engine` from identical noise and labels; measure the gap."""
+    """Sample with `reference` and `engine` from identical noise and conditioning (cond: n_samples
+    rows) and measure the gap step by step, at the end, and by the evaluator."""
     from tqdm import tqdm
 
-    if reference.schedule != engine.schedule:
-        raise FlowpressError(
-            f"compare: engine schedule {engine.schedule} differs from the reference's {reference.schedule}"
-        )
-    schedule = engine.schedule
-    seeds = torch.arange(config.seed_base, config.seed_base + config.n_samples)
-    labels = torch.arange(config.n_samples) % num_classes if num_classes else None
-    n_grid = schedule.n_steps + 1
-    rel_sum, cos_sum = torch.zeros(n_grid, dtype=torch.float64), torch.zeros(n_grid, dtype=torch.float64)
+    seeds = config.seeds
+    n_states = sampler.n_steps + 1
+    rel_sum, cos_sum = torch.zeros(n_states, dtype=torch.float64), torch.zeros(n_states, dtype=torch.float64)
     finals_fp, finals_engine = [], []
-    ref_v, eng_v = EngineVelocity(reference), EngineVelocity(engine)
     starts = range(0, config.n_samples, config.batch_size)
     for start in tqdm(starts, desc=f"compare {engine.name}", disable=not progress):
         chunk = seeds[start : start + config.batch_size]
-        noise = noise_for_seeds(chunk.tolist(), sample_shape)
-        cond = None if labels is None else labels[start : start + len(chunk)]
-        traj_fp = sample(ref_v, noise, cond, schedule, config.guidance, config.null_label)
-        traj_engine = sample(eng_v, noise, cond, schedule, config.guidance, config.null_label)
+        noise = noise_for_seeds(chunk.tolist(), shape)
+        rows = batch_cond(cond, slice(start, start + len(chunk)))
+        traj_fp = sample(sampler, reference, noise, rows, config.guidance, null)
+        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null)
         check_finite(traj_fp.final, reference, chunk)
         check_finite(traj_engine.final, engine, chunk)
-        for k in range(n_grid):
+        for k in range(n_states):
             rel_sum[k] += rel_l2(traj_fp.xs[k], traj_engine.xs[k]).sum()
-            cos_sum[k] += torch.nn.functional.cosine_similarity(
-                traj_fp.xs[k].flatten(1).double(), traj_engine.xs[k].flatten(1).double(), dim=1
-            ).sum()
+            cos_sum[k] += cosine(traj_fp.xs[k], traj_engine.xs[k]).sum()
         finals_fp.append(traj_fp.final)
         finals_engine.append(traj_engine.final)
     fp, eng = torch.cat(finals_fp), torch.cat(finals_engine)
-    times = schedule.times.tolist()
+    times = sampler.state_times
     per_step = [
         {
             "step": k,
@@ -188,47 +213,44 @@ def compare(
             "rel_l2": float(rel_sum[k] / config.n_samples),
             "cosine": float(cos_sum[k] / config.n_samples),
         }
-        for k in range(n_grid)
+        for k in range(n_states)
     ]
-    final = {"psnr_db": psnr_db(fp, eng), "rel_l2": float(rel_l2(fp, eng).mean())}
-    if labels is None:
-        raise FlowpressError("compare: quality metrics need a class-conditional model (digits classifier)")
-    quality_ = {
-        "reference": quality(classifier, fp, labels, real_features),
-        "engine": quality(classifier, eng, labels, real_features),
-    }
-    gate = evaluate_gate(config.gate, final, quality_)
-    return Comparison(fp, eng, labels, seeds, per_step, final, quality_, gate)
+    final = final_metrics(fp, eng)
+    quality = {"reference": _scores(evaluator, fp, cond), "engine": _scores(evaluator, eng, cond)}
+    directions = evaluator.metrics if evaluator is not None else {}
+    gate = evaluate_gate(config.gate, final, quality, directions)
+    return Comparison(fp, eng, cond, seeds, per_step, final, quality, gate)
 
 
 @torch.no_grad()
 def judge(
     comparison: Comparison,
     engine: Engine,
+    sampler: Sampler,
     config: CompareConfig,
-    classifier: DigitClassifier,
-    real_features: np.ndarray,
-    sample_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    null: Cond | None = None,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
-    """Another engine on the comparison's seeds and labels, judged by the same gate against the
-    same FP finals: {final, quality, gate}."""
+    """Another engine on the comparison's seeds and conditioning, judged by the same gate against
+    the same FP finals: {final, quality, gate, samples}."""
     finals = []
-    velocity = EngineVelocity(engine)
     for start in range(0, len(comparison.seeds), config.batch_size):
         chunk = comparison.seeds[start : start + config.batch_size]
-        cond = None if comparison.labels is None else comparison.labels[start : start + len(chunk)]
-        noise = noise_for_seeds(chunk.tolist(), sample_shape)
-        finals.append(sample(velocity, noise, cond, engine.schedule, config.guidance, config.null_label).final)
+        rows = batch_cond(comparison.cond, slice(start, start + len(chunk)))
+        noise = noise_for_seeds(chunk.tolist(), shape)
+        finals.append(sample(sampler, engine, noise, rows, config.guidance, null).final)
         check_finite(finals[-1], engine, chunk)
     eng = torch.cat(finals)
-    final = {"psnr_db": psnr_db(comparison.fp, eng), "rel_l2": float(rel_l2(comparison.fp, eng).mean())}
-    if comparison.labels is None:
-        raise FlowpressError("compare: quality metrics need a class-conditional model (digits classifier)")
-    quality_ = {
-        "reference": comparison.quality["reference"],
-        "engine": quality(classifier, eng, comparison.labels, real_features),
+    final = final_metrics(comparison.fp, eng)
+    quality = {"reference": comparison.quality["reference"], "engine": _scores(evaluator, eng, comparison.cond)}
+    directions = evaluator.metrics if evaluator is not None else {}
+    return {
+        "final": final,
+        "quality": quality["engine"],
+        "gate": evaluate_gate(config.gate, final, quality, directions),
+        "samples": eng,
     }
-    return {"final": final, "quality": quality_["engine"], "gate": evaluate_gate(config.gate, final, quality_)}
 
 
 def recommend(candidates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,58 +264,3 @@ def recommend(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     if fastest is not best:
         reason += f"; {fastest['engine']} is faster ({fastest['ms_b8']:.2f} ms) but fails the gate"
     return {"engine": best["engine"], "reason": reason}
-
-
-def step_times_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int, warmup: int) -> np.ndarray:
-    """Wall ms of `runs` engine forwards at `batch` after `warmup`, cycling through the steps."""
-    x = torch.randn(batch, *sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = torch.zeros(batch, dtype=torch.int64)
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            step = torch.full((batch,), i % engine.schedule.n_steps, dtype=torch.int64)
-            start = time.perf_counter()
-            engine(x, step, cond)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return np.array(times)
-
-
-def interleaved_step_times(
-    engines: dict[str, Engine], batch: int, shape: tuple[int, ...], runs: int, warmup: int, block: int, settle: int
-) -> dict[str, np.ndarray]:
-    """Wall ms of `runs` forwards per engine at `batch`, timed in rounds: each round gives every
-    engine `settle` untimed forwards and then `block` timed ones; the engine order rotates each
-    round.  Measured on the digits DiT: after a switch of runtime an engine's first forwards run
-    cold (OpenVINO int8 b8 median: 2.7-3.4 ms timed alone, 5.1-6.4 with 1 settle + 5 timed per
-    round, 3.2-3.4 with 3 + 10), so a round must be long enough to be measured warm."""
-    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    cond = torch.zeros(batch, dtype=torch.int64)
-    names = list(engines)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    counts = dict.fromkeys(names, 0)
-
-    def forward(name: str) -> float:
-        engine = engines[name]
-        step = torch.full((batch,), counts[name] % engine.schedule.n_steps, dtype=torch.int64)
-        counts[name] += 1
-        start = time.perf_counter()
-        engine(x, step, cond)
-        return (time.perf_counter() - start) * 1000
-
-    with torch.no_grad():
-        for name in names:
-            for _ in range(warmup):
-                forward(name)
-        rounds = -(-runs // block)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                for _ in range(settle):
-                    forward(name)
-                times[name] += [forward(name) for _ in range(min(block, runs - len(times[name])))]
-    return {name: np.array(t) for name, t in times.items()}
-
-
-def median_step_ms(engine: Engine, batch: int, sample_shape: tuple[int, ...], runs: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one engine forward at `batch` over `runs` timed calls after warm-up."""
-    return float(np.median(step_times_ms(engine, batch, sample_shape, runs, warmup)))

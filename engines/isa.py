@@ -19,7 +19,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sampling import FlowpressError
+from flowpress.errors import FlowpressError
 
 # class -> whether u8 x s8 pair sums saturate there with 8-bit weights
 ISA_CLASSES = {

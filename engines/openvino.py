@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import graph_feeds
-from sampling import FlowpressError, Schedule
+from flowpress.engines.base import graph_feeds
+from flowpress.errors import FlowpressError
+from flowpress.sampling import Cond, Sampler
 
 
 class OpenVinoEngine:
-    """An OpenVINO IR (x, step[, class_labels]) -> v on the CPU plugin.
+    """An OpenVINO IR (x, step, *cond) -> out on the CPU plugin.
 
     Compiled once per batch size with static shapes (measured 10-80% faster than a dynamic
     batch here) and INFERENCE_PRECISION_HINT set explicitly, never OpenVINO's silent default.
@@ -25,7 +26,7 @@ class OpenVinoEngine:
     def __init__(
         self,
         xml: str | Path,
-        schedule: Schedule,
+        schedule: Sampler,
         precision_hint: str | None,
         name: str = "openvino",
         threads: int = 0,
@@ -74,7 +75,7 @@ class OpenVinoEngine:
         """What the compiled model runs its float parts in: 'f32', 'bf16' or 'f16'."""
         return str(self._compiled(batch).get_property("INFERENCE_PRECISION_HINT").to_string())
 
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         compiled = self._compiled(int(x.shape[0]))
         return torch.from_numpy(np.array(compiled(feeds)[compiled.output(0)]))

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engines.base import Engine
-from engines.isa import HostIsa, host_isa
-from sampling import EngineParityError
+from flowpress.engines.base import Engine
+from flowpress.engines.isa import HostIsa, host_isa
+from flowpress.errors import EngineParityError
 
 HOST_DRIFT_LIMIT = 1.5  # error here / error where validated; same host: 1.0 exactly
 FLOAT_ENGINE_ERROR = 1e-4  # below this recorded error an engine runs float kernels: nothing to re-check
@@ -43,8 +43,8 @@ def host_record(host: HostIsa | None = None) -> dict[str, Any]:
 @torch.no_grad()
 def error_vs_fp(engine: Engine, fp: Engine, feeds: dict[str, Tensor]) -> float:
     """Mean over the feeds of ||engine - fp|| / ||fp|| of one forward at each feed's step."""
-    args = (feeds["x"], feeds["step"], feeds.get("class_labels"))
-    got, want = engine(*args), fp(*args)
+    cond = {name: value for name, value in feeds.items() if name not in ("x", "step")}
+    got, want = engine(feeds["x"], feeds["step"], cond), fp(feeds["x"], feeds["step"], cond)
     if not torch.isfinite(got).all():
         return float("inf")
     return float(((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())

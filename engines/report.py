@@ -1,8 +1,11 @@
-"""Write report.json / report.md / trajectory_error.png / samples.png / samples.npz."""
+"""report.json's schema (Report) and the files a compare writes: report.json, report.md,
+samples.npz, samples.png, trajectory_error.png."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,40 +13,104 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.compare import Comparison
+from flowpress.engines.compare import Comparison
+from flowpress.errors import FlowpressError
+from flowpress.files import write_json, write_text
 
 
-def report_dict(
-    comparison: Comparison,
-    latency_ms: dict[str, dict[str, float]],
-    size_bytes: dict[str, int],
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "gate": comparison.gate,
-        "per_step": comparison.per_step,
-        "final": comparison.final,
-        "quality": comparison.quality,
-        "latency_ms": latency_ms,
-        "size_bytes": size_bytes,
-        "n_samples": len(comparison.seeds),
-        **extra,
-    }
+@dataclass
+class Report:
+    """What a compare concluded; report.json is this, and `precisions`, the bench and the Python
+    API read it back through Report.load.
+
+    gate: {passed, thresholds, checks}; per_step: [{step, t, rel_l2, cosine}]; final: {psnr_db,
+    ssim, rel_l2}; quality: {reference, engine} evaluator scores; latency_ms: {runtime: {b1, b8}}
+    median ms per forward; size_bytes: {fp32_onnx, engine}; cpu_engines: every CPU engine judged
+    on the same seeds [{engine, final_psnr_db, final_ssim, quality, ms_b1, ms_b8, size_bytes,
+    gate_passed}]; recommendation: {engine, reason}; host: {isa, validated_on, revalidated}."""
+
+    recipe: str
+    precision: str
+    flavour: str
+    engine: str
+    n_samples: int
+    schedule: dict[str, Any]
+    gate: dict[str, Any]
+    per_step: list[dict[str, float]]
+    final: dict[str, float]
+    quality: dict[str, dict[str, float]]
+    latency_ms: dict[str, dict[str, float]]
+    latency_note: str
+    size_bytes: dict[str, int]
+    cpu_engines: list[dict[str, Any]]
+    recommendation: dict[str, Any]
+    host: dict[str, Any]
+    weight_forms: dict[str, Any] | None = None
+    mixed_precision: dict[str, Any] | None = None
+    gpu_bench: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate["passed"])
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {k: v for k, v in data.items() if v is not None}
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Report:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name != "extra"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise FlowpressError(
+                f"{where}: report.json lacks {', '.join(missing)}; it is from an older flowpress: rerun `make compare`"
+            )
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FlowpressError(f"{path}: no report; run `make quantize` first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FlowpressError(f"{path}: not valid JSON ({err}); rerun `make compare`") from None
+        if not isinstance(data, dict):
+            raise FlowpressError(f"{path}: not a report (a JSON object); rerun `make compare`")
+        return cls.from_dict(data, str(path))
 
 
-def write_report(run_dir: Path, comparison: Comparison, report: dict[str, Any], title: str) -> None:
+def write_report(run_dir: Path, comparison: Comparison, report: Report, samples: dict[str, Tensor], title: str) -> None:
+    """report.json, report.md, samples.npz (FP and every judged engine's final samples),
+    trajectory_error.png, samples.png (FP beside the engine the report recommends, else the main one)."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    np.savez_compressed(
-        run_dir / "samples.npz",
-        fp=comparison.fp.numpy().astype(np.float32),
-        engine=comparison.engine.numpy().astype(np.float32),
-        labels=(comparison.labels if comparison.labels is not None else torch.zeros(0)).numpy().astype(np.int64),
-        seeds=comparison.seeds.numpy().astype(np.int64),
-    )
+    write_json(run_dir / "report.json", report.as_dict())
+    shown = report.recommendation.get("engine") or report.engine
+    arrays = {
+        "fp": comparison.fp.numpy().astype(np.float32),
+        "engine": samples.get(shown, comparison.engine).numpy().astype(np.float32),
+        "engine_name": np.array(shown),
+        "seeds": comparison.seeds.numpy().astype(np.int64),
+        **{f"cond_{name}": value.numpy() for name, value in comparison.cond.items()},
+        **{f"samples_{name}": value.numpy().astype(np.float32) for name, value in samples.items()},
+    }
+    if "class_labels" in comparison.cond:
+        arrays["labels"] = comparison.cond["class_labels"].numpy().astype(np.int64)
+    np.savez_compressed(run_dir / "samples.npz", **arrays)  # type: ignore[arg-type]
     plot_trajectory_error(comparison.per_step, run_dir / "trajectory_error.png", title)
-    plot_samples(comparison, run_dir / "samples.png")
-    (run_dir / "report.md").write_text(report_markdown(report, title))
+    plot_samples(
+        comparison.fp,
+        samples.get(shown, comparison.engine),
+        comparison.cond.get("class_labels"),
+        run_dir / "samples.png",
+        shown,
+    )
+    write_text(run_dir / "report.md", report_markdown(report, title))
 
 
 def plot_trajectory_error(per_step: list[dict[str, float]], path: Path, title: str) -> None:
@@ -55,7 +122,7 @@ def plot_trajectory_error(per_step: list[dict[str, float]], path: Path, title: s
     steps = [row["step"] for row in per_step[1:]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [row["rel_l2"] for row in per_step[1:]], marker="o")
-    ax.set_xlabel("sampler step (state after the step; t goes 1 -> 0)")
+    ax.set_xlabel("sampler step (state after the step)")
     ax.set_ylabel("relative L2 of x_t, engine vs FP")
     ax.set_yscale("log")
     ax.set_title(title)
@@ -66,85 +133,114 @@ def plot_trajectory_error(per_step: list[dict[str, float]], path: Path, title: s
 
 
 def _grid(images: Tensor, rows: int, cols: int) -> np.ndarray:
-    pixels = ((images[: rows * cols].clamp(-1, 1) + 1) / 2).numpy()[:, 0]
-    h, w = pixels.shape[1:]
-    canvas = np.ones((rows * (h + 1), cols * (w + 1)))
+    pixels = ((images[: rows * cols].clamp(-1, 1) + 1) / 2).numpy()
+    pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels[:, :3].transpose(0, 2, 3, 1)
+    h, w = pixels.shape[1:3]
+    canvas = np.ones((rows * (h + 1), cols * (w + 1), *pixels.shape[3:]))
     for i, image in enumerate(pixels):
         r, c = divmod(i, cols)
         canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
     return canvas
 
 
-def plot_samples(comparison: Comparison, path: Path) -> None:
+def plot_samples(fp: Tensor, engine: Tensor, labels: Tensor | None, path: Path, name: str) -> None:
     """FP (left) and engine (right) samples of the same seeds; one column per class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = min(100, len(comparison.seeds))
+    n = min(100, len(fp))
     cols = 10
     order = torch.arange(n)
-    if comparison.labels is not None:  # columns = classes, rows = successive seeds of that class
-        order = torch.argsort(comparison.labels[:n] * n + torch.arange(n), stable=True)
+    if labels is not None:  # columns = classes, rows = successive seeds of that class
+        order = torch.argsort(labels[:n] * n + torch.arange(n), stable=True)
         order = order.reshape(-1, cols).T.reshape(-1) if n % cols == 0 else order
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
-    for ax, images, name in zip(axes, (comparison.fp, comparison.engine), ("FP (torch)", "engine"), strict=True):
+    for ax, images, title in zip(axes, (fp, engine), ("FP (torch)", name), strict=True):
         ax.imshow(_grid(images[order], rows, cols), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name)
+        ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def report_markdown(report: dict[str, Any], title: str) -> str:
-    gate = report["gate"]
+def _quality_table(report: Report) -> list[str]:
+    metrics = sorted(report.quality["reference"])
+    if not metrics:
+        return []
+    lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for label, key in (("FP torch", "reference"), ("engine", "engine")):
+        lines.append(f"| {label} | " + " | ".join(f"{report.quality[key][m]:.3f}" for m in metrics) + " |")
+    return ["", *lines]
+
+
+def report_markdown(report: Report, title: str) -> str:
+    gate = report.gate
     lines = [f"# {title}", "", f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
     lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [
         f"| {c['name']} | {c['value']:.4g} | {c['op']} {c['threshold']:g} | {'yes' if c['passed'] else 'NO'} |"
         for c in gate["checks"]
     ]
-    q = report["quality"]
+    final = report.final
     lines += [
         "",
-        f"Samples: {report['n_samples']} (same seeds and labels for FP and engine).",
+        f"Samples: {report.n_samples} (same seeds and conditioning for FP and engine).",
+        *_quality_table(report),
+    ]
+    lines += [
         "",
-        "| | classifier accuracy | Frechet distance to real digits |",
-        "|---|---|---|",
-        f"| FP torch | {q['reference']['classifier_acc']:.3f} | {q['reference']['fd']:.3f} |",
-        f"| engine | {q['engine']['classifier_acc']:.3f} | {q['engine']['fd']:.3f} |",
-        "",
-        f"Final sample vs FP: PSNR {report['final']['psnr_db']:.2f} dB, relative L2 {report['final']['rel_l2']:.4f}.",
+        f"Final sample vs FP: PSNR {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, relative L2 {final['rel_l2']:.4f}.",
         "",
         "## Latency (ms per model forward, median)",
         "",
         "| runtime | batch 1 | batch 8 |",
         "|---|---|---|",
     ]
-    for name, row in report["latency_ms"].items():
-        lines.append(f"| {name} | {row['b1']:.2f} | {row['b8']:.2f} |")
-    if report.get("cpu_engines"):
-        rec = report["recommendation"]
+    lines += [f"| {name} | {row['b1']:.2f} | {row['b8']:.2f} |" for name, row in report.latency_ms.items()]
+    if report.cpu_engines:
+        metrics = sorted(report.cpu_engines[0]["quality"])
         lines += [
             "",
             "## CPU engines for this model (same seeds, same gate)",
             "",
-            "| engine | final PSNR dB | classifier acc | FD | ms b1 | ms b8 | size bytes | gate |",
-            "|---|---|---|---|---|---|---|---|",
+            "| engine | final PSNR dB | SSIM | "
+            + " | ".join(metrics)
+            + (" | " if metrics else "")
+            + "ms b1 | ms b8 | size bytes | gate |",
+            "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|",
         ]
-        for e in report["cpu_engines"]:
+        for e in report.cpu_engines:
+            scores = "".join(f"{e['quality'][m]:.3f} | " for m in metrics)
             lines.append(
-                f"| {e['engine']} | {e['final_psnr_db']:.2f} | {e['classifier_acc']:.3f} | {e['fd']:.2f} | "
-                f"{e['ms_b1']:.2f} | {e['ms_b8']:.2f} | {e['size_bytes']:,} | {'pass' if e['gate_passed'] else 'FAIL'} |"
+                f"| {e['engine']} | {e['final_psnr_db']:.2f} | {e['final_ssim']:.4f} | {scores}{e['ms_b1']:.2f} | "
+                f"{e['ms_b8']:.2f} | {e['size_bytes']:,} | {'pass' if e['gate_passed'] else 'FAIL'} |"
             )
+        rec = report.recommendation
         lines += ["", f"**Recommendation: {rec['engine'] or 'none'}** — {rec['reason']}."]
+    if report.weight_forms:
+        forms = report.weight_forms
+        lines += [
+            "",
+            "## int8 weight forms",
+            "",
+            "| weights | final PSNR dB | exact on | measured |",
+            "|---|---|---|---|",
+        ]
+        for bits, form in forms["forms"].items():
+            shipped = " (shipped)" if bits == forms["shipped"] else ""
+            lines.append(f"| {bits}{shipped} | {form['final_psnr_db']:.2f} | {form['exact_on']} | {form['measured']} |")
+    host = report.host
+    lines += ["", f"Host: {host['isa']['isa_class']}; engines validated on {host['validated_on']['isa_class']}."]
     lines += ["", "## Size", "", "| file | bytes |", "|---|---|"]
-    lines += [f"| {k} | {v:,} |" for k, v in report["size_bytes"].items()]
-    if "mixed_precision" in report:
-        lines += mixed_precision_markdown(report["mixed_precision"])
+    lines += [f"| {k} | {v:,} |" for k, v in report.size_bytes.items()]
+    if report.mixed_precision:
+        from flowpress.engines.report_mixed import mixed_precision_markdown
+
+        lines += mixed_precision_markdown(report.mixed_precision)
     lines += [
         "",
         "## Error along the trajectory",
@@ -154,56 +250,6 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
         "| step | t | rel L2 | cosine |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {r['step']} | {r['t']:.3f} | {r['rel_l2']:.5f} | {r['cosine']:.6f} |" for r in report["per_step"]]
+    lines += [f"| {r['step']} | {r['t']:.3f} | {r['rel_l2']:.5f} | {r['cosine']:.6f} |" for r in report.per_step]
     lines += ["", "## Samples (FP left, engine right, same seeds)", "", "![samples](samples.png)", ""]
     return "\n".join(lines)
-
-
-def mixed_precision_markdown(mixed: dict[str, Any]) -> list[str]:
-    """The gated search: layers kept in full precision, what each cost, every assignment checked."""
-    layers = mixed["fallback_layers"]
-    lines = [
-        "",
-        "## Mixed precision (gated search)",
-        "",
-        f"**{'PASSED' if mixed['passed'] else 'FAILED'}** with {len(layers)} layer(s) kept in full precision"
-        + (": " + ", ".join(f"`{name}`" for name in layers) if layers else "."),
-        "",
-    ]
-    if mixed["fallback_cost"]:
-        lines += [
-            "Cost of each fallback, measured on the engine before and after it (latency: median ms per forward):",
-            "",
-            "| layer | sensitivity gain (dB) | engine bytes | latency b1 (ms) | latency b8 (ms) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{c['layer']}` | {c['sensitivity_gain_db']:+.2f} | {c['size_bytes']:+,} | "
-            f"{c['latency_ms']['b1']:+.2f} | {c['latency_ms']['b8']:+.2f} |"
-            for c in mixed["fallback_cost"]
-        ]
-        lines.append("")
-    lines += [
-        "Assignments checked on the onnxruntime engine (first seeds of the compare), then confirmed by the full compare:",
-        "",
-        "| layers in FP | check samples | final PSNR (dB) | accuracy drop | engine bytes | check | full compare |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for c in mixed["candidates"]:
-        confirmed = {None: "-", True: "passed", False: "failed"}[c["confirmed"]]
-        lines.append(
-            f"| {len(c['fallback_layers'])} | {c['n_samples']} | {c['final_psnr_db']:.2f} | "
-            f"{c['classifier_acc_drop']:.3f} | {c['engine_bytes']:,} | {'pass' if c['check_passed'] else 'fail'} | "
-            f"{confirmed} |"
-        )
-    sens = mixed["sensitivity"]
-    lines += [
-        "",
-        f"Sensitivity ({sens['method']}, {sens['n_samples']} seeded samples; all layers quantized: "
-        f"{sens['all_quantized_psnr_db']:.2f} dB), most sensitive first:",
-        "",
-        "| layer | final PSNR with only it in FP (dB) | gain (dB) |",
-        "|---|---|---|",
-    ]
-    lines += [f"| `{s['name']}` | {s['final_psnr_db']:.2f} | {s['gain_db']:+.2f} |" for s in sens["layers"][:10]]
-    return lines

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import check_steps
-from export.lint import BatchProfile
-from export.tensorrt import GpuIdentity, current_gpu, manifest_path
-from sampling import FlowpressError, Schedule
-
-INPUT_NAMES = ("x", "step", "class_labels")
+from flowpress.engines.base import check_steps
+from flowpress.errors import FlowpressError
+from flowpress.export.lint import BatchProfile
+from flowpress.export.tensorrt import GpuIdentity, current_gpu, manifest_path
+from flowpress.sampling import Cond, Schedule
 
 
 def read_manifest(plan: str | Path) -> dict[str, Any]:
@@ -69,22 +68,20 @@ def _torch_dtypes(trt: Any) -> dict[Any, torch.dtype]:
     }
 
 
-def _feeds(name: str, x: Tensor, step: Tensor, cond: Tensor | None, inputs: list[str]) -> dict[str, Tensor]:
+def _feeds(name: str, x: Tensor, step: Tensor, cond: Cond, inputs: list[str]) -> dict[str, Tensor]:
     feeds = {"x": x, "step": step}
-    if "class_labels" in inputs:
-        if cond is None:
-            raise FlowpressError(f"engine {name}: this engine needs class labels")
-        feeds["class_labels"] = cond
+    for input_name in inputs[2:]:
+        if input_name not in cond:
+            raise FlowpressError(f"engine {name}: this engine needs the conditioning input {input_name!r}")
+        feeds[input_name] = cond[input_name]
     unknown = sorted(set(inputs) - set(feeds))
     if unknown:
-        raise FlowpressError(
-            f"engine {name}: unexpected engine inputs {unknown}; engines take {', '.join(INPUT_NAMES)}"
-        )
+        raise FlowpressError(f"engine {name}: unexpected engine inputs {unknown}; engines take x, step, *conditioning")
     return feeds
 
 
 class TensorRTEngine:
-    """A TensorRT plan (x, step[, class_labels]) -> v on the current CUDA device.
+    """A TensorRT plan (x, step, *cond) -> out on the current CUDA device.
 
     Before deserializing, the manifest beside the plan is checked against this GPU, its
     compute capability, the installed TensorRT and `schedule`: plans are not portable.
@@ -116,12 +113,12 @@ class TensorRTEngine:
         self.output = outputs[0]
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
 
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         """x: (B, C, H, W) on CPU or CUDA; v comes back float32 on x's device."""
         check_steps(self, step)
         return self.execute(x, step, cond)
 
-    def execute(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def execute(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         """__call__ without the step check (which syncs the GPU to read `step`): the benchmark's path."""
         batch = int(x.shape[0])
         if not self.profile.min <= batch <= self.profile.max:
@@ -183,12 +180,12 @@ class OrtGpuEngine:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
 
-    def __call__(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         """x: (B, C, H, W) on CPU (copied through numpy) or CUDA (bound in place with io_binding)."""
         check_steps(self, step)
         return self.execute(x, step, cond)
 
-    def execute(self, x: Tensor, step: Tensor, cond: Tensor | None) -> Tensor:
+    def execute(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         """__call__ without the step check (which syncs the GPU to read `step`): the benchmark's path."""
         feeds = _feeds(self.name, x, step, cond, self.inputs)
         if x.device.type != "cuda":

@@ -1,7 +1,12 @@
 """Export: torch -> ONNX with Q/DQ flavours, and checks of the graphs onnxruntime runs."""
 
-from export.onnx import ExportConfig, Flavour, StepModel, export_onnx, insert_qdq
-from export.validate import (
+from flowpress.export.onnx import (
+    ExportConfig,
+    Flavour,
+    export_onnx,
+    insert_qdq,
+)
+from flowpress.export.validate import (
     FP8_DISABLED_OPTIMIZERS,
     Parity,
     build_ort_engine,
@@ -19,7 +24,6 @@ __all__ = [
     "ExportConfig",
     "Flavour",
     "Parity",
-    "StepModel",
     "build_ort_engine",
     "check_parity",
     "cosine_per_sample",

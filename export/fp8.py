@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from export.lint import MIN_OPSET_FP8, QDQ_OPS
-from sampling import FlowpressError
+from flowpress.errors import FlowpressError
+from flowpress.export.lint import MIN_OPSET_FP8, QDQ_OPS
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sampling import FlowpressError
+from flowpress.errors import FlowpressError
 
 RULES = ("opset", "qdq-symmetric", "weight-per-channel", "unsupported-op", "dynamic-dim", "profile")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

@@ -1,49 +1,30 @@
-"""torch -> ONNX: the engine-facing graph (x, step, class_labels) -> v, with Q/DQ flavours."""
+"""torch -> ONNX: the engine-facing graph (x, step, *conditioning) -> v, with Q/DQ flavours."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from compress import LayerQuant, QuantizedModel
-from sampling import FlowpressError, Schedule
+from flowpress.compress import LayerQuant, QuantizedModel
+from flowpress.errors import FlowpressError
+from flowpress.files import staged_file
+from flowpress.models import StepModel
 
 Flavour = Literal["ort-cpu", "tensorrt"]
-INPUTS_COND = ["x", "step", "class_labels"]
-INPUTS_UNCOND = ["x", "step"]
-WRAPPED = "model"  # attribute name of the wrapped VelocityModel inside StepModel
-
-
-class StepModel(nn.Module):
-    """Engine-facing model: v = model(x, times[step], class_labels); the schedule is baked in.
-
-    A step outside the schedule's evaluated steps gives NaN for that sample (a negative index
-    would otherwise wrap around the tables), so the graph refuses it even when fed directly."""
-
-    times: Tensor
-
-    def __init__(self, model: nn.Module, schedule: Schedule):
-        super().__init__()
-        self.model = model
-        self.register_buffer("times", schedule.times)
-        self.n_evaluated = len(schedule.evaluated_steps)
-
-    def forward(self, x: Tensor, step: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        forward_step = getattr(self.model, "forward_step", None)
-        if forward_step is not None:  # temporal-cache models gather their features by step
-            v = forward_step(x, step, class_labels)
-        else:
-            v = self.model(x, self.times[step], class_labels)
-        valid = ((step >= 0) & (step < self.n_evaluated)).reshape(-1, *([1] * (v.dim() - 1)))
-        # v + 0 is v exactly; NaN where the step is off the schedule (shapes stay static in the graph)
-        return v + torch.where(valid, 0.0, float("nan"))
+WRAPPED = "model"  # StepModel's attribute holding the denoiser: layer names are relative to it
+# what torch's TorchScript exporter says on every export of these graphs (checked to be harmless:
+# the parity checks compare every exported graph with the torch model)
+EXPORTER_NOTICES = (
+    r"Converting a tensor to a Python (boolean|integer) might cause the trace to be incorrect",  # shape arithmetic in diffusers / torch, constant per export
+    r"You are using the legacy TorchScript-based ONNX export",  # dynamo=False on purpose (modelopt's quantizers)
+    r"The feature will be removed\. Please remove usage of this function",  # the same exporter, internally
+    r"Exporting to ONNX opset version 21 is not supported",  # W4A8's INT4 DequantizeLinear: torch writes opset 20 ops, we add the 21 ones
+)
 
 
 @dataclass(frozen=True)
@@ -61,13 +42,13 @@ class ExportConfig:
 
 
 def export_onnx(
-    model: nn.Module,
-    schedule: Schedule,
+    model: StepModel,
     path: str | Path,
     config: ExportConfig = ExportConfig(),
     quant: QuantizedModel | None = None,
 ) -> Path:
-    """Write the FP graph of `model` (a VelocityModel) to `path`, with Q/DQ when `quant` is given.
+    """Write the FP graph of a step model to `path` (inputs x, step, *cond_names; output v), with
+    Q/DQ when `quant` is given.
 
     Q/DQ nodes are placed from quant.layers (modelopt's calibrated amax values) on the
     full-precision graph, so placement is ours and the same for every backend.
@@ -75,39 +56,36 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    conditional = bool(getattr(model, "num_classes", None))
-    step_model = StepModel(model, schedule).eval()
-    shape = cast(tuple[int, ...], model.sample_shape)
-    example = [torch.zeros(2, *shape), torch.tensor([0, schedule.n_steps - 1], dtype=torch.int64)]
-    names = INPUTS_COND if conditional else INPUTS_UNCOND
-    if conditional:
-        example.append(torch.zeros(2, dtype=torch.int64))
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            step_model,
-            tuple(example),
-            str(tmp),
-            input_names=names,
-            output_names=["v"],
-            dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
-            opset_version=config.opset,
-            dynamo=False,
-        )
-    proto = onnx.load(str(tmp))
-    for dim, size in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
-        dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
-        dim.dim_value = size
-    if quant is not None:
-        if config.opset < 21 and any(layer.weight_bits == 4 for layer in quant.layers.values()):
-            raise FlowpressError(
-                f"export: int4 weights need ONNX opset >= 21, got export.opset {config.opset}; set it to 21"
+    step_model = model.eval()
+    shape = step_model.sample_shape
+    example = step_model.example_inputs(2)
+    names = ["x", "step", *step_model.cond_names]
+    with staged_file(path) as tmp:
+        with warnings.catch_warnings():
+            for message in EXPORTER_NOTICES:
+                warnings.filterwarnings("ignore", message=message)
+            torch.onnx.export(
+                step_model,
+                tuple(example),
+                str(tmp),
+                input_names=names,
+                output_names=["v"],
+                dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
+                opset_version=config.opset,
+                dynamo=False,
             )
-        insert_qdq(proto, quant.layers, config.flavour)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+        proto = onnx.load(str(tmp))
+        for dim, size in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
+            dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
+            dim.dim_value = size
+        if quant is not None:
+            if config.opset < 21 and any(layer.weight_bits == 4 for layer in quant.layers.values()):
+                raise FlowpressError(
+                    f"export: int4 weights need ONNX opset >= 21, got export.opset {config.opset}; set it to 21"
+                )
+            insert_qdq(proto, quant.layers, config.flavour)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     return path
 
 
@@ -121,7 +99,7 @@ def _module_of(node_name: str) -> str:
 
 def _check_fp8(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> bool:  # noqa: ANN001
     """True when the layers are fp8; fp8 needs the tensorrt flavour and opset >= 19."""
-    from export.lint import MIN_OPSET_FP8
+    from flowpress.export.lint import MIN_OPSET_FP8
 
     precisions = {layer.precision for layer in layers.values()}
     if precisions != {"fp8"}:
@@ -141,7 +119,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x."""
     from onnx import helper, numpy_helper
 
-    from export.fp8 import E4M3_MAX, e4m3_initializer
+    from flowpress.export.fp8 import E4M3_MAX, e4m3_initializer
 
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}

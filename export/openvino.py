@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from calibration import CalibrationSet
-from sampling import FlowpressError
+from flowpress.calibration import CalibrationSet
+from flowpress.errors import FlowpressError
+from flowpress.files import staged_dir
+from flowpress.models import as_feeds
+from flowpress.sampling import batch_cond
 
 OvPrecision = Literal["int8", "bf16", "f32"]
 
@@ -72,7 +74,7 @@ def export_openvino(
     calib: CalibrationSet | None = None,
     portable: bool = False,
 ) -> Path:
-    """Read the FP ONNX graph (x, step[, class_labels]) -> v, quantize it with NNCF when
+    """Read the FP ONNX graph (x, step, *cond) -> v, quantize it with NNCF when
     config.precision is int8 (weights in half range when `portable`), and save IR (xml + bin)
     into a fresh directory atomically."""
     import openvino as ov
@@ -86,11 +88,9 @@ def export_openvino(
 
         items = []
         for start in range(0, len(calib), config.calib_batch_size):
-            end = start + config.calib_batch_size
-            feeds = {"x": calib.x[start:end].numpy(), "step": calib.step[start:end].numpy()}
-            if calib.cond is not None:
-                feeds["class_labels"] = calib.cond[start:end].numpy()
-            items.append(feeds)
+            rows = slice(start, start + config.calib_batch_size)
+            feeds = as_feeds(calib.x[rows], calib.step[rows], batch_cond(calib.cond, rows))
+            items.append({name: value.numpy() for name, value in feeds.items()})
         model = nncf.quantize(
             model,
             nncf.Dataset(items),
@@ -100,18 +100,12 @@ def export_openvino(
                 overflow_fix=nncf.OverflowFix(overflow_fix(portable))
             ),
         )
-    tmp = out_xml.parent.with_name(out_xml.parent.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        ov.save_model(model, str(tmp / out_xml.name), compress_to_fp16=False)
+        with staged_dir(out_xml.parent) as tmp:
+            ov.save_model(model, str(tmp / out_xml.name), compress_to_fp16=False)
     except RuntimeError as err:  # OpenVINO reports a failed write (full disk, no permission) this way
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "write failed"
         raise FlowpressError(
-            f"{tmp / out_xml.name}: OpenVINO could not write the IR ({reason}); free space or make the runs "
-            "directory writable"
+            f"{out_xml}: OpenVINO could not write the IR ({reason}); free space or make the runs directory writable"
         ) from None
-    shutil.rmtree(out_xml.parent, ignore_errors=True)
-    tmp.rename(out_xml.parent)
     return out_xml

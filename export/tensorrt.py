@@ -8,17 +8,17 @@ compute capability >= 8.9), nothing is left to the builder's precision heuristic
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from export.lint import QDQ_OPS, BatchProfile, check_tensorrt, uses_fp8
-from sampling import FlowpressError, Schedule
+from flowpress.errors import FlowpressError
+from flowpress.export.lint import QDQ_OPS, BatchProfile, check_tensorrt, uses_fp8
+from flowpress.files import sha256_file, staged_file
+from flowpress.sampling import Schedule
 
 Precision = Literal["qdq", "fp16"]
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 tensor cores
@@ -103,20 +103,10 @@ def manifest_path(plan: str | Path) -> Path:
     return Path(plan).with_suffix(".json")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_atomic(path: Path, data: Any) -> None:
     """Write bytes (or any buffer) to `path` through a temporary sibling and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with staged_file(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
-    os.replace(tmp, path)
 
 
 def _attach_timing_cache(trt: Any, builder_config: Any, path: Path | None) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sampling import EngineParityError, FlowpressError
+from flowpress.errors import EngineParityError, FlowpressError
 
 OPT_LEVELS = ("disabled", "all")
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul")
@@ -25,7 +25,7 @@ def is_fp8_graph(path: str | Path) -> bool:
     """True when the ONNX file at `path` carries any float8 tensor (weights not loaded)."""
     import onnx
 
-    from export.lint import uses_fp8
+    from flowpress.export.lint import uses_fp8
 
     return uses_fp8(onnx.load(str(path), load_external_data=False))
 
@@ -71,7 +71,7 @@ def non_fp8_quantizers(proto) -> list[str]:  # noqa: ANN001
     """QuantizeLinear nodes of a graph whose output is not float8 (uint8 when a Q has neither
     zero point nor output_dtype).  An fp8 graph that onnxruntime optimized without
     FP8_DISABLED_OPTIMIZERS can gain such nodes; ours must have none."""
-    from export.lint import _constants, _float8_types
+    from flowpress.export.lint import _constants, _float8_types
 
     constants = _constants(proto.graph)
     float8 = _float8_types()
@@ -88,7 +88,7 @@ def qdq_types(path: str | Path) -> list[str]:
     import onnx
     from onnx import TensorProto
 
-    from export.lint import _constants
+    from flowpress.export.lint import _constants
 
     graph = onnx.load(str(path), load_external_data=False).graph
     constants = _constants(graph)
@@ -319,7 +319,7 @@ def bypass_concat_slices(model) -> int:  # noqa: ANN001
     import onnx
     from onnx import numpy_helper
 
-    from export.lint import _constants
+    from flowpress.export.lint import _constants
 
     graph = model.graph
     constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}

@@ -20,14 +20,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines import TorchEngine, compare, median_step_ms, report_dict, write_report
-from export import StepModel
-from export.lint import BatchProfile, check_tensorrt
-from export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, sha256_file, tensorrt_unavailable
+from flowpress.context import RunContext
+from flowpress.engines import TorchEngine, compare, median_step_ms
+from flowpress.engines.portability import host_record
+from flowpress.engines.report import Report, write_report
+from flowpress.errors import FlowpressError
+from flowpress.export.lint import BatchProfile, check_tensorrt
+from flowpress.export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, tensorrt_unavailable
+from flowpress.files import sha256_file
+from flowpress.models import StepModel
 from flowpress.recipe import Recipe
 from flowpress.rundir import read_manifest, record_outputs, run_lock, verify_run, write_json
-from models import load_digits
-from sampling import FlowpressError, Schedule
+from flowpress.sampling import Cond, Schedule
 
 BENCH_RUNS = 50  # timed forwards per runtime (median reported)
 BENCH_WARMUP = 10
@@ -42,12 +46,12 @@ class EnginesResult:
     ort_engine: Path
     skipped: str | None = None
     plan: Path | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: Report | None = None
 
     @property
     def passed(self) -> bool:
         """Skipped counts as passed (exit 0): the CPU part is done; a built plan must pass the gate."""
-        return self.skipped is not None or bool(self.report.get("gate", {}).get("passed"))
+        return self.skipped is not None or (self.report is not None and self.report.passed)
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,10 @@ def run_engines(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
 
 def _build_and_validate(
     recipe: Recipe, run_dir: Path, onnx_path: Path, profile: BatchProfile, progress: bool
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Report]:
     """Build engine/tensorrt/model.plan and compare it with FP exactly as the CPU engine was."""
-    from engines.tensorrt import TensorRTEngine
-    from export.tensorrt import build_engine
-    from flowpress.pipeline import compare_config, ensure_classifier, ensure_model
+    from flowpress.engines.tensorrt import TensorRTEngine
+    from flowpress.export.tensorrt import build_engine
 
     schedule = recipe.sampling.schedule()
     final = run_dir / "engine" / "tensorrt"
@@ -134,33 +137,51 @@ def _build_and_validate(
             sha256_file(calibration) if calibration.is_file() else None,
         )
         print(f"[flowpress] tensorrt: built {build.manifest['precision']} plan in {build.seconds:.1f} s")
-        model = ensure_model(recipe, progress)
-        classifier = ensure_classifier(recipe.classifier.path, progress)
-        engine = TensorRTEngine(build.plan, schedule, f"tensorrt-{build.manifest['precision']}")
-        reference = TorchEngine(model, schedule, "torch-fp32")
-        config_cmp = compare_config(recipe, model.null_label)
-        with torch.no_grad():
-            real_features = torch.cat([classifier.embed(c) for c in load_digits("all").images.split(256)]).numpy()
+        ctx = RunContext.load(recipe)
+        engine = TensorRTEngine(build.plan, ctx.sampler, f"tensorrt-{build.manifest['precision']}")
+        reference = TorchEngine(ctx.fp, ctx.sampler, "torch-fp32")
+        config_cmp = ctx.compare_config
         comparison = compare(
-            reference, engine, config_cmp, classifier, real_features, model.sample_shape, model.num_classes, progress
+            reference,
+            engine,
+            ctx.sampler,
+            config_cmp,
+            ctx.shape,
+            ctx.cond(config_cmp.n_samples),
+            ctx.null,
+            ctx.evaluator,
+            progress,
         )
         # torch and onnxruntime CPU latency are in the run's own report.json already
-        latency = {
-            "engine": {
-                f"b{b}": median_step_ms(engine, b, model.sample_shape, recipe.compare.latency_runs) for b in (1, 8)
-            }
-        }
-        extra = {
-            "recipe": recipe.name,
-            "engine": engine.name,
-            "engine_manifest": build.manifest,
-            "schedule": {"n_steps": schedule.n_steps, "method": schedule.method, "guidance": recipe.sampling.guidance},
-            "latency_note": "median wall ms of one forward from CPU tensors (host<->device copies included); "
+        runs = recipe.compare.latency_runs
+        latency = {"engine": {f"b{b}": median_step_ms(engine, b, ctx.shape, ctx.condition, runs) for b in (1, 8)}}
+        here = host_record(ctx.host)  # the plan is validated on this host (report.md names its ISA class)
+        report = Report(
+            recipe=recipe.name,
+            precision=recipe.quantize.precision,
+            flavour="tensorrt",
+            engine=engine.name,
+            n_samples=config_cmp.n_samples,
+            schedule={**ctx.sampler.as_dict(), "guidance": recipe.sampling.guidance},
+            gate=comparison.gate,
+            per_step=comparison.per_step,
+            final=comparison.final,
+            quality=comparison.quality,
+            latency_ms=latency,
+            latency_note="median wall ms of one forward from CPU tensors (host<->device copies included); "
             "`make bench-gpu` measures on-device latency with CUDA events",
-        }
-        sizes = {"fp32_onnx": (run_dir / "fp32.onnx").stat().st_size, "engine": build.plan.stat().st_size}
-        report = report_dict(comparison, latency, sizes, extra)
-        write_report(staging, comparison, report, f"{recipe.name}: {engine.name} vs FP")
+            size_bytes={"fp32_onnx": (run_dir / "fp32.onnx").stat().st_size, "engine": build.plan.stat().st_size},
+            cpu_engines=[],
+            recommendation={
+                "engine": engine.name if comparison.gate["passed"] else None,
+                "reason": "the TensorRT plan",
+            },
+            host={"isa": here, "validated_on": here, "revalidated": None, "gpu": build.manifest.get("gpu")},
+            extra={"engine_manifest": build.manifest},
+        )
+        write_report(
+            staging, comparison, report, {engine.name: comparison.engine}, f"{recipe.name}: {engine.name} vs FP"
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -177,23 +198,23 @@ def engines_lines(result: EnginesResult) -> list[str]:
     """What `flowpress engines` prints: exactly one line when TensorRT was skipped."""
     if result.skipped is not None:
         return [f"tensorrt: skipped: {result.skipped}"]
-    from flowpress.pipeline import summary_lines
+    from flowpress.chain import summary_lines
 
     head = [
         f"{result.linted}: TensorRT lint clean",
         f"{result.plan}: validated against FP; report in {result.plan.parent if result.plan else ''}",
     ]
-    return head + summary_lines(result.report)
+    return head + (summary_lines(result.report) if result.report is not None else [])
 
 
 # ---------------------------------------------------------------- bench-gpu
 
 
 def cuda_step_ms(
-    forward: Callable[[Tensor, Tensor, Tensor], Any],
+    forward: Callable[[Tensor, Tensor, Cond], Any],
     x: Tensor,
     step: Tensor,
-    cond: Tensor,
+    cond: Cond,
     runs: int = BENCH_RUNS,
     warmup: int = BENCH_WARMUP,
 ) -> float:
@@ -216,7 +237,7 @@ def cuda_step_ms(
 def _row(ms: float, batch: int, schedule: Schedule, guidance: float) -> dict[str, float]:
     """Per-step latency and the images/s of whole sampling runs it implies."""
     images_per_forward = batch if guidance == 1.0 else batch / 2
-    seconds_per_image = len(schedule.evaluated_steps) * ms / 1000 / images_per_forward
+    seconds_per_image = schedule.n_evaluations * ms / 1000 / images_per_forward
     return {"ms_per_step": round(ms, 4), "images_per_s": round(1 / seconds_per_image, 2)}
 
 
@@ -252,27 +273,27 @@ def bench_lines(result: BenchResult) -> list[str]:
 def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     import onnx
 
-    from engines.tensorrt import OrtGpuEngine, TensorRTEngine
-    from export import is_fp8_graph
-    from export.fp8 import to_fp8
-    from export.tensorrt import build_engine, current_gpu
-    from flowpress.pipeline import ensure_model
+    from flowpress.engines.tensorrt import OrtGpuEngine, TensorRTEngine
+    from flowpress.export import is_fp8_graph
+    from flowpress.export.fp8 import to_fp8
+    from flowpress.export.tensorrt import build_engine, current_gpu
 
-    schedule = recipe.sampling.schedule()
+    ctx = RunContext.load(recipe)
+    schedule = ctx.sampler
     profile = batch_profile(recipe)
     gpu = current_gpu()
-    model = ensure_model(recipe, progress)
+    model = ctx.model
     batch = profile.opt
     shape = tuple(model.sample_shape)
     device = torch.device("cuda", torch.cuda.current_device())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *shape, generator=generator).to(device)
     step = torch.full((batch,), schedule.n_steps // 2, dtype=torch.int64, device=device)
-    labels = (torch.arange(batch) % max(model.num_classes or 1, 1)).to(device)
+    cond = {k: v.to(device) for k, v in ctx.cond(batch).items()}
     rows: dict[str, dict[str, Any]] = {}
 
     fp16_model = StepModel(copy.deepcopy(model), schedule).eval().to(device).half()
-    ms = cuda_step_ms(fp16_model, x.half(), step, labels)
+    ms = cuda_step_ms(fp16_model.run, x.half(), step, cond)
     rows["torch_fp16"] = _row(ms, batch, schedule, recipe.sampling.guidance)
     fp16_model.cpu()
 
@@ -296,14 +317,14 @@ def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
             config = TensorRTConfig(profile=profile, precision=precision, timing_cache=cache)  # type: ignore[arg-type]
             build = build_engine(onnx_path, Path(tmp) / f"{name}.plan", schedule, config)
             engine = TensorRTEngine(build.plan, schedule, name)
-            ms = cuda_step_ms(engine.execute, x, step, labels)
+            ms = cuda_step_ms(engine.execute, x, step, cond)
             rows[name] = {**_row(ms, batch, schedule, recipe.sampling.guidance), "build_seconds": build.seconds}
     try:
         ort_engine = OrtGpuEngine(tensorrt_onnx(recipe, run_dir), schedule, "onnxruntime_gpu_int8")
     except (FlowpressError, ImportError) as err:
         rows["onnxruntime_gpu_int8"] = {"skipped": str(err)}
     else:
-        ms = cuda_step_ms(ort_engine.execute, x, step, labels)
+        ms = cuda_step_ms(ort_engine.execute, x, step, cond)
         rows["onnxruntime_gpu_int8"] = {
             **_row(ms, batch, schedule, recipe.sampling.guidance),
             "providers": ort_engine.providers,

@@ -8,21 +8,25 @@ confirmed by the full compare on compare.n_samples; the full compare's gate deci
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from compress import MixedPrecisionConfig, QuantizedModel, Sensitivity, keep_full_precision
-from engines import CompareConfig, EngineVelocity, OrtEngine, median_step_ms
-from engines.compare import evaluate_gate, psnr_db, quality
-from export import ExportConfig, export_onnx, ort_session
-from models.classifier import DigitClassifier
-from sampling import FlowpressError, Schedule, VelocityFn, noise_for_seeds, sample
+from flowpress.calibration import CalibrationSet
+from flowpress.compress import QuantizedModel, Sensitivity, SensitivityConfig, keep_full_precision, layer_sensitivity
+from flowpress.compress.config import MixedPrecisionConfig
+from flowpress.context import RunContext
+from flowpress.engines import Engine, OrtEngine, TorchEngine, evaluate_gate, median_step_ms
+from flowpress.engines.build import build_ort
+from flowpress.engines.compare import final_metrics
+from flowpress.engines.report import Report
+from flowpress.errors import FlowpressError
+from flowpress.sampling import batch_cond, noise_for_seeds, sample
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,15 @@ class Candidate:
     """One assignment as the real engine runs it: the first `n_samples` compare seeds.
 
     fallback_layers: layers in full precision, in the order they fell back; engine_bytes:
-    the optimized onnxruntime graph; latency_ms: median per forward {'b1', 'b8'}.
+    the optimized onnxruntime graph; latency_ms: median per forward {'b1', 'b8'}; checks: the
+    gate's other checks (evaluator metrics) by name and value.
     """
 
     fallback_layers: tuple[str, ...]
     engine_bytes: int
     latency_ms: dict[str, float]
     final_psnr_db: float
-    classifier_acc_drop: float
+    checks: dict[str, float]
     passed: bool
     n_samples: int
 
@@ -86,7 +91,7 @@ class SearchResult:
                     "engine_bytes": c.engine_bytes,
                     "latency_ms": c.latency_ms,
                     "final_psnr_db": c.final_psnr_db,
-                    "classifier_acc_drop": c.classifier_acc_drop,
+                    "checks": c.checks,
                     "check_passed": c.passed,
                     "confirmed": self.confirmed.get(len(c.fallback_layers)),
                     "n_samples": c.n_samples,
@@ -106,65 +111,59 @@ class SearchResult:
 
 
 class EngineCheck:
-    """Checks assignments on the exported onnxruntime engine against FP finals sampled once.
+    """Checks assignments on the exported onnxruntime engine against FP finals sampled once, on
+    the first `check_samples` compare seeds (a subset of the full compare)."""
 
-    x: the first `n_samples` compare seeds and labels, so a check is a subset of the full compare.
-    """
-
-    def __init__(
-        self,
-        reference: VelocityFn,
-        compare: CompareConfig,
-        n_samples: int,
-        schedule: Schedule,
-        classifier: DigitClassifier,
-        real_features: np.ndarray,
-        sample_shape: tuple[int, ...],
-        num_classes: int,
-        workdir: Path,
-        latency_runs: int,
-    ):
-        self.compare, self.schedule, self.classifier = compare, schedule, classifier
-        self.real_features, self.sample_shape, self.workdir = real_features, sample_shape, Path(workdir)
-        self.latency_runs = latency_runs
-        n = min(n_samples, compare.n_samples)
-        self.seeds = list(range(compare.seed_base, compare.seed_base + n))
-        self.labels = torch.arange(n) % num_classes
-        self.fp = self._finals(reference)
-        self.fp_quality = quality(classifier, self.fp, self.labels, real_features)
+    def __init__(self, ctx: RunContext, calib: CalibrationSet, n_samples: int, workdir: Path):
+        self.ctx, self.calib, self.workdir = ctx, calib, Path(workdir)
+        self.config = ctx.compare_config
+        n = min(n_samples, self.config.n_samples)
+        self.seeds = list(range(self.config.seed_base, self.config.seed_base + n))
+        self.cond = ctx.cond(n)
+        self.fp = self._finals(TorchEngine(ctx.fp, ctx.sampler, "torch-fp32"))
+        self.fp_quality = ctx.evaluator.score(self.fp, self.cond) if ctx.evaluator else {}
 
     @torch.no_grad()
-    def _finals(self, velocity: VelocityFn) -> Tensor:
+    def _finals(self, engine: Engine) -> Tensor:
         finals = []
-        size = self.compare.batch_size
+        size = self.config.batch_size
         for start in range(0, len(self.seeds), size):
-            noise = noise_for_seeds(self.seeds[start : start + size], self.sample_shape)
-            cond = self.labels[start : start + size]
-            traj = sample(velocity, noise, cond, self.schedule, self.compare.guidance, self.compare.null_label)
-            finals.append(traj.final)
+            noise = noise_for_seeds(self.seeds[start : start + size], self.ctx.shape)
+            rows = batch_cond(self.cond, slice(start, start + size))
+            finals.append(sample(self.ctx.sampler, engine, noise, rows, self.config.guidance, self.ctx.null).final)
         return torch.cat(finals)
 
     def __call__(self, qmodel: QuantizedModel, fallback: tuple[str, ...]) -> Candidate:
+        ctx = self.ctx
         self.workdir.mkdir(parents=True, exist_ok=True)
-        graph = self.workdir / "model.onnx"
         optimized = self.workdir / "model.opt.onnx"
-        export_onnx(qmodel.fp_module, self.schedule, graph, ExportConfig("ort-cpu"), qmodel)  # type: ignore[arg-type]
-        ort_session(graph, "extended", optimized_path=str(optimized))
-        engine = OrtEngine(optimized, self.schedule, "ort-int8-check")
-        engine_finals = self._finals(EngineVelocity(engine))
-        final = {"psnr_db": psnr_db(self.fp, engine_finals)}
-        quality_ = {
+        export = ctx.recipe.export
+        build_ort(
+            qmodel,
+            self.calib,
+            self.workdir / "model.onnx",
+            optimized,
+            export.flavour,
+            export.opset,
+            ctx.host,
+            "mixed precision",
+        )
+        engine = OrtEngine(optimized, ctx.sampler, "ort-int8-check")
+        engine_finals = self._finals(engine)
+        final = final_metrics(self.fp, engine_finals)
+        quality = {
             "reference": self.fp_quality,
-            "engine": quality(self.classifier, engine_finals, self.labels, self.real_features),
+            "engine": ctx.evaluator.score(engine_finals, self.cond) if ctx.evaluator else {},
         }
-        gate = evaluate_gate(self.compare.gate, final, quality_)
-        latency = {f"b{b}": median_step_ms(engine, b, self.sample_shape, self.latency_runs) for b in (1, 8)}
+        gate = evaluate_gate(self.config.gate, final, quality, ctx.evaluator.metrics if ctx.evaluator else {})
+        runs = ctx.recipe.compare.latency_runs
+        latency = {f"b{b}": median_step_ms(engine, b, ctx.shape, ctx.condition, runs) for b in (1, 8)}
         return Candidate(
             fallback_layers=fallback,
             engine_bytes=optimized.stat().st_size,
             latency_ms=latency,
             final_psnr_db=final["psnr_db"],
-            classifier_acc_drop=quality_["reference"]["classifier_acc"] - quality_["engine"]["classifier_acc"],
+            checks={c["name"]: c["value"] for c in gate["checks"] if c["name"] != "final_psnr_db"},
             passed=bool(gate["passed"]),
             n_samples=len(self.seeds),
         )
@@ -191,7 +190,8 @@ def gated_search(
             f"mixed precision: {len(fallback)} layer(s) in full precision"
             + (f" (+{fallback[-1]})" if fallback else "")
             + f": check on {candidate.n_samples} samples {candidate.final_psnr_db:.2f} dB, "
-            f"accuracy drop {candidate.classifier_acc_drop:.3f}, engine {candidate.engine_bytes:,} bytes: "
+            + "".join(f"{k} {v:.3g}, " for k, v in candidate.checks.items())
+            + f"engine {candidate.engine_bytes:,} bytes: "
             + ("passes" if candidate.passed else "fails")
         )
         if candidate.passed:
@@ -204,9 +204,63 @@ def gated_search(
             best = max(result.candidates, key=lambda c: c.final_psnr_db)
             raise FlowpressError(
                 f"mixed precision: no assignment with up to {len(fallback)} layer(s) in full precision passes the gate "
-                f"(best check: {best.final_psnr_db:.2f} dB, accuracy drop {best.classifier_acc_drop:.3f} with "
-                f"{len(best.fallback_layers)}); raise quantize.mixed_precision.max_fallback or relax the recipe's gate"
+                f"(best check: {best.final_psnr_db:.2f} dB with {len(best.fallback_layers)}); "
+                "raise quantize.mixed_precision.max_fallback or relax the recipe's gate"
             )
         name = order[len(fallback)]
         keep_full_precision(qmodel, name)
         fallback = (*fallback, name)
+
+
+def mixed_precision(
+    ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any], Report, SearchResult]:
+    """Rank layers by trajectory sensitivity, then keep them in full precision one at a time
+    until the gate passes; returns (exports, engine manifest, report, search) of the confirmed
+    assignment and raises FlowpressError when none passes."""
+    from flowpress.compare_stage import compare_stage
+    from flowpress.engine_stage import build_engines
+
+    recipe = ctx.recipe
+    config: MixedPrecisionConfig = recipe.quantize.mixed_precision  # type: ignore[union-attr]
+    names = [name for name in qmodel.layers if config.allows(name)]
+    if not names:
+        raise FlowpressError(
+            f"{recipe.name}: quantize.mixed_precision.candidates {list(config.candidates)} match no quantized layer; "
+            "use module names as listed under quantized_layers in a run's manifest.json"
+        )
+    with ctx.timer.stage("sensitivity"):
+        set_output = recipe.export.flavour == "ort-cpu"  # as the engine runs it
+        from flowpress.compress import set_output_quant
+
+        set_output_quant(qmodel, set_output)
+        sensitivity = SensitivityConfig(
+            ctx.sampler,
+            ctx.cond(config.sensitivity_samples),
+            config.sensitivity_samples,
+            config.sensitivity_seed_base,
+            recipe.compare.batch_size,
+            recipe.sampling.guidance,
+            ctx.null,
+        )
+        ranking = layer_sensitivity(ctx.fp, qmodel, sensitivity, progress, names)
+        set_output_quant(qmodel, True)
+    found: dict[str, Any] = {}
+
+    with tempfile.TemporaryDirectory(prefix="flowpress-search-") as workdir:
+        check = EngineCheck(ctx, calib, config.check_samples, Path(workdir))
+
+        def confirm(search: SearchResult) -> bool:
+            found["exports"], found["engine"] = build_engines(ctx, qmodel, calib, run)
+
+            def amend(report: Report) -> None:  # the assignment being confirmed: its gate is this compare's
+                search.passed = report.passed
+                search.confirmed[len(search.fallback_layers)] = search.passed
+                report.mixed_precision = search.report()
+
+            found["report"] = compare_stage(ctx, run, progress, amend)
+            return bool(found["report"].passed)
+
+        with ctx.timer.stage("mixed_precision"):
+            search = gated_search(qmodel, ranking, config, check, confirm, lambda line: print(f"[flowpress] {line}"))
+    return found["exports"], found["engine"], found["report"], search

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sampling import FlowpressError
+from flowpress import files
+from flowpress.errors import FlowpressError
+from flowpress.files import sha256_file
 
 MANIFEST = "manifest.json"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -114,14 +115,6 @@ def staged_run(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under `root`, keyed by relative path."""
     root = Path(root)
@@ -129,14 +122,10 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON beside `path` and rename it over: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """files.write_json, a failed write (full disk, read-only directory) as one line."""
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        files.write_json(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise write_error(err, str(path)) or err from None
 
 

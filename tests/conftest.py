@@ -7,20 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration import CalibrationConfig, capture
-from compress import PORTABLE_WEIGHT_BITS, QuantConfig, quantize, set_weight_bits
-from engines.isa import host_isa
-from engines.portability import resolve_portable
-from export import ExportConfig, export_onnx
-from models import load_model, save_model
-from models.teacher import TeacherConfig, build_unet
-from sampling import Schedule
+from flowpress.calibration import CalibrationConfig, capture
+from flowpress.compress import PORTABLE_WEIGHT_BITS, Int8Config, quantize, set_weight_bits
+from flowpress.engines.isa import host_isa
+from flowpress.engines.portability import resolve_portable
+from flowpress.export import ExportConfig, export_onnx
+from flowpress.models import StepModel, UNetSpec, build_unet, load_model, save_model
+from flowpress.sampling import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIFIER = ROOT / "checkpoints" / "digits-classifier"
-TEACHER = ROOT / "checkpoints" / "digits-unet"
+DIGITS = ROOT / "examples" / "digits"
+CLASSIFIER = DIGITS / "checkpoints" / "digits-classifier"
+TEACHER = DIGITS / "checkpoints" / "digits-unet"
+EVALUATOR = f"{{name: 'examples.digits.evaluator:DigitsEvaluator', options: {{classifier: {CLASSIFIER}}}}}"
 
-TINY = TeacherConfig(block_out_channels=(8, 16), attention_levels=(1,), layers_per_block=1)
+TINY = UNetSpec(block_out_channels=(8, 16), attention_levels=(1,), layers_per_block=1)
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +31,35 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny class-conditional UNet2DModel saved as a diffusers directory (random weights)."""
+    """A tiny class-conditional UNet2DModel (16x16, 10 classes) saved as a diffusers directory (random weights)."""
     torch.manual_seed(0)
-    return save_model(build_unet(TINY), tmp_path_factory.mktemp("tiny") / "unet")
+    return save_model(build_unet(TINY, (1, 16, 16), 10), tmp_path_factory.mktemp("tiny") / "unet")
 
 
 TINY_SCHEDULE = Schedule(4)
+
+
+def labels_of(n: int) -> dict[str, torch.Tensor]:
+    """The conditioning of n samples, classes cycling (sample i draws class i % 10)."""
+    return {"class_labels": torch.arange(n) % 10}
+
+
+def calibrate(model, schedule=TINY_SCHEDULE, n_samples: int = 8, guidance: float = 2.0):
+    """n_samples trajectories of `model` on `schedule` at `guidance`, every step."""
+    return capture(
+        StepModel(model, schedule),
+        schedule,
+        model.sample_shape,
+        labels_of(n_samples),
+        CalibrationConfig(n_samples=n_samples),
+        guidance,
+        model.null_condition(),
+    )
+
+
+def tiny_calibration(model):
+    """8 trajectories of the tiny model on TINY_SCHEDULE at guidance 2, every step."""
+    return calibrate(model)
 
 
 def for_this_host(qmodel):
@@ -44,17 +68,10 @@ def for_this_host(qmodel):
     return qmodel
 
 
-def tiny_calibration(model):
-    """8 trajectories of the tiny model on TINY_SCHEDULE at guidance 2, every step."""
-    return capture(
-        model,
-        model.sample_shape,
-        model.num_classes,
-        TINY_SCHEDULE,
-        CalibrationConfig(n_samples=8),
-        2.0,
-        model.null_label,
-    )
+def feeds_of(calib, n: int = 16) -> dict[str, torch.Tensor]:
+    """n calibration inputs spread over the steps, as engine feeds (x, step, class_labels)."""
+    x, step, cond = calib.feeds(n)
+    return {"x": x, "step": step, **cond}
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +80,8 @@ def tiny_tensorrt_export(tiny_model_dir, tmp_path_factory):
     UNet on TINY_SCHEDULE: 16 calibration inputs spread over the steps."""
     model = load_model(tiny_model_dir)
     calib = tiny_calibration(model)
-    qmodel = quantize(model, QuantConfig(), calib)
+    qmodel = quantize(model, Int8Config(), calib, TINY_SCHEDULE)
     tmp = tmp_path_factory.mktemp("tensorrt-export")
-    path = export_onnx(qmodel.fp_module, TINY_SCHEDULE, tmp / "model.tensorrt.onnx", ExportConfig("tensorrt"), qmodel)
-    fp32 = export_onnx(qmodel.fp_module, TINY_SCHEDULE, tmp / "fp32.onnx")
-    index = torch.linspace(0, len(calib) - 1, 16).long()
-    return path, fp32, {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
+    path = export_onnx(qmodel.fp_module, tmp / "model.tensorrt.onnx", ExportConfig("tensorrt"), qmodel)
+    fp32 = export_onnx(StepModel(model, TINY_SCHEDULE), tmp / "fp32.onnx")
+    return path, fp32, feeds_of(calib)

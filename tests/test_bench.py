@@ -4,22 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from engines import OrtEngine, interleaved_step_times
-from export.openvino import cpu_has_bf16
-from flowpress.bench import (
-    BenchBars,
-    BenchConfig,
-    BenchModel,
-    Int8PeakBar,
-    bars,
-    bench_model,
-    load_bench_config,
-    machine_record,
-)
-from flowpress.recipe import from_dict
-from sampling import FlowpressError, Schedule
+from flowpress.engines import OrtEngine, interleaved_step_times
+from flowpress.errors import FlowpressError
+from flowpress.experiments.bench import load_bench_config
+from flowpress.experiments.bench.bars import bars
+from flowpress.experiments.bench.config import BenchBars, BenchConfig, BenchModel, Int8PeakBar
+from flowpress.experiments.bench.peaks import machine_record
+from flowpress.experiments.bench.run import bench_model
+from flowpress.export.openvino import cpu_has_bf16
+from flowpress.sampling import Schedule
+from flowpress.schema import from_dict
 
-from .conftest import CLASSIFIER, ROOT, TINY_SCHEDULE
+from .conftest import ROOT, TINY_SCHEDULE
 
 RECIPE = """
 name: tiny-bench
@@ -28,7 +24,6 @@ sampling: {{steps: {steps}, guidance: {guidance}}}
 calibration: {{n_samples: 8}}
 quantize: {{{quantize}}}
 export: {{{export}}}
-classifier: {{path: {classifier}}}
 """
 RECIPES = {  # name: (steps, guidance, quantize, export)
     "tiny": (4, 2.0, "amax: perstep-mean", "flavour: ort-cpu"),
@@ -43,7 +38,7 @@ def test_io_binding_matches_run_and_never_aliases_its_buffer(tiny_tensorrt_expor
     _, fp32, feeds = tiny_tensorrt_export
     bound = OrtEngine(fp32, TINY_SCHEDULE, io_binding=True)
     plain = OrtEngine(fp32, TINY_SCHEDULE, io_binding=False)
-    x, step, cond = feeds["x"][:4], feeds["step"][:4], feeds["class_labels"][:4]
+    x, step, cond = feeds["x"][:4], feeds["step"][:4], {"class_labels": feeds["class_labels"][:4]}
     first = bound(x, step, cond)
     assert torch.equal(first, plain(x, step, cond))
     kept = first.clone()
@@ -63,7 +58,7 @@ def test_interleaved_timing_rotates_the_engines_and_times_runs_each():
             return x
 
     engines = {name: Probe(name) for name in "abc"}
-    times = interleaved_step_times(engines, 2, (1, 4, 4), runs=7, warmup=2, block=3, settle=2)
+    times = interleaved_step_times(engines, 2, (1, 4, 4), lambda b: {}, runs=7, warmup=2, block=3, settle=2)
     assert {name: len(t) for name, t in times.items()} == {"a": 7, "b": 7, "c": 7}
     assert all((t > 0).all() for t in times.values())
     timed = calls[6:]  # after 2 warm-up forwards each
@@ -82,7 +77,6 @@ def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path, monkeypatch):
         paths[name].write_text(
             RECIPE.format(
                 model=tiny_model_dir,
-                classifier=CLASSIFIER,
                 steps=steps,
                 guidance=guidance,
                 quantize=quantize,
@@ -196,7 +190,7 @@ def test_the_bench_recipe_carries_the_bars_and_passes():
     assert config.bars.int8_peak_fraction.model == "speed-dit" and config.bars.int8_peak_fraction.min == 0.75
     assert config.bars.ov_int8_vs_nncf.min_psnr_gain_db == 1.0
     assert config.bars.ort_int8_vs_quantize_static.min_speedup == 1.1
-    models = [{"name": "speed-dit", "recipe": "recipes/digits-dit-int8.yaml"}]
+    models = [{"name": "speed-dit", "recipe": "examples/digits/recipes/digits-dit-int8.yaml"}]
     with pytest.raises(FlowpressError, match="unknown key 'int8_peak'"):
         from_dict(BenchConfig, {"models": models, "bars": {"int8_peak": {"min": 0.75}}}, "bench.yaml")
     with pytest.raises(FlowpressError, match=r"min must be in \(0, 1\]"):

@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from compress.distill import (
+from flowpress.compress.distill import (
     DistillConfig,
-    PairConfig,
-    Pairs,
     ReflowConfig,
     StudentConfig,
     anneal_beta,
@@ -25,20 +24,22 @@ from compress.distill import (
     build_student,
     count_params,
     distill,
-    generate_pairs,
-    load_pairs,
     one_step,
-    read_state,
     reflow,
-    shard_path,
 )
+from flowpress.compress.pairs import PairConfig, Pairs, generate_pairs, load_pairs, shard_path
+from flowpress.compress.train_state import read_state
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel, load_model, save_model
 from flowpress.recipe import load_distill_recipe
-from models import load_model, save_model
-from sampling import FlowpressError, Schedule, sample
+from flowpress.sampling import Schedule, sample
 
-from .conftest import CLASSIFIER, ROOT
+from .conftest import DIGITS, EVALUATOR, ROOT, TEACHER
 
-TINY_STUDENT = StudentConfig(block_out_channels=(8, 8), attention_levels=(), layers_per_block=1, max_param_fraction=1.0)
+# out: where `flowpress distill` would save it; these tests build and train it in memory only
+TINY_STUDENT = StudentConfig(
+    out="tiny-student", block_out_channels=(8, 8), attention_levels=(), layers_per_block=1, max_param_fraction=1.0
+)
 PAIRS = PairConfig(n_pairs=12, steps=2, guidance=2.0, shard_size=4, batch_size=4)
 
 
@@ -67,7 +68,9 @@ def test_pairs_resume_gives_identical_pairs(tiny_model_dir, tmp_path):
     for name in ("noise", "sample", "labels"):
         assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
     # the pair's sample is the teacher's guided Heun sample from the pair's noise
-    traj = sample(teacher, whole.noise[:4], whole.labels[:4], Schedule(2, "heun"), 2.0, teacher.null_label)
+    heun = Schedule(2, "heun")
+    cond = teacher.class_condition(whole.labels[:4])
+    traj = sample(heun, StepModel(teacher, heun), whole.noise[:4], cond, 2.0, teacher.null_condition())
     assert torch.allclose(traj.final, whole.sample[:4], atol=1e-5)
 
 
@@ -187,24 +190,32 @@ def test_anneal_schedules_and_noise_blend():
     assert float(torch.corrcoef(torch.stack([z, z_pair]))[0, 1]) == pytest.approx(0.8, abs=0.01)
 
 
-def test_one_step_is_the_chains_one_euler_step(tmp_path):
+def tiny_student(tiny_model_dir):
+    """TINY_STUDENT of the tiny teacher's shape and classes (random weights from the current seed)."""
+    return build_student(TINY_STUDENT, load_model(tiny_model_dir))
+
+
+def test_one_step_is_the_chains_one_euler_step(tiny_model_dir, tmp_path):
     """The student's x0 = z - v(z, 1, c) is what the normal chain's 1-step Euler sampler gives after load_model."""
     torch.manual_seed(0)
-    student = build_student(TINY_STUDENT)
+    student = tiny_student(tiny_model_dir)
     z, labels = torch.randn(3, 1, 16, 16), torch.tensor([0, 4, 9])
     with torch.no_grad():
         x0 = one_step(student, z, labels)
     loaded = load_model(save_model(student, tmp_path / "student"))
-    chain = sample(loaded, z, labels, Schedule(1), 1.0, loaded.null_label).final
+    one = Schedule(1)
+    chain = sample(one, StepModel(loaded, one), z, loaded.class_condition(labels), 1.0, loaded.null_condition()).final
     assert torch.allclose(chain, x0, atol=1e-5)
 
 
 def test_student_size_is_checked():
-    teacher_params = 1_624_577  # checkpoints/digits-unet
-    default = load_distill_recipe(ROOT / "recipes" / "digits-slimflow.yaml")
-    assert count_params(build_student(default.student, teacher_params)) <= 0.25 * teacher_params
+    teacher = load_model(TEACHER)
+    teacher_params = count_params(teacher)
+    assert teacher_params == 1_624_577  # examples/digits/checkpoints/digits-unet
+    default = load_distill_recipe(DIGITS / "recipes" / "digits-slimflow.yaml")
+    assert count_params(build_student(default.student, teacher)) <= 0.25 * teacher_params
     with pytest.raises(FlowpressError, match="exceed"):
-        build_student(StudentConfig(block_out_channels=(32, 64, 64), layers_per_block=2), teacher_params)
+        build_student(StudentConfig(out="unused", block_out_channels=(32, 64, 64), layers_per_block=2), teacher)
 
 
 def _toy_pairs(n: int = 64) -> Pairs:
@@ -213,11 +224,11 @@ def _toy_pairs(n: int = 64) -> Pairs:
     return Pairs(noise, (-noise).clamp(-1, 1), torch.arange(n) % 10, torch.arange(n))
 
 
-def test_training_resumes_exactly_and_learns(tmp_path):
+def test_training_resumes_exactly_and_learns(tiny_model_dir, tmp_path):
     pairs = _toy_pairs()
     config = ReflowConfig(iterations=8, batch_size=16, anneal_steps=4, checkpoint_every=100)
     torch.manual_seed(0)
-    init = build_student(TINY_STUDENT)
+    init = tiny_student(tiny_model_dir)
     straight = reflow(_clone(init), pairs, config, tmp_path / "a.state.safetensors", progress=False)
     resumed_model = _clone(init)
     reflow(resumed_model, pairs, config, tmp_path / "b.state.safetensors", progress=False, stop_at=3)
@@ -235,14 +246,14 @@ def test_training_resumes_exactly_and_learns(tmp_path):
     assert sum(state.losses[-3:]) < 0.97 * sum(state.losses[:3])
 
 
-def test_training_state_is_pickle_free_and_checked(tmp_path, monkeypatch):
+def test_training_state_is_pickle_free_and_checked(tiny_model_dir, tmp_path, monkeypatch):
     """The resumable state is one safetensors file with its JSON rest in the header: resuming never
     unpickles and gives the uninterrupted run exactly; a truncated, altered or pickled state is a
     one-line FlowpressError naming the file and the fix."""
     pairs = _toy_pairs(32)
     config = ReflowConfig(iterations=6, batch_size=8, anneal_steps=3, checkpoint_every=100)
     torch.manual_seed(0)
-    init = build_student(TINY_STUDENT)
+    init = tiny_student(tiny_model_dir)
     straight = reflow(_clone(init), pairs, config, tmp_path / "a.state.safetensors", progress=False)
     path = tmp_path / "b.state.safetensors"
     resumed_model = _clone(init)
@@ -309,7 +320,8 @@ def run_distill_cli(tiny_model_dir, tmp_path, nproc: int, cuda_visible: str | No
         "reflow": {"iterations": 4, "batch_size": 8, "anneal_steps": 2, "checkpoint_every": 2},
         "distill": {"iterations": 3, "batch_size": 8, "checkpoint_every": 2},
         "eval": {"n_samples": 20, "batch_size": 20, "latency_runs": 1},
-        "classifier": {"path": str(CLASSIFIER)},
+        "evaluator": yaml.safe_load(EVALUATOR),
+        "bars": {"min_speedup": 2.0},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from engines import EngineVelocity, OrtEngine
 from flowpress.cli import main
-from sampling import FlowpressError, Schedule
+from flowpress.engines import OrtEngine
+from flowpress.errors import FlowpressError
+from flowpress.sampling import Schedule
 
-from .conftest import CLASSIFIER
+from .conftest import EVALUATOR
 
 RECIPE = """
 name: tiny-int8
@@ -18,14 +19,14 @@ model: {{path: {model}}}
 sampling: {{steps: 4, guidance: 2.0}}
 calibration: {{n_samples: 8}}
 compare: {{n_samples: 20, batch_size: 10, latency_runs: 3}}
-gate: {{min_final_psnr_db: {psnr}, max_classifier_acc_drop: 0.5}}
-classifier: {{path: {classifier}}}
+gate: {{min_final_psnr_db: {psnr}, metrics: {{classifier_acc: {{max_drop: 0.5}}}}}}
+evaluator: {evaluator}
 """
 
 
 def recipe_file(tmp_path, model, psnr=10.0, name="r.yaml"):
     path = tmp_path / name
-    path.write_text(RECIPE.format(model=model, psnr=psnr, classifier=CLASSIFIER))
+    path.write_text(RECIPE.format(model=model, psnr=psnr, evaluator=EVALUATOR))
     return path
 
 
@@ -46,9 +47,11 @@ def test_quantize_writes_the_run_directory_contract(run):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["gate"]["passed"] is True and report["gate"]["thresholds"]["min_final_psnr_db"] == 10.0
     assert [row["step"] for row in report["per_step"]] == [0, 1, 2, 3, 4]
-    assert report["per_step"][0]["rel_l2"] == 0.0  # same noise for FP and engine
-    # measured 0.027 and 39.6 dB on this tiny random-weight UNet; the bounds only catch a broken engine
+    assert [row["t"] for row in report["per_step"]] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # measured 0.031, 38.6 dB and SSIM 0.992 on this tiny random-weight UNet (7-bit weights on an
+    # AVX2 host; 39.3 dB with 8-bit); the bounds only catch a broken engine
     assert 0 < report["per_step"][-1]["rel_l2"] < 0.5 and report["final"]["psnr_db"] > 20
+    assert 0.9 < report["final"]["ssim"] <= 1.0
     for key in ("classifier_acc", "fd"):
         assert key in report["quality"]["reference"] and key in report["quality"]["engine"]
     for runtime in ("torch_fp32", "ort_fp32", "engine"):
@@ -56,15 +59,20 @@ def test_quantize_writes_the_run_directory_contract(run):
     assert 0 < report["size_bytes"]["engine"] < report["size_bytes"]["fp32_onnx"]
     engines = {e["engine"]: e for e in report["cpu_engines"]}
     assert sorted(engines) == ["openvino-bf16", "openvino-int8", "ort-int8"]
-    for e in (
-        engines.values()
-    ):  # measured 39.6 / 41.2 / 54.0 dB (ort, OV int8, OV bf16) on this tiny UNet; broken lands far below
+    for e in engines.values():  # measured 38.6 / 40.5 / 138 dB (ort, OV int8, OV bf16) here; broken lands far below
         assert e["final_psnr_db"] > 20 and e["size_bytes"] > 0 and e["ms_b8"] > 0
     shipped = engines[report["recommendation"]["engine"]]
     assert shipped["gate_passed"] and shipped["ms_b8"] == min(e["ms_b8"] for e in engines.values() if e["gate_passed"])
     samples = np.load(run_dir / "samples.npz")
     assert samples["fp"].shape == samples["engine"].shape == (20, 1, 16, 16)
+    assert str(samples["engine_name"]) == report["recommendation"]["engine"]  # what the report ships
+    for name in engines:  # every judged engine's samples, the recommended one's equal to `engine`
+        assert samples[f"samples_{name}"].shape == (20, 1, 16, 16)
+    assert np.array_equal(samples[f"samples_{samples['engine_name']}"], samples["engine"])
     assert samples["labels"].tolist() == [i % 10 for i in range(20)] and samples["seeds"].tolist() == list(range(20))
+    weights = report["weight_forms"]  # both int8 weight ranges, whichever this host ships
+    assert sorted(weights["forms"]) == ["7-bit", "8-bit"] and weights["shipped"] in weights["forms"]
+    assert all(f["final_psnr_db"] > 20 for f in weights["forms"].values())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["schedule"]["n_steps"] == 4 and manifest["outputs"]["model.onnx"]
     assert not list(run_dir.parent.glob(".*"))  # no temporary siblings left behind
@@ -74,11 +82,11 @@ def test_quantize_writes_the_run_directory_contract(run):
 def test_engine_refuses_a_step_outside_its_schedule(run):
     _, run_dir = run
     engine = OrtEngine(run_dir / "engine" / "model.opt.onnx", Schedule(4))
-    x = torch.zeros(1, 1, 16, 16)
-    with pytest.raises(FlowpressError, match="outside its schedule"):
-        engine(x, torch.tensor([7]), torch.tensor([1]))
-    with pytest.raises(FlowpressError, match="not on its 4-step schedule"):
-        EngineVelocity(engine)(x, torch.tensor([0.55]), torch.tensor([1]))
+    x, labels = torch.zeros(1, 1, 16, 16), {"class_labels": torch.tensor([1])}
+    with pytest.raises(FlowpressError, match="step 7 is outside its schedule"):
+        engine(x, torch.tensor([7]), labels)
+    with pytest.raises(FlowpressError, match="step -1 is outside its schedule"):
+        engine(x, torch.tensor([-1]), labels)
 
 
 @pytest.mark.slow
@@ -115,14 +123,15 @@ def test_precisions_table_reads_finished_runs_and_names_the_missing(run, capsys)
     report = json.loads((run_dir / "report.json").read_text())
     code = main(["precisions", "--runs", str(run_dir.parent)])
     assert code == 2 and "none of digits-unet-int8" in capsys.readouterr().err  # the default names: none ran here
-    from flowpress.precisions import precision_table
+    from flowpress.experiments.precisions import precision_table
 
     out = precision_table(run_dir.parent, ("tiny-int8", "tiny-fp8"))
     rows = json.loads((out / "precisions.json").read_text())
     assert [r["run"] for r in rows["rows"]] == ["tiny-int8"] and rows["missing"] == ["tiny-fp8"]
     row = rows["rows"][0]
     assert row["final_psnr_db"] == report["final"]["psnr_db"] and row["engine_bytes"] == report["size_bytes"]["engine"]
-    assert row["precision"] == "int8" and row["calibration"].startswith("all, 8 trajectories, amax")
+    assert row["precision"].startswith("int8, ") and row["calibration"].startswith("all, 8 trajectories, amax")
+    assert row["quality"] == report["quality"]["engine"]
     md = (out / "precisions.md").read_text()
-    assert f"| tiny-int8 | int8 | {row['calibration']} | {row['final_psnr_db']:.2f} |" in md
+    assert f"| tiny-int8 | {row['precision']} | {row['calibration']} | {row['final_psnr_db']:.2f} |" in md
     assert "Not run yet: tiny-fp8" in md

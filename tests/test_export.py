@@ -1,58 +1,47 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize, set_output_quant
-from export import (
+from flowpress.compress import Int8Config, quantize, set_output_quant
+from flowpress.errors import EngineParityError
+from flowpress.export import (
     ExportConfig,
-    StepModel,
     build_ort_engine,
     check_parity,
     export_onnx,
     float_weight_ops,
     ort_session,
 )
-from export.validate import SHAPE_PROBE_BATCHES, _batch_reshape_target
-from models import load_model
-from sampling import EngineParityError, Schedule
+from flowpress.export.validate import SHAPE_PROBE_BATCHES, _batch_reshape_target
+from flowpress.models import StepModel, load_model
 
-from .conftest import for_this_host
+from .conftest import TINY_SCHEDULE, feeds_of, for_this_host, tiny_calibration
 
-SCHEDULE = Schedule(4)
+SCHEDULE = TINY_SCHEDULE
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    return model, for_this_host(quantize(model, QuantConfig(), calib)), calib
-
-
-def feeds_of(calib, n=16):
-    index = torch.linspace(0, len(calib) - 1, n).long()
-    return {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
+    calib = tiny_calibration(model)
+    return model, for_this_host(quantize(model, Int8Config(), calib, SCHEDULE)), calib
 
 
 def test_fp_export_matches_torch(quantized, tmp_path):
     model, _, calib = quantized
-    path = export_onnx(model, SCHEDULE, tmp_path / "fp32.onnx")
-    results = check_parity(path, StepModel(model, SCHEDULE), feeds_of(calib))
+    step_model = StepModel(model, SCHEDULE)
+    path = export_onnx(step_model, tmp_path / "fp32.onnx")
+    results = check_parity(path, step_model, feeds_of(calib))
     assert all(r.min_cosine > 0.99999 for r in results)
 
 
 @pytest.mark.parametrize("flavour", ["ort-cpu", "tensorrt"])
 def test_qdq_export_tracks_fake_quant_with_optimizations_on_and_off(quantized, tmp_path, flavour):
     model, qmodel, calib = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / f"{flavour}.onnx", ExportConfig(flavour), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / f"{flavour}.onnx", ExportConfig(flavour), qmodel)
     set_output_quant(qmodel, flavour == "ort-cpu")
-    results = check_parity(
-        path, StepModel(qmodel.module, SCHEDULE), feeds_of(calib), StepModel(qmodel.fp_module, SCHEDULE)
-    )
+    results = check_parity(path, qmodel.module, feeds_of(calib), qmodel.fp_module)
     set_output_quant(qmodel, True)
     # measured on this tiny model: 0.09 / 1.05 (ort-cpu), 0.14 / 0.14 (tensorrt) for off / on
     assert [r.optimization for r in results] == ["disabled", "all"]
@@ -61,7 +50,7 @@ def test_qdq_export_tracks_fake_quant_with_optimizations_on_and_off(quantized, t
 
 def test_ort_cpu_flavour_runs_every_quantized_layer_on_integer_kernels(quantized, tmp_path):
     model, qmodel, _ = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     # the temporal layers are gathered from tables, everything else is quantized: no float weight op
     assert float_weight_ops(path) == []
     with_opt = tmp_path / "opt.onnx"
@@ -75,14 +64,14 @@ def test_ort_cpu_flavour_runs_every_quantized_layer_on_integer_kernels(quantized
 
 def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_its_output(quantized, tmp_path):
     _, qmodel, calib = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     unfused = tmp_path / "unfused.onnx"
     ort_session(path, "extended", optimized_path=str(unfused))
     facts = build_ort_engine(path, tmp_path / "engine.onnx")
     nodes = onnx.load(str(tmp_path / "engine.onnx")).graph.node
     with_bias = [n for n in nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
     n_bias = sum(
-        q.kind == "linear" and qmodel.fp_module.get_submodule(name).bias is not None
+        q.kind == "linear" and qmodel.fp_module.model.get_submodule(name).bias is not None
         for name, q in qmodel.layers.items()
     )
     assert facts["fused_bias_adds"] == len(with_bias) == n_bias > 0
@@ -102,7 +91,7 @@ def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_it
 
 def test_engine_folds_shape_arithmetic_and_reads_split_shortcuts_from_the_concat_inputs(quantized, tmp_path):
     _, qmodel, calib = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     source_ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     unfolded = tmp_path / "unfolded.onnx"
     ort_session(path, "extended", optimized_path=str(unfolded))
@@ -137,7 +126,7 @@ def test_batch_reshape_target_copies_or_infers_the_batch_and_refuses_anything_el
 
 def test_tensorrt_flavour_is_symmetric_int8_per_output_channel(quantized, tmp_path):
     model, qmodel, _ = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "trt.onnx", ExportConfig("tensorrt"), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "trt.onnx", ExportConfig("tensorrt"), qmodel)
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -153,11 +142,11 @@ def test_tensorrt_flavour_is_symmetric_int8_per_output_channel(quantized, tmp_pa
 
 def test_a_wrong_scale_is_caught(quantized, tmp_path):
     model, qmodel, calib = quantized
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     proto = onnx.load(str(path))
     for init in proto.graph.initializer:
         if init.name == "net.down_blocks.0.resnets.0.conv1.weight_scale":
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4, init.name))
     onnx.save(proto, str(path))
     with pytest.raises(EngineParityError, match=r"optimizations disabled\) disagrees"):
-        check_parity(path, StepModel(qmodel.module, SCHEDULE), feeds_of(calib), StepModel(qmodel.fp_module, SCHEDULE))
+        check_parity(path, qmodel.module, feeds_of(calib), qmodel.fp_module)

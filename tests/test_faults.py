@@ -11,18 +11,19 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from engines import TorchEngine, check_steps
 from flowpress.cli import main
+from flowpress.engines import check_steps
 from flowpress.rundir import run_lock, staged_run, write_json
-from sampling import Schedule
+from flowpress.sampling import Schedule
 
-from .conftest import CLASSIFIER, ROOT
+from .conftest import EVALUATOR, ROOT, calibrate
 
 RECIPE = """
 name: tiny
@@ -31,14 +32,14 @@ sampling: {{steps: 4, guidance: {guidance}}}
 calibration: {{n_samples: 8}}
 engine: {{candidates: false}}
 compare: {{n_samples: 10, batch_size: 10, latency_runs: 2}}
-gate: {{min_final_psnr_db: 10.0, max_classifier_acc_drop: 0.5{gate}}}
-classifier: {{path: {classifier}}}
+gate: {{min_final_psnr_db: 10.0, metrics: {{classifier_acc: {{max_drop: 0.5{gate}}}}}}}
+evaluator: {evaluator}
 """
 
 
 def write_recipe(folder: Path, model: Path, guidance: float = 2.0, gate: str = "") -> Path:
     path = folder / "recipe.yaml"
-    path.write_text(RECIPE.format(model=model, guidance=guidance, gate=gate, classifier=CLASSIFIER))
+    path.write_text(RECIPE.format(model=model, guidance=guidance, gate=gate, evaluator=EVALUATOR))
     return path
 
 
@@ -211,7 +212,7 @@ def test_step_checks_take_tensors_that_do_not_live_in_host_memory():
         def to(self, *args, **kwargs):
             return self.as_subclass(torch.Tensor).to(*args, **kwargs)
 
-    engine = TorchEngine(torch.nn.Identity(), Schedule(4))
+    engine = SimpleNamespace(name="probe", schedule=Schedule(4))
     check_steps(engine, torch.tensor([0, 3]).as_subclass(OnGpu))
     with pytest.raises(Exception, match="step 4 is outside its schedule"):
         check_steps(engine, torch.tensor([4]).as_subclass(OnGpu))
@@ -270,7 +271,7 @@ def test_nonsense_sampling_settings_are_refused(tiny_model_dir, tmp_path, capsys
 def test_the_gate_judges_the_fp_reference_too(tiny_model_dir, tmp_path, capsys):
     # the random tiny UNet's FP samples are recognised as their class 5-10% of the time: a floor of
     # 0.5 must fail the gate whatever the engine's agreement with FP
-    recipe = write_recipe(tmp_path, tiny_model_dir, gate=", min_reference_classifier_acc: 0.5")
+    recipe = write_recipe(tmp_path, tiny_model_dir, gate=", min_reference: 0.5")
     code = main(["quantize", "--recipe", str(recipe), "--runs", str(tmp_path / "runs"), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1 and "gate reference_classifier_acc" in out and ">= 0.5: FAILED" in out
@@ -374,26 +375,22 @@ def test_an_engine_that_drifted_on_another_class_is_refused_naming_both(run, cap
 
 
 def test_a_parity_failure_names_the_saturation_and_the_form_that_passes(tiny_model_dir, monkeypatch):
-    from calibration import CalibrationConfig, capture
-    from compress import QuantConfig, quantize, set_weight_bits
-    from engines.isa import host_isa
-    from export.validate import Parity
-    from flowpress.pipeline import _parity_failure
-    from models import load_model
-    from sampling import EngineParityError
+    from flowpress.compress import Int8Config, quantize, set_weight_bits
+    from flowpress.engines.build import parity_failure
+    from flowpress.engines.isa import host_isa
+    from flowpress.errors import EngineParityError
+    from flowpress.export.validate import Parity
+    from flowpress.models import load_model
 
     model = load_model(tiny_model_dir)
-    schedule = Schedule(4)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, schedule, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    qmodel = quantize(model, QuantConfig(), calib)
+    calib = calibrate(model)
+    qmodel = quantize(model, Int8Config(), calib, Schedule(4))
     set_weight_bits(qmodel, 8)
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx2")
     failed = EngineParityError(
         "x", (Parity("disabled", 0.999, 0.11), Parity("all", 0.93, 5.73))
     )  # as this tiny model measured on an AVX2 host
-    err = _parity_failure(failed, qmodel, schedule, calib, host_isa(), "tiny: model.onnx")
+    err = parity_failure(failed, qmodel, calib, host_isa(), "tiny: model.onnx")
     message = str(err)
     assert err.exit_code == 3 and message.startswith("tiny: model.onnx: onnxruntime's int8 kernels")
     assert "x86-avx2 host (no VNNI) saturate 8-bit weights" in message and "all: 5.730" in message

@@ -10,13 +10,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import export.validate
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize
-from compress.quantize import fake_quant
-from export import (
+import flowpress.export.validate
+from flowpress.cli import main
+from flowpress.compress import Fp8Config, quantize
+from flowpress.compress.amax import fake_quant
+from flowpress.errors import FlowpressError
+from flowpress.export import (
     ExportConfig,
-    StepModel,
     build_ort_engine,
     check_parity,
     export_onnx,
@@ -25,15 +25,13 @@ from export import (
     ort_session,
     qdq_types,
 )
-from export.lint import lint_tensorrt
-from flowpress.cli import main
+from flowpress.export.lint import lint_tensorrt
+from flowpress.models import load_model
 from flowpress.recipe import load_recipe
-from models import load_model
-from sampling import FlowpressError, Schedule
 
-from .conftest import CLASSIFIER, ROOT
+from .conftest import DIGITS, EVALUATOR, TINY_SCHEDULE, feeds_of, tiny_calibration
 
-SCHEDULE = Schedule(4)
+SCHEDULE = TINY_SCHEDULE
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -41,23 +39,16 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 def fp8(tiny_model_dir, tmp_path_factory):
     """(model, fp8 QuantizedModel, calib, exported fp8 graph path) of the tiny UNet."""
     model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    qmodel = quantize(model, QuantConfig(precision="fp8"), calib)
+    calib = tiny_calibration(model)
+    qmodel = quantize(model, Fp8Config(), calib, SCHEDULE)
     path = tmp_path_factory.mktemp("fp8") / "model.onnx"
-    export_onnx(qmodel.fp_module, SCHEDULE, path, ExportConfig("tensorrt"), qmodel)
+    export_onnx(qmodel.fp_module, path, ExportConfig("tensorrt"), qmodel)
     return model, qmodel, calib, path
-
-
-def feeds_of(calib, n=16):
-    index = torch.linspace(0, len(calib) - 1, n).long()
-    return {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
 
 
 def test_fp8_is_modelopt_e4m3_per_tensor_on_weights_and_inputs(fp8):
     _, qmodel, _, _ = fp8
-    modules = dict(qmodel.module.named_modules())
+    modules = dict(qmodel.module.model.named_modules())
     assert qmodel.layers and all(layer.precision == "fp8" for layer in qmodel.layers.values())
     for name, layer in qmodel.layers.items():
         module = modules[name]
@@ -65,7 +56,7 @@ def test_fp8_is_modelopt_e4m3_per_tensor_on_weights_and_inputs(fp8):
         assert not module.output_quantizer.is_enabled and layer.output_amax is None
         # per tensor: one amax, repeated over the output channels for the exporter
         assert layer.weight_amax.shape == (module.weight.shape[0],)
-        assert torch.all(layer.weight_amax == float(module.weight.abs().max()))
+        assert torch.all(layer.weight_amax == float(module.weight.detach().abs().max()))
 
 
 def test_fp8_graph_is_standard_domain_e4m3_qdq_at_opset_19(fp8):
@@ -91,7 +82,7 @@ def test_fp8_weights_are_the_fake_quant_weights_bit_for_bit(fp8):
     _, qmodel, _, path = fp8
     proto = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    modules = dict(qmodel.module.named_modules())
+    modules = dict(qmodel.module.model.named_modules())
     for name in qmodel.layers:
         module = modules[name]
         with torch.no_grad():
@@ -106,15 +97,12 @@ def test_fp8_weights_are_the_fake_quant_weights_bit_for_bit(fp8):
 def test_fp8_graph_tracks_fake_quant_with_optimizations_on_and_off(fp8):
     _, qmodel, calib, path = fp8
     feeds = feeds_of(calib)
-    results = check_parity(path, StepModel(qmodel.module, SCHEDULE), feeds, StepModel(qmodel.fp_module, SCHEDULE))
+    results = check_parity(path, qmodel.module, feeds, qmodel.fp_module)
     # measured 0.073 / 0.073 (off / on) on this tiny UNet: a broken scale lands above 2
     assert [r.optimization for r in results] == ["disabled", "all"]
     assert all(r.noise_ratio is not None and r.noise_ratio < 0.5 for r in results)
     with torch.no_grad():
-        fake, fp = (
-            StepModel(qmodel.module, SCHEDULE)(*feeds.values()),
-            StepModel(qmodel.fp_module, SCHEDULE)(*feeds.values()),
-        )
+        fake, fp = qmodel.module(*feeds.values()), qmodel.fp_module(*feeds.values())
     # E4M3 keeps 3 mantissa bits: measured rel L2 0.099 vs FP for the fake-quant model here
     assert 0.03 < float((fake - fp).norm() / fp.norm()) < 0.2
 
@@ -134,11 +122,13 @@ def test_fp8_needs_the_tensorrt_flavour_and_8_bits(fp8, tmp_path):
     proto = onnx.load(str(path))
     with pytest.raises(FlowpressError, match="set export.flavour to 'tensorrt'"):
         insert_qdq(proto, qmodel.layers, "ort-cpu")
-    with pytest.raises(FlowpressError, match="fp8 is E4M3"):
-        QuantConfig(precision="fp8", activation_bits=6)
-    text = (ROOT / "recipes" / "digits-unet-fp8.yaml").read_text().replace("flavour: tensorrt", "flavour: ort-cpu")
+    shipped = (DIGITS / "recipes" / "digits-unet-fp8.yaml").read_text()
     bad = tmp_path / "r.yaml"
-    bad.write_text(text)
+    bad.write_text(shipped.replace("precision: fp8 ", "precision: fp8\n  activation_bits: 6 "))
+    with pytest.raises(FlowpressError, match="quantize.activation_bits: must be one of 8, got 6") as err:
+        load_recipe(bad)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    bad.write_text(shipped.replace("flavour: tensorrt", "flavour: ort-cpu"))
     with pytest.raises(FlowpressError, match="set export.flavour: tensorrt") as err:
         load_recipe(bad)
     assert str(bad) in str(err.value)
@@ -146,8 +136,9 @@ def test_fp8_needs_the_tensorrt_flavour_and_8_bits(fp8, tmp_path):
 
 def test_shipped_fp8_recipes_load():
     for arch in ("unet", "dit"):
-        recipe = load_recipe(ROOT / "recipes" / f"digits-{arch}-fp8.yaml")
-        assert recipe.quantize.precision == "fp8" and recipe.export.flavour == "tensorrt"
+        recipe = load_recipe(DIGITS / "recipes" / f"digits-{arch}-fp8.yaml")
+        assert isinstance(recipe.quantize, Fp8Config) and recipe.quantize.precision == "fp8"
+        assert recipe.export.flavour == "tensorrt"
         assert recipe.export.opset >= 19 and recipe.compare.n_samples == 500
 
 
@@ -207,7 +198,7 @@ def test_engine_build_refuses_a_corrupted_fp8_engine(tmp_path, monkeypatch):
     path = tmp_path / "hazard.onnx"
     onnx.save(hazard_graph(), str(path))
     assert build_ort_engine(path, tmp_path / "ok.onnx")["disabled_optimizers"] == ["QDQPropagationTransformer"]
-    monkeypatch.setattr(export.validate, "FP8_DISABLED_OPTIMIZERS", ())
+    monkeypatch.setattr(flowpress.export.validate, "FP8_DISABLED_OPTIMIZERS", ())
     with pytest.raises(FlowpressError, match="inserted 1 non-fp8 QuantizeLinear"):
         build_ort_engine(path, tmp_path / "bad.onnx")
 
@@ -234,15 +225,15 @@ calibration: {{n_samples: 8}}
 quantize: {{precision: fp8}}
 export: {{flavour: tensorrt}}
 compare: {{n_samples: 20, batch_size: 10, latency_runs: 3}}
-gate: {{min_final_psnr_db: 10.0, max_classifier_acc_drop: 0.5}}
-classifier: {{path: {classifier}}}
+gate: {{min_final_psnr_db: 10.0, metrics: {{classifier_acc: {{max_drop: 0.5}}}}}}
+evaluator: {evaluator}
 """
 
 
 @pytest.mark.slow
 def test_quantize_fp8_end_to_end_reports_precision_and_qdq_type(tiny_model_dir, tmp_path):
     recipe = tmp_path / "fp8.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_model_dir, classifier=CLASSIFIER))
+    recipe.write_text(RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
     code = main(["quantize", "--recipe", str(recipe), "--runs", str(tmp_path / "runs"), "--quiet"])
     run = tmp_path / "runs" / "tiny-fp8"
     assert code == 0

@@ -15,18 +15,19 @@ import onnx
 import pytest
 import torch
 
-from engines import OrtEngine
-from export import export_onnx, ort_session
-from export.lint import BatchProfile
-from export.tensorrt import GpuIdentity, TensorRTConfig, sha256_file, tensorrt_unavailable
 from flowpress.cli import main
+from flowpress.engines import OrtEngine
+from flowpress.errors import FlowpressError
+from flowpress.export import export_onnx, ort_session
+from flowpress.export.lint import BatchProfile
+from flowpress.export.tensorrt import GpuIdentity, TensorRTConfig, sha256_file, tensorrt_unavailable
 from flowpress.gpu import _row, batch_profile
+from flowpress.models import StepModel, load_model
 from flowpress.recipe import load_recipe
 from flowpress.rundir import tree_hashes
-from models import load_model
-from sampling import FlowpressError, Schedule
+from flowpress.sampling import Schedule
 
-from .conftest import CLASSIFIER
+from .conftest import EVALUATOR
 
 SCHEDULE = Schedule(4)
 GPU_PROFILE = BatchProfile(1, 8, 16)
@@ -35,21 +36,21 @@ name: tiny-int8
 model: {{path: {model}}}
 sampling: {{steps: {steps}, guidance: 2.0}}
 compare: {{n_samples: 10, batch_size: 10, latency_runs: 2}}
-gate: {{min_final_psnr_db: {psnr}, max_classifier_acc_drop: 0.5}}
-classifier: {{path: {classifier}}}
+gate: {{min_final_psnr_db: {psnr}, metrics: {{classifier_acc: {{max_drop: 0.5}}}}}}
+evaluator: {evaluator}
 """
 
 
 def recipe_file(tmp_path, model, steps=4, psnr=30.0):
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=model, steps=steps, psnr=psnr, classifier=CLASSIFIER))
+    path.write_text(RECIPE.format(model=model, steps=steps, psnr=psnr, evaluator=EVALUATOR))
     return path
 
 
 @pytest.fixture(scope="module")
 def fp32_graph(tiny_model_dir, tmp_path_factory):
     """The tiny UNet's FP graph, exported once for this module."""
-    return export_onnx(load_model(tiny_model_dir), SCHEDULE, tmp_path_factory.mktemp("fp32") / "fp32.onnx")
+    return export_onnx(StepModel(load_model(tiny_model_dir), SCHEDULE), tmp_path_factory.mktemp("fp32") / "fp32.onnx")
 
 
 @pytest.fixture
@@ -164,7 +165,7 @@ class OrtStandIn(OrtEngine):
 
 
 def fake_build(onnx_path, plan_path, schedule, config, calibration_sha256=None):
-    from export.tensorrt import EngineBuild, manifest_path
+    from flowpress.export.tensorrt import EngineBuild, manifest_path
 
     plan_path.write_bytes(b"plan")
     manifest = {"precision": "int8", "source": onnx_path.name, "profile": config.profile.as_dict()}
@@ -174,15 +175,15 @@ def fake_build(onnx_path, plan_path, schedule, config, calibration_sha256=None):
 
 @pytest.mark.parametrize(("psnr", "code"), [(30.0, 0), (1000.0, 1)])
 def test_engines_with_tensorrt_validates_the_plan_and_exits_by_the_gate(run, monkeypatch, capsys, psnr, code):
-    import engines.tensorrt
-    import export.tensorrt
+    import flowpress.engines.tensorrt
+    import flowpress.export.tensorrt
     import flowpress.gpu
 
     recipe, run_dir = run
     recipe = recipe_file(recipe.parent, load_recipe(recipe).model.path, psnr=psnr)
     monkeypatch.setattr(flowpress.gpu, "tensorrt_unavailable", lambda: None)
-    monkeypatch.setattr(export.tensorrt, "build_engine", fake_build)
-    monkeypatch.setattr(engines.tensorrt, "TensorRTEngine", OrtStandIn)
+    monkeypatch.setattr(flowpress.export.tensorrt, "build_engine", fake_build)
+    monkeypatch.setattr(flowpress.engines.tensorrt, "TensorRTEngine", OrtStandIn)
     assert cli("engines", recipe, run_dir) == code
     out = capsys.readouterr().out
     assert "TensorRT lint clean" in out and ("gate: PASSED" if code == 0 else "gate: FAILED") in out
@@ -215,7 +216,7 @@ def built_manifest(**changes):
 
 
 def test_manifest_of_this_gpu_and_schedule_is_accepted():
-    from engines.tensorrt import check_manifest
+    from flowpress.engines.tensorrt import check_manifest
 
     check_manifest(built_manifest(), SCHEDULE, H100, "model.plan")
 
@@ -235,7 +236,7 @@ def test_manifest_of_this_gpu_and_schedule_is_accepted():
     ],
 )
 def test_manifest_mismatch_is_refused_in_one_line(changes, schedule, says):
-    from engines.tensorrt import check_manifest
+    from flowpress.engines.tensorrt import check_manifest
 
     with pytest.raises(FlowpressError) as err:
         check_manifest(built_manifest(**changes), schedule, H100, "runs/x/engine/tensorrt/model.plan")
@@ -245,7 +246,7 @@ def test_manifest_mismatch_is_refused_in_one_line(changes, schedule, says):
 
 
 def test_missing_plan_or_manifest_says_make_engines(tmp_path):
-    from engines.tensorrt import read_manifest
+    from flowpress.engines.tensorrt import read_manifest
 
     (tmp_path / "model.plan").write_bytes(b"plan")
     with pytest.raises(FlowpressError, match=r"model.json missing; build it with `make engines`"):
@@ -255,7 +256,7 @@ def test_missing_plan_or_manifest_says_make_engines(tmp_path):
 def test_ort_gpu_engine_names_the_missing_provider(fp32_graph):
     import onnxruntime as ort
 
-    from engines.tensorrt import OrtGpuEngine
+    from flowpress.engines.tensorrt import OrtGpuEngine
 
     if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()):
         pytest.skip("onnxruntime-gpu is installed: the gpu-marked tests cover it")
@@ -272,7 +273,7 @@ def gpu():
     pytest.importorskip("tensorrt", reason="the tensorrt module is not installed (pip install -e '.[gpu]')")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
-    from export.tensorrt import current_gpu
+    from flowpress.export.tensorrt import current_gpu
 
     return current_gpu()
 
@@ -287,12 +288,17 @@ def ort_cpu(path, feeds):
     return torch.from_numpy(ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0])
 
 
+def cond(feeds):
+    """The conditioning inputs of engine feeds (everything but x and step), as engines take them."""
+    return {k: v for k, v in feeds.items() if k not in ("x", "step")}
+
+
 def rel_l2(reference, test):
     return float((test - reference).norm() / reference.norm())
 
 
 def build(onnx_path, tmp_path, profile=GPU_PROFILE):
-    from export.tensorrt import build_engine
+    from flowpress.export.tensorrt import build_engine
 
     config = TensorRTConfig(profile=profile, timing_cache=str(tmp_path / "timing.cache"))
     return build_engine(onnx_path, tmp_path / "model.plan", SCHEDULE, config, calibration_sha256="0" * 64)
@@ -300,7 +306,7 @@ def build(onnx_path, tmp_path, profile=GPU_PROFILE):
 
 @pytest.mark.gpu
 def test_int8_plan_runs_like_onnxruntime_and_records_its_build(gpu, qdq, tmp_path):
-    from engines.tensorrt import TensorRTEngine
+    from flowpress.engines.tensorrt import TensorRTEngine
 
     onnx_path, fp32, feeds = qdq
     built = build(onnx_path, tmp_path)
@@ -311,19 +317,19 @@ def test_int8_plan_runs_like_onnxruntime_and_records_its_build(gpu, qdq, tmp_pat
     assert manifest["onnx_sha256"] == sha256_file(onnx_path) and manifest["calibration_sha256"] == "0" * 64
     assert (tmp_path / "timing.cache").stat().st_size > 0
     engine = TensorRTEngine(built.plan, SCHEDULE)
-    v = engine(feeds["x"], feeds["step"], feeds["class_labels"])  # CPU in, CPU out, batch 16 = profile max
+    v = engine(feeds["x"], feeds["step"], cond(feeds))  # CPU in, CPU out, batch 16 = profile max
     assert v.device.type == "cpu" and v.dtype == torch.float32
     # TensorRT's int8 kernels differ from onnxruntime's by rounding flips, never by more than
     # the quantization noise itself (int8 vs FP)
     reference, fp = ort_cpu(onnx_path, feeds), ort_cpu(fp32, feeds)
     assert rel_l2(reference, v) < 2 * rel_l2(fp, reference)
-    on_gpu = engine(feeds["x"].cuda(), feeds["step"].cuda(), feeds["class_labels"].cuda())
+    on_gpu = engine(feeds["x"].cuda(), feeds["step"].cuda(), {k: v.cuda() for k, v in cond(feeds).items()})
     assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), v, atol=1e-5)
 
 
 @pytest.mark.gpu
 def test_plan_refuses_another_schedule_and_a_batch_outside_its_profile(gpu, qdq, tmp_path):
-    from engines.tensorrt import TensorRTEngine
+    from flowpress.engines.tensorrt import TensorRTEngine
 
     built = build(qdq[0], tmp_path, BatchProfile(1, 2, 4))
     with pytest.raises(FlowpressError, match="4-step euler schedule, 5-step euler requested"):
@@ -331,13 +337,13 @@ def test_plan_refuses_another_schedule_and_a_batch_outside_its_profile(gpu, qdq,
     engine = TensorRTEngine(built.plan, SCHEDULE)
     feeds = qdq[2]
     with pytest.raises(FlowpressError, match=r"batch 16 is outside its profile 1..4"):
-        engine(feeds["x"], feeds["step"], feeds["class_labels"])
+        engine(feeds["x"], feeds["step"], cond(feeds))
 
 
 @pytest.mark.gpu
 def test_fp8_plan_on_ada_or_newer(gpu, qdq, tmp_path):
-    from engines.tensorrt import TensorRTEngine
-    from export.fp8 import to_fp8
+    from flowpress.engines.tensorrt import TensorRTEngine
+    from flowpress.export.fp8 import to_fp8
 
     if gpu.compute_capability < (8, 9):
         pytest.skip(f"fp8 needs compute capability >= 8.9; {gpu.name} has {gpu.as_dict()['compute_capability']}")
@@ -346,6 +352,6 @@ def test_fp8_plan_on_ada_or_newer(gpu, qdq, tmp_path):
     onnx.save(to_fp8(onnx.load(str(onnx_path))), str(fp8_path))
     built = build(fp8_path, tmp_path)
     assert built.manifest["precision"] == "fp8"
-    v = TensorRTEngine(built.plan, SCHEDULE)(feeds["x"], feeds["step"], feeds["class_labels"])
+    v = TensorRTEngine(built.plan, SCHEDULE)(feeds["x"], feeds["step"], cond(feeds))
     reference, fp = ort_cpu(fp8_path, feeds), ort_cpu(fp32, feeds)
     assert rel_l2(reference, v) < 2 * rel_l2(fp, reference)

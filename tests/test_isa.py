@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.isa import ISA_CLASSES, classify, host_isa, ort_int8_saturates
-from engines.portability import resolve_portable
-from sampling import FlowpressError
+from flowpress.engines.isa import ISA_CLASSES, classify, host_isa, ort_int8_saturates
+from flowpress.engines.portability import resolve_portable
+from flowpress.errors import FlowpressError
 
 C_IN, C_OUT, KERNEL, SIZE = 64, 64, 3, 6
 

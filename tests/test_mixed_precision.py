@@ -4,15 +4,16 @@ import dataclasses
 
 import pytest
 
-from compress import QuantConfig, SensitivityConfig, layer_sensitivity, quantize
+from flowpress.chain import run_quantize
 from flowpress.cli import main
-from flowpress.pipeline import Timer, _mixed_precision
+from flowpress.compress import Int8Config, SensitivityConfig, layer_sensitivity, quantize
+from flowpress.context import RunContext
+from flowpress.errors import FlowpressError
+from flowpress.mixed import mixed_precision
+from flowpress.models import StepModel, load_model
 from flowpress.recipe import load_recipe
-from models import load_model
-from models.classifier import load_classifier
-from sampling import FlowpressError
 
-from .conftest import CLASSIFIER, TINY_SCHEDULE, for_this_host, tiny_calibration
+from .conftest import EVALUATOR, TINY_SCHEDULE, for_this_host, labels_of, tiny_calibration
 
 BROKEN = "net.mid_block.resnets.0.conv1"
 CANDIDATES = '["net.conv_in", "net.mid_block.resnets.*", "net.conv_out"]'
@@ -30,15 +31,15 @@ quantize:
     candidates: {candidates}   # a few layers keep the test short (each costs one sampled trajectory set)
 engine: {{candidates: false}}   # the search runs onnxruntime engines; OpenVINO candidates would only add time
 compare: {{n_samples: 20, batch_size: 10, latency_runs: 3}}
-gate: {{min_final_psnr_db: {psnr}, max_classifier_acc_drop: 0.5}}
-classifier: {{path: {classifier}}}
+gate: {{min_final_psnr_db: {psnr}, metrics: {{classifier_acc: {{max_drop: 0.5}}}}}}
+evaluator: {evaluator}
 """
 
 
 def recipe_file(tmp_path, model, psnr, max_fallback=2, name="tiny-gated", candidates=CANDIDATES):
     path = tmp_path / f"{name}.yaml"
     text = RECIPE.format(
-        name=name, model=model, psnr=psnr, max_fallback=max_fallback, candidates=candidates, classifier=CLASSIFIER
+        name=name, model=model, psnr=psnr, max_fallback=max_fallback, candidates=candidates, evaluator=EVALUATOR
     )
     path.write_text(text)
     return path
@@ -52,8 +53,8 @@ def tiny(tiny_model_dir):
 
 def broken_quant(model, calib):
     """The tiny UNet quantized W8A8, with BROKEN's input quantizer made 64x coarser (about 2 bits)."""
-    qmodel = for_this_host(quantize(model, QuantConfig(), calib))
-    quantizer = dict(qmodel.module.named_modules())[BROKEN].input_quantizer
+    qmodel = for_this_host(quantize(model, Int8Config(), calib, TINY_SCHEDULE))
+    quantizer = dict(qmodel.module.model.named_modules())[BROKEN].input_quantizer
     quantizer.amax = quantizer.amax * 64
     qmodel.layers[BROKEN] = dataclasses.replace(qmodel.layers[BROKEN], input_amax=float(quantizer.amax))
     return qmodel
@@ -63,15 +64,15 @@ def broken_quant(model, calib):
 def test_sensitivity_ranks_the_broken_layer_first(tiny):
     model, calib = tiny
     qmodel = broken_quant(model, calib)
-    sensitivity = layer_sensitivity(
-        model, qmodel, SensitivityConfig(TINY_SCHEDULE, 4, 200000, 4, 2.0, model.null_label)
-    )
+    config = SensitivityConfig(TINY_SCHEDULE, labels_of(4), 4, 200000, 4, 2.0, model.null_condition())
+    fp = StepModel(model, TINY_SCHEDULE)
+    sensitivity = layer_sensitivity(fp, qmodel, config)
     assert sensitivity.order[0] == BROKEN and len(sensitivity.order) == len(qmodel.layers)
     first, second = sensitivity.layers[:2]
     # measured (8 samples): +13.2 dB for the broken layer, +0.4 dB for the next one
     assert first.gain_db > 6 and second.gain_db < 2
     # toggling restores every quantizer: the all-quantized error is measured again unchanged
-    again = layer_sensitivity(model, qmodel, SensitivityConfig(TINY_SCHEDULE, 4, 200000, 4, 2.0, model.null_label))
+    again = layer_sensitivity(fp, qmodel, config)
     assert again.baseline_mse == pytest.approx(sensitivity.baseline_mse, rel=1e-6)
 
 
@@ -79,20 +80,18 @@ def test_sensitivity_ranks_the_broken_layer_first(tiny):
 def test_search_falls_back_on_the_broken_layer_and_passes(tiny, tiny_model_dir, tmp_path):
     model, calib = tiny
     # measured on these 20 samples: ~27 dB with the broken layer, ~40 dB with it in full precision
-    recipe = load_recipe(recipe_file(tmp_path, tiny_model_dir, psnr=34.0))
+    ctx = RunContext.load(load_recipe(recipe_file(tmp_path, tiny_model_dir, psnr=34.0)))
     qmodel = broken_quant(model, calib)
     run = tmp_path / "run"
     run.mkdir()
-    _, _, report, search = _mixed_precision(
-        recipe, model, load_classifier(CLASSIFIER), qmodel, calib, run, Timer(), False
-    )
+    _, _, report, search = mixed_precision(ctx, qmodel, calib, run, False)
     assert search.fallback_layers == [BROKEN] and BROKEN not in qmodel.layers
-    mixed = report["mixed_precision"]
-    assert mixed["passed"] is True and report["gate"]["passed"] is True
+    mixed = report.mixed_precision
+    assert mixed is not None and mixed["passed"] is True and report.passed is True
     assert mixed["fallback_layers"] == [BROKEN]
     assert [len(c["fallback_layers"]) for c in mixed["candidates"]] == [0, 1]
     assert mixed["candidates"][0]["check_passed"] is False and mixed["candidates"][1]["confirmed"] is True
-    assert report["final"]["psnr_db"] >= 34.0
+    assert report.final["psnr_db"] >= 34.0
     cost = mixed["fallback_cost"][0]
     # one conv's int8 weights become fp32: the engine grows by about 3x its weight bytes
     weight = dict(model.named_modules())[BROKEN].weight
@@ -131,8 +130,6 @@ def test_openvino_engine_refuses_mixed_precision(tmp_path):
     path.write_text(
         "name: r\nmodel: {path: x}\nquantize: {mixed_precision: {enabled: true}}\nengine: {runtime: openvino}\n"
     )
-    from flowpress.pipeline import run_quantize
-
     with pytest.raises(FlowpressError, match="needs engine.runtime 'onnxruntime'"):
         run_quantize(load_recipe(path), tmp_path / "runs", progress=False)
 
@@ -142,16 +139,18 @@ def _fake_search(passing_from: int, confirm_from: int, max_fallback: int = 3):
     back, the full compare once `confirm_from` did."""
     from torch import nn
 
-    from compress import LayerSensitivity, MixedPrecisionConfig, QuantizedModel, Sensitivity
+    from flowpress.compress import LayerSensitivity, MixedPrecisionConfig, QuantizedModel, Sensitivity
     from flowpress.mixed import Candidate, gated_search
 
-    module = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
-    qmodel = QuantizedModel(module, module, {"0": None, "1": None, "2": None}, QuantConfig(), [])  # type: ignore[arg-type]
+    module = nn.Module()  # a step model's stand-in: layers are named inside its .model
+    module.model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    qmodel = QuantizedModel(module, module, {"0": None, "1": None, "2": None}, Int8Config(), [])  # type: ignore[arg-type]
     ranking = Sensitivity(1.0, 6.0, tuple(LayerSensitivity(n, 0.5, 9.0, 3.0) for n in ("2", "0", "1")), 4)
 
     def check(_qmodel, fallback):
         k = len(fallback)
-        return Candidate(fallback, 1000 + 10 * k, {"b1": 1.0 + k, "b8": 2.0}, 30.0 + k, 0.0, k >= passing_from, 4)
+        checks = {"classifier_acc_drop": 0.0}
+        return Candidate(fallback, 1000 + 10 * k, {"b1": 1.0 + k, "b8": 2.0}, 30.0 + k, checks, k >= passing_from, 4)
 
     confirmed = []
 

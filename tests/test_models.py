@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from models import NULL_LABEL, load_digits, load_model
-from models.classifier import classifier_accuracy, load_classifier
-from sampling import FlowpressError
+from examples.digits.classifier import classifier_accuracy, load_classifier
+from examples.digits.data import NULL_LABEL, load_digits
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel, load_model
+from flowpress.sampling import Schedule
 
 from .conftest import CLASSIFIER, TEACHER
 
@@ -24,12 +26,29 @@ def test_digits_are_16x16_in_range_with_a_disjoint_holdout():
 def test_diffusers_adapter_scales_time_at_the_boundary(tiny_model_dir):
     model = load_model(tiny_model_dir)
     assert model.time_scale == 1000.0 and model.null_label == NULL_LABEL and model.num_classes == 10
-    x, t, cond = torch.randn(2, 1, 16, 16), torch.tensor([0.25, 0.9]), torch.tensor([3, NULL_LABEL])
+    assert model.cond_names == ("class_labels",) and model.null_condition()["class_labels"].tolist() == [NULL_LABEL]
+    x, t, labels = torch.randn(2, 1, 16, 16), torch.tensor([0.25, 0.9]), torch.tensor([3, NULL_LABEL])
+    cond = model.class_condition(labels)
     with torch.no_grad():
-        expected = model.net(x, t * 1000.0, class_labels=cond).sample
+        expected = model.net(x, t * 1000.0, class_labels=labels).sample
         torch.testing.assert_close(model(x, t, cond), expected)
         other = load_model(tiny_model_dir, time_scale=999.0)
-        torch.testing.assert_close(other(x, t, cond), model.net(x, t * 999.0, class_labels=cond).sample)
+        torch.testing.assert_close(other(x, t, cond), model.net(x, t * 999.0, class_labels=labels).sample)
+
+
+def test_step_model_looks_up_the_schedule_time_of_each_step(tiny_model_dir):
+    """The engine-facing model takes the step index; the time it stands for is the sampler's."""
+    model = load_model(tiny_model_dir)
+    schedule = Schedule(4)
+    step_model = StepModel(model, schedule)
+    x, step, labels = torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1]), torch.tensor([3, 7, NULL_LABEL])
+    with torch.no_grad():
+        expected = model(x, schedule.model_times[step], {"class_labels": labels})
+        torch.testing.assert_close(step_model(x, step, labels), expected)  # positional, as a graph takes it
+        torch.testing.assert_close(step_model.run(x, step, {"class_labels": labels}), expected)
+        # a negative step would wrap around the tables: off the schedule it gives NaN for that sample
+        off = step_model(x, torch.tensor([0, -1, 1]), labels)
+    assert torch.isnan(off[1]).all() and torch.isfinite(off[[0, 2]]).all()
 
 
 def test_missing_or_corrupt_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
@@ -68,7 +87,9 @@ def test_committed_classifier_recognises_held_out_digits():
 @pytest.mark.slow
 def test_committed_teacher_meets_its_bar():
     """20 Euler steps, guidance 2: >= 95% of samples recognised as the requested class."""
-    from flowpress.pipeline import teacher_accuracy
+    from examples.digits.__main__ import teacher_accuracy
+    from examples.digits.teacher import TeacherConfig
 
-    accuracy = teacher_accuracy(load_model(TEACHER), load_classifier(CLASSIFIER), 200, 20, 2.0)
+    config = TeacherConfig(eval_samples=200, eval_steps=20, eval_guidance=2.0)
+    accuracy = teacher_accuracy(TEACHER, config, str(CLASSIFIER))
     assert accuracy >= 0.95

@@ -3,14 +3,16 @@
 import pytest
 import torch
 
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, prepare
-from engines import TorchEngine
-from engines.openvino import OpenVinoEngine
-from export import cosine_per_sample, export_onnx
-from export.openvino import OpenVinoConfig, export_openvino
-from models import load_model
-from sampling import FlowpressError, Schedule
+from flowpress.compress import Int8Config, prepare
+from flowpress.engines import TorchEngine
+from flowpress.engines.openvino import OpenVinoEngine
+from flowpress.errors import FlowpressError
+from flowpress.export import cosine_per_sample, export_onnx
+from flowpress.export.openvino import OpenVinoConfig, export_openvino
+from flowpress.models import load_model
+from flowpress.sampling import Schedule, batch_cond
+
+from .conftest import calibrate
 
 SCHEDULE = Schedule(4)
 
@@ -18,11 +20,9 @@ SCHEDULE = Schedule(4)
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tmp_path_factory):
     model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=16), 2.0, model.null_label
-    )
-    fp_module, _ = prepare(model, QuantConfig(), calib.times)
-    onnx_path = export_onnx(fp_module, SCHEDULE, tmp_path_factory.mktemp("ov") / "prepared.onnx")
+    calib = calibrate(model, SCHEDULE, n_samples=16, guidance=2.0)
+    fp_module, _ = prepare(model, Int8Config(), SCHEDULE)
+    onnx_path = export_onnx(fp_module, tmp_path_factory.mktemp("ov") / "prepared.onnx")
     return model, fp_module, calib, onnx_path
 
 
@@ -32,19 +32,18 @@ def test_f32_ir_matches_torch_at_any_batch(prepared, tmp_path):
     engine = OpenVinoEngine(xml, SCHEDULE, "f32")
     reference = TorchEngine(fp_module, SCHEDULE)
     for batch in (1, 8):  # each batch size compiles its own static-shape model
-        x, step, cond = calib.x[:batch], calib.step[:batch], calib.cond[:batch]
+        x, step, cond = calib.x[:batch], calib.step[:batch], batch_cond(calib.cond, slice(0, batch))
         assert float(cosine_per_sample(engine(x, step, cond), reference(x, step, cond)).min()) > 0.99999
     assert sorted(engine.compiled) == [1, 8]
     with pytest.raises(FlowpressError, match="outside its schedule"):
-        engine(calib.x[:1], torch.tensor([9]), calib.cond[:1])
+        engine(calib.x[:1], torch.tensor([9]), batch_cond(calib.cond, slice(0, 1)))
 
 
 def test_nncf_int8_on_the_calibration_set_stays_near_fp(prepared, tmp_path):
     model, fp_module, calib, onnx_path = prepared
     xml = export_openvino(onnx_path, tmp_path / "ir" / "model.xml", OpenVinoConfig(precision="int8"), calib)
     engine = OpenVinoEngine(xml, SCHEDULE, "f32")
-    index = torch.linspace(0, len(calib) - 1, 32).long()
-    x, step, cond = calib.x[index], calib.step[index], calib.cond[index]
+    x, step, cond = calib.feeds(32)
     got, expected = engine(x, step, cond), TorchEngine(fp_module, SCHEDULE)(x, step, cond)
     rel = float((got - expected).norm() / expected.norm())
     # measured 0.064 on this tiny random-weight UNet (int8 really ran: a float graph gives ~1e-7);

@@ -1,9 +1,12 @@
 import pytest
 
-from flowpress.recipe import load_recipe, load_teacher_recipe
-from sampling import FlowpressError
+from examples.digits.__main__ import TeacherRecipe
+from flowpress.compress import Fp8Config, Int8Config, W4A8Config
+from flowpress.errors import FlowpressError
+from flowpress.recipe import load_recipe
+from flowpress.schema import load
 
-from .conftest import ROOT
+from .conftest import DIGITS, EVALUATOR
 
 
 def write(tmp_path, text):
@@ -13,11 +16,35 @@ def write(tmp_path, text):
 
 
 def test_shipped_recipes_load():
-    recipe = load_recipe(ROOT / "recipes" / "digits-unet-int8.yaml")
+    recipe = load_recipe(DIGITS / "recipes" / "digits-unet-int8.yaml")
     assert recipe.name == "digits-unet-int8" and recipe.sampling.schedule().n_steps == 20
     assert recipe.export.flavour == "ort-cpu" and recipe.quantize.temporal == "cache"
-    teacher = load_teacher_recipe(ROOT / "recipes" / "digits-teacher.yaml")
+    assert isinstance(recipe.quantize, Int8Config)
+    assert recipe.evaluator.name == "examples.digits.evaluator:DigitsEvaluator"
+    assert recipe.gate.metrics["classifier_acc"].max_drop == 0.01
+    teacher: TeacherRecipe = load(TeacherRecipe, DIGITS / "recipes" / "digits-teacher.yaml")
     assert teacher.teacher.out == recipe.model.path
+
+
+def test_quantize_section_picks_the_config_of_its_precision(tmp_path):
+    for precision, config in (("int8", Int8Config), ("fp8", Fp8Config), ("w4a8", W4A8Config)):
+        flavour = "tensorrt" if precision == "fp8" else "ort-cpu"
+        path = write(
+            tmp_path,
+            f"name: a\nmodel: {{path: m}}\nquantize: {{precision: {precision}}}\nexport: {{flavour: {flavour}}}\n",
+        )
+        assert type(load_recipe(path).quantize) is config
+    path = write(tmp_path, "name: a\nmodel: {path: m}\nquantize: {amax: mse}\n")
+    assert load_recipe(path).quantize == Int8Config(amax="mse")  # no precision: int8
+
+
+def test_evaluator_section_names_the_evaluator_and_its_options(tmp_path):
+    text = f"name: a\nmodel: {{path: m}}\nevaluator: {EVALUATOR}\ngate: {{metrics: {{classifier_acc: {{max_drop: 0.05}}}}}}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.evaluator.name == "examples.digits.evaluator:DigitsEvaluator"
+    assert recipe.evaluator.options == {"classifier": str(DIGITS / "checkpoints" / "digits-classifier")}
+    assert recipe.gate.metrics["classifier_acc"].max_drop == 0.05
+    assert load_recipe(write(tmp_path, "name: a\nmodel: {path: m}\n")).evaluator.name is None
 
 
 @pytest.mark.parametrize(
@@ -31,6 +58,15 @@ def test_shipped_recipes_load():
         ("name: a\n", r"model: required key is missing"),
         ("name: a\nmodel: [1, 2]\n", r"model: must be a mapping"),
         ("name: a\nmodel: {path: m}\n  bad indent: [\n", r"not valid YAML"),
+        (
+            "name: a\nmodel: {path: m}\nquantize: {precision: fp16}\n",
+            r"quantize.precision: must be one of 'int8', 'fp8', 'w4a8', got 'fp16'",
+        ),
+        (
+            "name: a\nmodel: {path: m}\nquantize: {precision: int8, recon_iters: 5}\n",
+            r"quantize: unknown key 'recon_iters'",
+        ),
+        ("name: a\nmodel: {path: m}\nclassifier: {path: c}\n", r"unknown key 'classifier'"),
     ],
 )
 def test_bad_recipe_is_a_one_line_error_naming_file_and_key(tmp_path, text, message):

@@ -4,12 +4,15 @@ import onnx
 import pytest
 import torch
 
-from calibration import CachedVelocity, CalibrationConfig, capture, discover_temporal, select
-from compress import QuantConfig, quantize, split_shortcuts
-from export import export_onnx
-from models import load_model
-from models.teacher import TeacherConfig, build_model
-from sampling import FlowpressError, Schedule
+from flowpress.calibration import CachedStepModel, CalibrationConfig, discover_temporal, select
+from flowpress.compress import Int8Config, quantize, split_shortcuts
+from flowpress.errors import FlowpressError
+from flowpress.export import export_onnx
+from flowpress.export.onnx import _module_of
+from flowpress.models import DiTSpec, StepModel, build_dit, load_model
+from flowpress.sampling import Schedule
+
+from .conftest import calibrate
 
 SCHEDULE = Schedule(6)
 
@@ -22,49 +25,53 @@ def unet(tiny_model_dir):
 @pytest.fixture(scope="module")
 def dit():
     torch.manual_seed(0)
-    return build_model(TeacherConfig(architecture="dit", dit_layers=2, dit_heads=2, dit_head_dim=8)).eval()
+    return build_dit(DiTSpec(layers=2, heads=2, head_dim=8), (1, 16, 16), 10).eval()
 
 
 def test_discovery_finds_exactly_the_time_and_label_paths(unet, dit):
-    names = discover_temporal(unet, SCHEDULE.times)
+    names = discover_temporal(unet, SCHEDULE.model_times)
     projections = sorted(n for n, _ in unet.named_modules() if n.endswith("time_emb_proj"))
     assert projections and set(names) == {"net.time_proj", "net.time_embedding", "net.class_embedding", *projections}
-    dit_names = discover_temporal(dit, SCHEDULE.times)
+    dit_names = discover_temporal(dit, SCHEDULE.model_times)
     per_block = {f"net.transformer_blocks.{b}.norm1.{m}" for b in range(2) for m in ("emb", "silu", "linear")}
     assert set(dit_names) == per_block | {"net.proj_out_1"}
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
-def test_cached_model_equals_the_model_on_the_grid_and_refuses_off_grid(unet, dit, arch):
+def test_cached_model_equals_the_model_on_the_schedule_and_refuses_steps_off_it(unet, dit, arch):
     model = unet if arch == "unet" else dit
-    cached = CachedVelocity(model, SCHEDULE.times)
-    step = torch.tensor([0, 2, 5, 6])
-    x, cond = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 3, 9])
+    cached = CachedStepModel(model, SCHEDULE)
+    step = torch.tensor([0, 2, 5, 4])
+    x, cond = torch.randn(4, 1, 16, 16), {"class_labels": torch.tensor([0, 10, 3, 9])}
     with torch.no_grad():
         torch.testing.assert_close(
-            cached(x, SCHEDULE.times[step], cond), model(x, SCHEDULE.times[step], cond), rtol=0, atol=1e-5
+            cached.run(x, step, cond), StepModel(model, SCHEDULE).run(x, step, cond), rtol=0, atol=1e-5
         )
-        with pytest.raises(FlowpressError, match="not on the 6-step schedule"):
-            cached(x, torch.full((4,), 0.55), cond)
+        # a negative step would wrap around the tables: that sample is NaN; one past the last step is an error
+        off = cached.run(x, torch.tensor([0, -1, 5, 4]), cond)
+        assert torch.isnan(off[1]).all() and torch.isfinite(off[[0, 2, 3]]).all()
+        with pytest.raises(IndexError):
+            cached.run(x, torch.tensor([0, 2, 5, 6]), cond)
+    with pytest.raises(FlowpressError, match="no module depends only on"):
+        CachedStepModel(model, SCHEDULE, [])
 
 
 @pytest.mark.parametrize("arch", ["unet", "dit"])
 def test_exported_engine_graph_has_no_time_embedding_mlp(unet, dit, arch, tmp_path):
     model = unet if arch == "unet" else dit
-    cached = CachedVelocity(model, SCHEDULE.times)
-    graph = onnx.load(str(export_onnx(cached, SCHEDULE, tmp_path / "m.onnx"))).graph
+    cached = CachedStepModel(model, SCHEDULE)
+    graph = onnx.load(str(export_onnx(cached, tmp_path / "m.onnx"))).graph
     ops = [n.op_type for n in graph.node]
     assert "Sin" not in ops and "Cos" not in ops and "Gemm" not in ops
-    temporal = discover_temporal(model, SCHEDULE.times)
-    scopes = ["/" + name.replace(".", "/", 1).replace(".", "/") + "/" for name in temporal]
-    weight_ops = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
-    assert not [n for n in weight_ops if any(n.startswith(s) for s in scopes)]
+    temporal = discover_temporal(model, SCHEDULE.model_times)
+    weight_ops = [_module_of(n.name) for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    assert weight_ops and not [m for m in weight_ops if any(m == t or m.startswith(t + ".") for t in temporal)]
     # and the tables are there instead: one Gather per table the graph still needs
     assert sum(op == "Gather" for op in ops) >= (len(temporal) - 3 if arch == "unet" else 4)
 
 
 def test_strategies_keep_the_budget_where_they_say(unet):
-    full = capture(unet, unet.sample_shape, 10, Schedule(20), CalibrationConfig(n_samples=40), 2.0, 10)
+    full = calibrate(unet, Schedule(20), n_samples=40, guidance=2.0)
     assert len(full) == 20 * 80
     naive = select(full, CalibrationConfig(strategy="naive", budget=64), 20)
     assert len(naive) == 64 and set(naive.step.tolist()) == {0}
@@ -80,10 +87,10 @@ def test_strategies_keep_the_budget_where_they_say(unet):
 
 
 def test_per_step_max_reproduces_modelopt_max_and_mean_is_below_it(unet):
-    calib = capture(unet, unet.sample_shape, 10, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, 10)
-    by_max = quantize(unet, QuantConfig(amax="max"), calib).layers
-    by_step = quantize(unet, QuantConfig(amax="perstep-max"), calib).layers
-    by_mean = quantize(unet, QuantConfig(amax="perstep-mean"), calib).layers
+    calib = calibrate(unet, SCHEDULE, n_samples=8, guidance=2.0)
+    by_max = quantize(unet, Int8Config(amax="max"), calib, SCHEDULE).layers
+    by_step = quantize(unet, Int8Config(amax="perstep-max"), calib, SCHEDULE).layers
+    by_mean = quantize(unet, Int8Config(amax="perstep-mean"), calib, SCHEDULE).layers
     for name, layer in by_max.items():
         assert by_step[name].input_amax == pytest.approx(layer.input_amax, rel=1e-6)
         assert by_mean[name].input_amax <= layer.input_amax + 1e-6
@@ -108,7 +115,7 @@ def test_shortcut_split_point_is_the_hidden_state_width(unet):
     torch.cat = spy
     try:
         with torch.no_grad():
-            unet(torch.zeros(1, 1, 16, 16), torch.tensor([0.5]), torch.tensor([1]))
+            unet(torch.zeros(1, 1, 16, 16), torch.tensor([0.5]), {"class_labels": torch.tensor([1])})
     finally:
         torch.cat = real_cat
     resnets = [r for block in unet.net.up_blocks for r in block.resnets]
@@ -118,7 +125,7 @@ def test_shortcut_split_point_is_the_hidden_state_width(unet):
 
 def test_mse_search_clips_a_gaussian_where_theory_says():
     """Optimal uniform quantizer clipping for a unit Gaussian: ~2.5 sigma at 4 bits, ~4 sigma at 8."""
-    from compress.quantize import mse_amax
+    from flowpress.compress.amax import mse_amax
 
     values = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
     amax = float(values.abs().max())  # about 4.9 sigma

@@ -8,12 +8,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import ort_session
-from export.fp8 import to_fp8
-from export.lint import BatchProfile, LintIssue, check_tensorrt, lint_tensorrt, uses_fp8
-from sampling import FlowpressError, Schedule
+from flowpress.errors import FlowpressError
+from flowpress.export import ort_session
+from flowpress.export.fp8 import to_fp8
+from flowpress.export.lint import (
+    BatchProfile,
+    LintIssue,
+    check_tensorrt,
+    lint_tensorrt,
+    uses_fp8,
+)
 
-SCHEDULE = Schedule(4)
 PROFILE = BatchProfile(1, 20, 20)  # what `flowpress engines` derives for compare batch 10 under guidance
 
 

@@ -3,21 +3,19 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
-from calibration import CalibrationConfig, capture
-from compress import QuantConfig, quantize
-from export import ExportConfig, StepModel, check_parity, export_onnx, ort_session
-from models import load_model
-from sampling import FlowpressError, Schedule
+from flowpress.compress import Int8Config, W4A8Config, quantize
+from flowpress.errors import FlowpressError
+from flowpress.export import ExportConfig, check_parity, export_onnx, ort_session
+from flowpress.models import load_model
+from flowpress.recipe import load_recipe
 
-pytest.importorskip("brevitas")
+from .conftest import TINY_SCHEDULE, feeds_of, tiny_calibration
 
-SCHEDULE = Schedule(4)
+SCHEDULE = TINY_SCHEDULE
 GROUP = 8
-W4A8 = QuantConfig(
-    precision="w4a8",
+W4A8 = W4A8Config(
     weight_group_size=GROUP,
     table_dtype="float16",
     recon_iters=40,
@@ -30,15 +28,8 @@ W4A8 = QuantConfig(
 @pytest.fixture(scope="module")
 def w4a8(tiny_model_dir):
     model = load_model(tiny_model_dir)
-    calib = capture(
-        model, model.sample_shape, model.num_classes, SCHEDULE, CalibrationConfig(n_samples=8), 2.0, model.null_label
-    )
-    return model, quantize(model, W4A8, calib), calib
-
-
-def feeds_of(calib, n=16):
-    index = torch.linspace(0, len(calib) - 1, n).long()
-    return {"x": calib.x[index], "step": calib.step[index], "class_labels": calib.cond[index]}
+    calib = tiny_calibration(model)
+    return model, quantize(model, W4A8, calib, SCHEDULE), calib
 
 
 def test_learned_rounding_reduces_block_output_error(w4a8):
@@ -56,13 +47,13 @@ def test_learned_rounding_reduces_block_output_error(w4a8):
 
 def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_path):
     _, qmodel, _ = w4a8
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
     graph = onnx.load(str(path)).graph
     inits = {i.name: i for i in graph.initializer}
     dq = {n.name: n for n in graph.node if n.op_type == "DequantizeLinear"}
     grouped = [name for name, layer in qmodel.layers.items() if layer.group_size == GROUP]
     assert len(grouped) >= len(qmodel.layers) - 2  # all but 1-channel conv_in-like layers are per group
-    modules = dict(qmodel.module.named_modules())
+    modules = dict(qmodel.module.model.named_modules())
     for name, layer in qmodel.layers.items():
         w_init = inits[f"{name}.weight_int4"]
         assert w_init.data_type == onnx.TensorProto.INT4
@@ -85,10 +76,8 @@ def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_
 
 def test_w4a8_graph_tracks_fake_quant_with_optimizations_on_and_off(w4a8, tmp_path):
     _, qmodel, calib = w4a8
-    path = export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
-    results = check_parity(
-        path, StepModel(qmodel.module, SCHEDULE), feeds_of(calib), StepModel(qmodel.fp_module, SCHEDULE)
-    )
+    path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=21), qmodel)
+    results = check_parity(path, qmodel.module, feeds_of(calib), qmodel.fp_module)
     # measured 0.055 / 0.055 (off / on) for per-group W4A8 on this tiny model: int4 weight noise
     # dwarfs the 8-bit rounding flips; a wrong scale, axis or block lands above 1
     assert all(r.noise_ratio is not None and r.noise_ratio < 0.3 for r in results)
@@ -103,12 +92,12 @@ def test_w4a8_weight_storage_is_at_most_60_percent_of_int8(w4a8, tmp_path):
     model, _, calib = w4a8
     sizes = {}
     configs = (
-        ("int8", QuantConfig(), 19),
-        ("w4a8", QuantConfig(precision="w4a8", recon_iters=0, table_dtype="float16"), 21),
+        ("int8", Int8Config(), 19),
+        ("w4a8", W4A8Config(recon_iters=0, table_dtype="float16"), 21),
     )
     for tag, config, opset in configs:
-        q = quantize(model, config, calib)
-        path = export_onnx(q.fp_module, SCHEDULE, tmp_path / f"{tag}.onnx", ExportConfig("ort-cpu", opset=opset), q)
+        q = quantize(model, config, calib, SCHEDULE)
+        path = export_onnx(q.fp_module, tmp_path / f"{tag}.onnx", ExportConfig("ort-cpu", opset=opset), q)
         engine = tmp_path / f"{tag}.opt.onnx"
         ort_session(path, "extended", optimized_path=str(engine))  # as the pipeline writes engine/model.opt.onnx
         sizes[tag] = _weight_bytes(engine)
@@ -120,7 +109,13 @@ def test_w4a8_weight_storage_is_at_most_60_percent_of_int8(w4a8, tmp_path):
 
 def test_w4a8_config_and_export_errors(w4a8, tmp_path):
     _, qmodel, _ = w4a8
-    with pytest.raises(FlowpressError, match="weight_group_size"):
-        QuantConfig(precision="int8", weight_group_size=32)
+    with pytest.raises(FlowpressError, match="weight_group_size must be >= 2"):
+        W4A8Config(weight_group_size=1)
+    # int8 has no weight groups: a recipe that asks for them is a one-line error naming the key
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: a\nmodel: {path: m}\nquantize: {precision: int8, weight_group_size: 32}\n")
+    with pytest.raises(FlowpressError, match="quantize: unknown key 'weight_group_size'") as err:
+        load_recipe(recipe)
+    assert str(recipe) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(FlowpressError, match="opset"):
-        export_onnx(qmodel.fp_module, SCHEDULE, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=19), qmodel)
+        export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu", opset=19), qmodel)

@@ -1,0 +1,123 @@
+"""Activation ranges: per-step statistics on the FP model, MSE clipping search, and the
+reductions QuantConfig.amax names."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowpress.calibration import CalibrationSet
+from flowpress.compress.config import QuantConfig
+from flowpress.models import StepModel
+
+E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+@torch.no_grad()
+def per_step_absmax(
+    fp_module: StepModel, names: list[str], calib: CalibrationSet, batch_size: int
+) -> dict[str, Tensor]:
+    """abs-max of each named layer's input and output at every calibration step.
+
+    Returns {f"{name}.input": (S,), f"{name}.output": (S,)}, S = distinct steps in calib, in
+    step order; the step comes from calib.batches, never from counting calls.
+    """
+    modules = dict(fp_module.model.named_modules())
+    steps = torch.unique(calib.step).tolist()
+    stats = {f"{n}.{io}": torch.zeros(len(steps)) for n in names for io in ("input", "output")}
+    current = {"s": 0}
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_m: nn.Module, args: tuple, output: Tensor) -> None:
+            s = current["s"]
+            stats[f"{name}.input"][s] = max(float(stats[f"{name}.input"][s]), float(args[0].abs().max()))
+            stats[f"{name}.output"][s] = max(float(stats[f"{name}.output"][s]), float(output.abs().max()))
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for x, step, cond, k in calib.batches(batch_size):
+            current["s"] = steps.index(k)
+            fp_module.run(x, step, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def activation_samples(
+    fp_module: StepModel, names: list[str], calib: CalibrationSet, batch_size: int, per_batch: int = 4096
+) -> dict[str, Tensor]:
+    """A seeded random subsample of each named layer's input and output values over `calib`."""
+    modules = dict(fp_module.model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    found: dict[str, list[Tensor]] = {f"{n}.{io}": [] for n in names for io in ("input", "output")}
+
+    def keep(key: str, values: Tensor) -> None:
+        flat = values.detach().flatten()
+        found[key].append(flat[torch.randint(0, flat.numel(), (min(per_batch, flat.numel()),), generator=gen)])
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_m: nn.Module, args: tuple, output: Tensor) -> None:
+            keep(f"{name}.input", args[0])
+            keep(f"{name}.output", output)
+
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for x, step, cond, _k in calib.batches(batch_size):
+            fp_module.run(x, step, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: torch.cat(v) for k, v in found.items()}
+
+
+def fake_quant(values: Tensor, amax: float, bits: int = 8, precision: str = "int8") -> Tensor:
+    """values seen through a symmetric per-tensor quantizer of range amax (modelopt's rounding:
+    round-half-even to the int grid, or the E4M3 cast with saturation)."""
+    if precision == "fp8":
+        scale = max(float(amax), 1e-12) / E4M3_MAX
+        return (values / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+    qmax = 2 ** (bits - 1) - 1
+    scale = max(float(amax), 1e-12) / qmax
+    return torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale
+
+
+def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, precision: str = "int8") -> float:
+    """The clipping range alpha * amax, alpha in [0.3, 1], minimising the fake-quant MSE of `values`."""
+    alphas = torch.linspace(0.3, 1.0, candidates)
+    errors = []
+    for alpha in alphas:
+        quantized = fake_quant(values, float(alpha) * amax, bits, precision)
+        errors.append(float((quantized - values).pow(2).mean()))
+    return float(alphas[int(torch.tensor(errors).argmin())]) * amax
+
+
+def reduce_per_step(values: Tensor, config: QuantConfig) -> float:
+    """One range from per-step abs-maxes (S,), by config.amax: perstep-max / -mean / -percentile;
+    'max' and 'mse' start from the overall max."""
+    if config.amax == "perstep-mean":
+        return float(values.mean())
+    if config.amax == "perstep-percentile":
+        return float(torch.quantile(values, config.percentile / 100.0))
+    return float(values.max())
+
+
+def activation_amax(
+    fp_module: StepModel, names: list[str], calib: CalibrationSet, config: QuantConfig, outputs: bool = False
+) -> dict[str, float]:
+    """The range of each named layer's input (and output, as f"{name}.output", when `outputs`)
+    under config.amax, measured on the FP step model."""
+    keys = [f"{n}.input" for n in names] + ([f"{n}.output" for n in names] if outputs else [])
+    stats = per_step_absmax(fp_module, names, calib, config.calib_batch_size)
+    found = {key: reduce_per_step(stats[key], config) for key in keys}
+    if config.amax == "mse":
+        samples = activation_samples(fp_module, names, calib, config.calib_batch_size)
+        found = {
+            key: mse_amax(samples[key], found[key], config.activation_bits, precision=config.precision) for key in keys
+        }
+    return found

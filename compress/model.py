@@ -1,0 +1,122 @@
+"""What quantization produces and the exporter consumes: the prepared step model, per-layer
+quantization records, and the switches the engine forms need (weight bits, Conv outputs)."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from flowpress.calibration import CachedStepModel, discover_temporal
+from flowpress.calibration.temporal import half_tables
+from flowpress.compress.config import QuantConfig
+from flowpress.compress.shortcut import split_shortcuts
+from flowpress.errors import FlowpressError
+from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.sampling import Sampler
+
+PORTABLE_WEIGHT_BITS = 7  # |w| <= 63: u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """What the exporter needs for one quantized Conv2d / Linear.
+
+    input_amax: scalar; weight_amax: (C_out,); output_amax: scalar or None.
+    int8: scales are amax / (2^(bits-1) - 1) and the integer range is [-2^(bits-1), 2^(bits-1) - 1]
+    (modelopt's convention).  fp8: scales are amax / 448 (E4M3's largest finite value); the
+    per-tensor weight amax is repeated over C_out, so both precisions export one layout.
+    Learned (W4A8) weights come as integers instead of being rounded by the exporter:
+    weight_int: int8 values in [-7, 7], the torch weight's shape; weight_scale: (C_out,) per
+    channel, or (C_out, C_in / group_size, *kernel) per group along the input channels.
+    """
+
+    kind: Literal["conv", "linear"]
+    input_amax: float
+    weight_amax: Tensor
+    output_amax: float | None
+    activation_bits: int = 8
+    precision: Literal["int8", "fp8", "w4a8"] = "int8"
+    weight_bits: int = 8
+    weight_int: Tensor | None = None
+    weight_scale: Tensor | None = None
+    group_size: int | None = None
+
+
+@dataclass
+class QuantizedModel:
+    """module: the fake-quant step model (modelopt, or brevitas for w4a8); fp_module: the same
+    structure in full precision (temporal tables, split shortcuts) — what gets exported;
+    layers: per-layer records, keyed by name inside the denoiser (module.model), e.g.
+    'net.down_blocks.0.resnets.0.conv1'; reconstruction (w4a8): per block, its output error
+    over the reconstruction inputs with nearest and with learned rounding."""
+
+    module: StepModel
+    fp_module: StepModel
+    layers: dict[str, LayerQuant]
+    config: QuantConfig
+    temporal_modules: list[str]
+    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def prepare(model: DiffusersVelocity, config: QuantConfig, sampler: Sampler) -> tuple[StepModel, list[str]]:
+    """The FP step model the quantizer and exporter see: temporal tables and split shortcuts
+    applied to a copy of `model`.  Returns (step model, temporal module names)."""
+    temporal = discover_temporal(model, sampler.model_times)
+    prepared = (
+        CachedStepModel(model, sampler, temporal)
+        if config.temporal == "cache"
+        else StepModel(copy.deepcopy(model), sampler)
+    )
+    if config.split_shortcuts:
+        assert isinstance(prepared.model, DiffusersVelocity)
+        split_shortcuts(prepared.model)
+    if config.table_dtype == "float16" and isinstance(prepared, CachedStepModel):
+        half_tables(prepared)
+    return prepared.eval(), temporal
+
+
+def excluded_patterns(config: QuantConfig, temporal: list[str]) -> tuple[str, ...]:
+    """config.exclude, plus the temporal modules when they stay in full precision."""
+    extra = tuple(p for name in temporal for p in (name, f"{name}.*")) if config.temporal == "fp" else ()
+    return config.exclude + extra
+
+
+def is_excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
+    """Quantize the int8 layers' weights to `bits` bits (8, or PORTABLE_WEIGHT_BITS) in the torch
+    model and in what the exporter writes: the same per-channel amax, scale amax / (2^(bits-1) - 1),
+    so a 7-bit weight is calibrated as such, not an 8-bit one clipped."""
+    if qmodel.config.precision != "int8":
+        return
+    if bits not in (8, PORTABLE_WEIGHT_BITS):
+        raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")
+    for name, module in qmodel.module.model.named_modules():
+        weight_quantizer: Any = getattr(module, "weight_quantizer", None)
+        if weight_quantizer is not None and name in qmodel.layers:
+            weight_quantizer.num_bits = bits
+    qmodel.layers = {name: replace(layer, weight_bits=bits) for name, layer in qmodel.layers.items()}
+
+
+def weight_bits_of(qmodel: QuantizedModel) -> int:
+    """The weight bits of the int8 layers (8 or PORTABLE_WEIGHT_BITS)."""
+    return min((layer.weight_bits for layer in qmodel.layers.values()), default=8)
+
+
+def set_output_quant(qmodel: QuantizedModel, enabled: bool) -> None:
+    """Switch the Conv output quantizers (calibrated either way) on or off in the torch model."""
+    for name, module in qmodel.module.model.named_modules():
+        output_quantizer: Any = getattr(module, "output_quantizer", None)
+        if output_quantizer is not None and name in qmodel.layers and qmodel.layers[name].output_amax is not None:
+            output_quantizer.enable() if enabled else output_quantizer.disable()
+
+
+def layer_modules(module: StepModel) -> dict[str, nn.Module]:
+    """The denoiser's modules by the names QuantizedModel.layers uses."""
+    return dict(module.model.named_modules())

@@ -1,0 +1,96 @@
+"""int8 and fp8 fake quantization with nvidia-modelopt, calibrated on the trajectory set."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowpress.calibration import CalibrationSet
+from flowpress.compress.amax import activation_amax
+from flowpress.compress.config import Fp8Config, Int8Config
+from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel
+
+
+def import_modelopt() -> Any:
+    """modelopt.torch.quantization, without the notice modelopt prints at import when transformers
+    is absent (it concerns exporting Hugging Face LLMs, which flowpress does not do)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot find transformers package")
+        import modelopt.torch.quantization as mtq
+    return mtq
+
+
+def modelopt_config(config: Int8Config | Fp8Config, exclude: tuple[str, ...]) -> dict:
+    """modelopt's quant_cfg: Conv2d / Linear weights and inputs (int8, or E4M3 as in
+    FP8_DEFAULT_CFG, whose LLM-specific exclusions do not apply here), everything else off."""
+    fp8 = isinstance(config, Fp8Config)
+    act = {"num_bits": (4, 3) if fp8 else config.activation_bits, "axis": None}
+    weight = {"num_bits": (4, 3), "axis": None} if fp8 else {"num_bits": 8, "axis": 0}
+    quant_cfg: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for parent in ("nn.Conv2d", "nn.Linear"):
+        quant_cfg.append({"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": weight})
+        quant_cfg.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": act})
+    if isinstance(config, Int8Config) and config.conv_output_quant:
+        quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": act})
+    for pattern in exclude:
+        quant_cfg.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}.*", "enable": False})
+    return {"quant_cfg": quant_cfg, "algorithm": "max"}
+
+
+def layer_quants(qmodule: StepModel, exclude: tuple[str, ...], config: Int8Config | Fp8Config) -> dict[str, LayerQuant]:
+    """Per-layer amax of every Conv2d / Linear whose input and weight quantizers are on."""
+    layers: dict[str, LayerQuant] = {}
+    for name, module in qmodule.model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or is_excluded(name, exclude):
+            continue
+        inq: Any = getattr(module, "input_quantizer", None)
+        wq: Any = getattr(module, "weight_quantizer", None)
+        if inq is None or wq is None or not (inq.is_enabled and wq.is_enabled) or inq.amax is None or wq.amax is None:
+            continue
+        outq: Any = getattr(module, "output_quantizer", None)
+        output_amax = float(outq.amax) if outq is not None and outq.is_enabled and outq.amax is not None else None
+        layers[name] = LayerQuant(
+            kind="conv" if isinstance(module, nn.Conv2d) else "linear",
+            input_amax=float(inq.amax),
+            weight_amax=wq.amax.detach().flatten().expand(module.weight.shape[0]).clone(),
+            output_amax=output_amax,
+            activation_bits=config.activation_bits,
+            precision=config.precision,
+        )
+    return layers
+
+
+@torch.no_grad()
+def quantize_modelopt(
+    fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: Int8Config | Fp8Config
+) -> QuantizedModel:
+    """modelopt's max calibration over `calib` on a copy of the prepared step model; then the
+    activation ranges of config.amax when it is not 'max'."""
+    mtq = import_modelopt()
+    exclude = excluded_patterns(config, temporal)
+    qmodule = copy.deepcopy(fp_module)
+
+    def forward_loop(_denoiser: nn.Module) -> None:
+        for x, step, cond, _k in calib.batches(config.calib_batch_size):
+            qmodule.run(x, step, cond)
+
+    mtq.quantize(qmodule.model, modelopt_config(config, exclude), forward_loop)
+    layers = layer_quants(qmodule, exclude, config)
+    if not layers:
+        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
+    if config.amax != "max":
+        ranges = activation_amax(fp_module, list(layers), calib, config, outputs=True)
+        modules = dict(qmodule.model.named_modules())
+        for name, layer in layers.items():
+            module: Any = modules[name]
+            module.input_quantizer.amax = torch.tensor(ranges[f"{name}.input"])
+            if layer.output_amax is not None:
+                module.output_quantizer.amax = torch.tensor(ranges[f"{name}.output"])
+        layers = layer_quants(qmodule, exclude, config)
+    return QuantizedModel(qmodule, fp_module, layers, config, temporal)

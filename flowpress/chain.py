@@ -1,0 +1,151 @@
+"""Stage chaining: recipe -> model -> calibration -> quantize -> export -> engines -> compare,
+written into runs/<name>/ (staged, locked, hashed: flowpress/rundir.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flowpress.calibration import capture
+from flowpress.compare_stage import compare_stage
+from flowpress.compress import quantize
+from flowpress.context import RunContext, versions
+from flowpress.engine_stage import build_engines, weight_form
+from flowpress.engines.report import Report
+from flowpress.errors import FlowpressError
+from flowpress.recipe import Recipe
+from flowpress.rundir import (
+    read_manifest,
+    record_outputs,
+    run_lock,
+    staged_run,
+    tree_hashes,
+    verify_inputs,
+    verify_run,
+    write_json,
+)
+from flowpress.schema import to_dict
+
+REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "trajectory_error.png")
+
+
+def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, Report]:
+    """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code."""
+    final_dir = Path(runs_root) / recipe.name
+    ctx = RunContext.load(recipe)
+    timer = ctx.timer
+    with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
+        with timer.stage("calibrate"):
+            calib = capture(
+                ctx.fp,
+                ctx.sampler,
+                ctx.shape,
+                ctx.cond(recipe.calibration.n_samples),
+                recipe.calibration,
+                recipe.sampling.guidance,
+                ctx.null,
+            )
+            (run / "calibration").mkdir()
+            calib.save(run / "calibration" / "inputs.safetensors")
+        with timer.stage("quantize"):
+            qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler)
+            weight_form(ctx, qmodel)
+        search = None
+        if getattr(recipe.quantize, "mixed_precision", None) is not None and recipe.quantize.mixed_precision.enabled:  # type: ignore[union-attr]
+            from flowpress.mixed import mixed_precision
+
+            exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
+        else:
+            exports, engine_manifest = build_engines(ctx, qmodel, calib, run)
+            report = compare_stage(ctx, run, progress)
+        manifest: dict[str, Any] = {
+            "recipe": to_dict(recipe),
+            "versions": versions(),
+            "schedule": ctx.sampler.as_dict(),
+            "calibration": {
+                "seeds": [
+                    recipe.calibration.seed_base,
+                    recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
+                ],
+                "inputs": len(calib),
+            },
+            "precision": recipe.quantize.precision,
+            "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")},
+            "host": engine_manifest["validated_on"],
+            "quantized_layers": sorted(qmodel.layers),
+            "full_precision_fallback": search.fallback_layers if search is not None else [],
+            "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
+            "exports": exports,
+            **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
+            "inputs": {"model": tree_hashes(Path(recipe.model.path))},
+            "stage_seconds": timer.seconds,
+        }
+        manifest["outputs"] = tree_hashes(run)
+        write_json(run / "manifest.json", manifest)
+    return final_dir, report
+
+
+def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, Report]:
+    """Re-run the compare stage on an existing run directory (staged, then swapped in); the run's
+    files and the model checkpoint are checked against manifest.json first."""
+    final_dir = Path(runs_root) / recipe.name
+    fix = f"rerun `make quantize RECIPE=...` for {recipe.name} (its old report is left in place)"
+    with run_lock(final_dir, "compare"):
+        manifest = read_manifest(final_dir, fix)
+        verify_run(final_dir, manifest, fix=fix)
+        verify_inputs(manifest.get("inputs", {}).get("model", {}), Path(recipe.model.path), "model checkpoint", fix)
+        built = manifest.get("schedule", {})
+        schedule = recipe.sampling.schedule()
+        if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
+            raise FlowpressError(
+                f"{final_dir}: the run was built for the {built.get('n_steps')}-step {built.get('method')} schedule, "
+                f"the recipe asks for {schedule.n_steps}-step {schedule.method}; {fix}"
+            )
+        ctx = RunContext.load(recipe)
+        with staged_run(final_dir) as run:
+            shutil.copytree(final_dir, run, dirs_exist_ok=True)
+            report = compare_stage(ctx, run, progress)
+            manifest = record_outputs(run, manifest, REPORT_FILES)
+            manifest["stage_seconds"] = {**manifest.get("stage_seconds", {}), **ctx.timer.seconds}
+            write_json(run / "manifest.json", manifest)
+    return final_dir, report
+
+
+def summary_lines(report: Report) -> list[str]:
+    """What `flowpress quantize` / `compare` print."""
+    final, lat = report.final, report.latency_ms
+    lines = [f"final PSNR vs FP {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, rel L2 {final['rel_l2']:.4f}"]
+    for metric in sorted(report.quality["reference"]):
+        ref, eng = report.quality["reference"][metric], report.quality["engine"][metric]
+        lines.append(f"{metric}: FP {ref:.3f} / engine {eng:.3f}")
+    lines.append("ms per forward b8: " + ", ".join(f"{k} {v['b8']:.2f}" for k, v in lat.items()))
+    for check in report.gate["checks"]:
+        status = "ok" if check["passed"] else "FAILED"
+        lines.append(f"gate {check['name']} = {check['value']:.4g} {check['op']} {check['threshold']:g}: {status}")
+    mixed = report.mixed_precision
+    if mixed is not None:
+        layers = ", ".join(mixed["fallback_layers"]) or "none"
+        lines.append(f"mixed precision: {len(mixed['fallback_layers'])} layer(s) kept in full precision: {layers}")
+        total = mixed["total_cost"]
+        lines.append(
+            f"mixed precision cost: engine +{total['size_bytes']:,} bytes, "
+            + ", ".join(f"{b} {v:+.2f} ms" for b, v in total["latency_ms"].items())
+        )
+    lines.append("gate: PASSED" if report.passed else "gate: FAILED")
+    if report.weight_forms:
+        forms = report.weight_forms
+        lines.append(
+            "int8 weights: "
+            + ", ".join(f"{bits} {f['final_psnr_db']:.2f} dB" for bits, f in forms["forms"].items())
+            + f" (shipped: {forms['shipped']})"
+        )
+    for e in report.cpu_engines:
+        scores = "".join(f", {m} {v:.3f}" for m, v in e["quality"].items())
+        lines.append(
+            f"cpu engine {e['engine']}: {e['final_psnr_db']:.2f} dB{scores}, {e['ms_b8']:.2f} ms b8, "
+            f"gate {'pass' if e['gate_passed'] else 'FAIL'}"
+        )
+    rec = report.recommendation
+    lines.append(f"recommended engine: {rec['engine'] or 'none'} ({rec['reason']})")
+    return lines

@@ -1,0 +1,162 @@
+"""The compare stage of a run: the gate's engine against FP step by step, every other CPU engine
+on the same seeds, latencies timed interleaved, the int8 weight forms, the report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowpress.calibration import CalibrationSet
+from flowpress.context import RunContext
+from flowpress.engine_stage import cpu_engines, main_engine
+from flowpress.engines import (
+    Comparison,
+    Engine,
+    OrtEngine,
+    TorchEngine,
+    compare,
+    interleaved_step_times,
+    judge,
+    recommend,
+)
+from flowpress.engines.build import parity_feeds
+from flowpress.engines.portability import check_engine_host, host_record
+from flowpress.engines.report import Report, write_report
+
+# the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
+# forwards per runtime (engines/timing.py says why rounds must be long)
+LATENCY_BLOCK, LATENCY_SETTLE = 10, 3
+EXACT_ON = {"8-bit": "x86 with VNNI or AMX, ARM with dot-product", "7-bit": "every x86 host"}
+
+
+def _weight_forms(
+    ctx: RunContext, engine_manifest: dict[str, Any], run: Path, comparison: Comparison
+) -> dict[str, Any] | None:
+    """The int8 engine's final fidelity with 8-bit weights (exact on VNNI / AMX / ARM dot-product
+    hosts) beside 7-bit (exact on every x86 host): the shipped form as its engine ran, the other
+    as its Q/DQ graph computes on float kernels (the quantized math, exactly, on any host)."""
+    shipped = engine_manifest.get("int8_weights")
+    others = sorted(run.glob("model.w*.onnx"))
+    if shipped is None or not others:
+        return None
+    other = others[0]
+    other_bits = f"{other.stem[len('model.w') :]}-bit"
+    emulated = OrtEngine(other, ctx.sampler, f"ort-int8-{other_bits}", optimization="disabled")
+    judged = judge(comparison, emulated, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator)
+    return {
+        "shipped": shipped,
+        "forms": {
+            shipped: {
+                "final_psnr_db": comparison.final["psnr_db"],
+                "exact_on": EXACT_ON[shipped],
+                "measured": "the shipped onnxruntime engine on this host",
+            },
+            other_bits: {
+                "final_psnr_db": judged["final"]["psnr_db"],
+                "exact_on": EXACT_ON[other_bits],
+                "measured": f"{other.name} on float kernels (onnxruntime optimizations off)",
+            },
+        },
+    }
+
+
+def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[Report], None] | None = None) -> Report:
+    """Compare, time, judge and report the engines of `run` (report files written into it);
+    `amend` may add to the report before it is written (the mixed-precision search does)."""
+    recipe, timer, sampler = ctx.recipe, ctx.timer, ctx.sampler
+    config = ctx.compare_config
+    reference = TorchEngine(ctx.fp, sampler, "torch-fp32")
+    candidates = cpu_engines(ctx, run)
+    main = main_engine(ctx)
+    engine, engine_files = candidates[main]
+    engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
+    with timer.stage("host_check"):
+        revalidated = check_engine_host(
+            engine_manifest,
+            {name: e for name, (e, _) in candidates.items()},
+            OrtEngine(run / "fp32.onnx", sampler, "ort-fp32", optimization="disabled"),
+            lambda: parity_feeds(CalibrationSet.load(run / "calibration" / "inputs.safetensors")),
+            f"{recipe.name}: engine/",
+        )
+    with timer.stage("compare"):
+        cond = ctx.cond(config.n_samples)
+        comparison = compare(reference, engine, sampler, config, ctx.shape, cond, ctx.null, ctx.evaluator, progress)
+    with timer.stage("latency"):
+        runtimes: dict[str, Engine] = {
+            "torch_fp32": reference,
+            "ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"),
+            "engine": engine,
+        }
+        runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
+        latency: dict[str, dict[str, float]] = {name: {} for name in runtimes}
+        for batch in (1, 8):  # interleaved: a slow spell of the host does not pick the recommendation
+            times = interleaved_step_times(
+                runtimes, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK, LATENCY_SETTLE
+            )
+            for name, t in times.items():
+                latency[name][f"b{batch}"] = float(np.median(t))
+    with timer.stage("judge"):
+        engines, samples = [], {main: comparison.engine}
+        for name, (candidate, files) in candidates.items():
+            judged: dict[str, Any]
+            if name == main:
+                judged = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
+            else:
+                judged = judge(comparison, candidate, sampler, config, ctx.shape, ctx.null, ctx.evaluator)
+                samples[name] = judged["samples"]
+            ms = latency["engine" if name == main else name.replace("-", "_")]
+            engines.append(
+                {
+                    "engine": name,
+                    "final_psnr_db": judged["final"]["psnr_db"],
+                    "final_ssim": judged["final"]["ssim"],
+                    "quality": judged["quality"],
+                    "ms_b1": ms["b1"],
+                    "ms_b8": ms["b8"],
+                    "size_bytes": sum(f.stat().st_size for f in files),
+                    "gate_passed": judged["gate"]["passed"],
+                }
+            )
+        forms = _weight_forms(ctx, engine_manifest, run, comparison)
+    report = Report(
+        recipe=recipe.name,
+        precision=recipe.quantize.precision,
+        flavour=recipe.export.flavour,
+        engine=engine.name,
+        n_samples=config.n_samples,
+        schedule={**sampler.as_dict(), "guidance": recipe.sampling.guidance},
+        gate=comparison.gate,
+        per_step=comparison.per_step,
+        final=comparison.final,
+        quality=comparison.quality,
+        latency_ms=latency,
+        latency_note="median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
+        f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of "
+        f"{LATENCY_SETTLE} untimed + {LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads",
+        size_bytes={
+            "fp32_onnx": (run / "fp32.onnx").stat().st_size,
+            "engine": sum(f.stat().st_size for f in engine_files),
+        },
+        cpu_engines=engines,
+        recommendation=recommend(engines),
+        host={
+            "isa": host_record(ctx.host),
+            "validated_on": engine_manifest["validated_on"],
+            "revalidated": revalidated,
+        },
+        weight_forms=forms,
+    )
+    if amend is not None:
+        amend(report)
+    write_report(run, comparison, report, _detached(samples), f"{recipe.name}: {engine.name} vs FP")
+    return report
+
+
+def _detached(samples: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value.detach().cpu() for name, value in samples.items()}

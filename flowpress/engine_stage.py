@@ -1,0 +1,149 @@
+"""The export + engine stages of a run: Q/DQ graphs checked for parity, the onnxruntime engine,
+the OpenVINO engines, and engine.json (what was built, where it was validated)."""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from flowpress.calibration import CalibrationSet
+from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits, weight_bits_of
+from flowpress.context import RunContext
+from flowpress.engines import Engine, OrtEngine
+from flowpress.engines.build import build_ort, export_checked, parity_feeds
+from flowpress.engines.openvino import OpenVinoEngine
+from flowpress.engines.portability import host_figures, host_record, resolve_portable
+from flowpress.export import check_parity, export_onnx
+from flowpress.export.openvino import export_openvino, overflow_fix
+from flowpress.rundir import write_json
+
+
+def ov_xml(run: Path, precision: str) -> Path:
+    return run / "engine" / f"openvino-{precision}" / "model.xml"
+
+
+def ort_name(ctx: RunContext) -> str:
+    return f"ort-{ctx.recipe.quantize.precision}"
+
+
+def main_engine(ctx: RunContext) -> str:
+    """The engine the recipe's gate judges: ort-<precision> or openvino-<precision>."""
+    engine = ctx.recipe.engine
+    return f"openvino-{engine.openvino.precision}" if engine.runtime == "openvino" else ort_name(ctx)
+
+
+def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path]]]:
+    """The run's CPU engines by name (ort-<precision>, openvino-<precision>) with the files they ship as."""
+    opt = run / "engine" / "model.opt.onnx"
+    name = ort_name(ctx)
+    found: dict[str, tuple[Engine, list[Path]]] = {name: (OrtEngine(opt, ctx.sampler, name), [opt])}
+    for precision in ("int8", "bf16", "f32"):
+        xml = ov_xml(run, precision)
+        if xml.is_file():
+            hint = dataclasses.replace(ctx.recipe.engine.openvino, precision=precision).inference_hint
+            engine = OpenVinoEngine(xml, ctx.sampler, hint, f"openvino-{precision}")
+            found[f"openvino-{precision}"] = (engine, [xml, xml.with_suffix(".bin")])
+    return found
+
+
+def weight_form(ctx: RunContext, qmodel: QuantizedModel) -> None:
+    """Set the int8 weights to the form the CPU engines ship on this host (7-bit where portable)."""
+    portable = resolve_portable(ctx.recipe.engine.portable, ctx.host)
+    set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if portable else 8)
+
+
+def build_engines(
+    ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
+    (exports, engine manifest).  Rebuilding into the same run overwrites the files.
+
+    The CPU engines take the run's int8 weight bits (7 where portable); the tensorrt graph for
+    GPUs keeps 8 and is checked on float kernels only where this host's int8 kernels saturate.
+    The int8 form not shipped is exported as model.w<bits>.onnx for the report's comparison."""
+    recipe, timer, host = ctx.recipe, ctx.timer, ctx.host
+    portable = resolve_portable(recipe.engine.portable, host)
+    int8 = recipe.quantize.precision == "int8"
+    bits = weight_bits_of(qmodel)
+    flavour, opset = recipe.export.flavour, recipe.export.opset
+    with timer.stage("export"):
+        export_onnx(ctx.fp, run / "fp32.onnx")
+        fp_feeds = {k: v[:8] for k, v in parity_feeds(calib).items()}
+        check_parity(run / "fp32.onnx", ctx.fp, fp_feeds)
+        (run / "engine").mkdir(exist_ok=True)
+        engine_file = run / "engine" / "model.opt.onnx"
+        main, ort_facts = build_ort(
+            qmodel, calib, run / "model.onnx", engine_file, flavour, opset, host, f"{recipe.name}: model.onnx"
+        )
+        exports = [main.as_dict()]
+        if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
+            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+            levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
+            if other == "tensorrt":
+                set_weight_bits(qmodel, 8)
+            try:
+                exports.append(
+                    export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
+                )
+            finally:
+                set_weight_bits(qmodel, bits)
+        if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
+            alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
+            set_weight_bits(qmodel, alternative)
+            try:
+                path = run / f"model.w{alternative}.onnx"
+                exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
+            finally:
+                set_weight_bits(qmodel, bits)
+    with timer.stage("engine"):
+        manifest: dict[str, Any] = {
+            "runtime": "onnxruntime",
+            "provider": "CPUExecutionProvider",
+            "precision": recipe.quantize.precision,
+            "flavour": flavour,
+            "source": "model.onnx",
+            "file": "engine/model.opt.onnx",
+            **ort_facts,
+            "schedule": ctx.sampler.as_dict(),
+            "onnxruntime": metadata.version("onnxruntime"),
+            "portable": portable,
+            "int8_weights": f"{bits}-bit" if int8 else None,
+        }
+        if recipe.quantize.precision == "w4a8":
+            from flowpress.compress.w4a8 import engine_note
+
+            manifest["weights"] = engine_note(recipe.quantize)  # type: ignore[arg-type]
+        ov_main = recipe.engine.openvino
+        precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
+        if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
+            precisions += [p for p in ("int8", "bf16") if p not in precisions]
+        if precisions:
+            prepared = export_onnx(qmodel.fp_module, run / "engine" / "prepared_fp32.onnx")
+            for precision in precisions:
+                ov_config = dataclasses.replace(ov_main, precision=precision)
+                export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable)
+                manifest[f"openvino-{precision}"] = {
+                    "version": metadata.version("openvino"),
+                    "precision": precision,
+                    "inference_precision_hint": ov_config.inference_hint,
+                    "nncf_preset": ("transformer" if ov_config.transformer else "default")
+                    if precision == "int8"
+                    else None,
+                    "overflow_fix": overflow_fix(portable) if precision == "int8" else None,
+                    "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
+                    if precision == "int8"
+                    else "the FP graph with temporal tables",
+                    "static_batch": "compiled per batch size at load",
+                }
+            prepared.unlink()
+        manifest["validated_on"] = host_record(host)
+        engines = {name: engine for name, (engine, _) in cpu_engines(ctx, run).items()}
+        fp = OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32", optimization="disabled")
+        manifest["host_check"] = {
+            "feeds": "32 calibration inputs spread over the steps (calibration/inputs.safetensors)",
+            "figures": host_figures(engines, fp, parity_feeds(calib)),
+        }
+        write_json(run / "engine" / "engine.json", manifest)
+    return exports, manifest

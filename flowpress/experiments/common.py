@@ -1,0 +1,97 @@
+"""What the bench and the ablation share: the FP trajectories every engine is measured against,
+an engine sampled from the same noise, onnxruntime's quantize_static as its users run it, and
+the int8 weight form `make quantize` ships on a host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowpress.calibration import CalibrationSet
+from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits
+from flowpress.engines import Engine, TorchEngine
+from flowpress.engines.isa import HostIsa
+from flowpress.engines.portability import resolve_portable
+from flowpress.models import DiffusersVelocity, StepModel, as_feeds
+from flowpress.recipe import Recipe
+from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
+
+
+@dataclass
+class Reference:
+    """FP trajectories of seeds 0..N-1: xs (n+1, N, C, H, W), their conditioning (N rows) and noise."""
+
+    xs: Tensor
+    cond: Cond
+    noise: Tensor
+
+    def __len__(self) -> int:
+        return int(self.noise.shape[0])
+
+
+@torch.no_grad()
+def fp_reference(model: DiffusersVelocity, sampler: Sampler, guidance: float, n: int, batch: int) -> Reference:
+    """FP (torch) trajectories of seeds 0..n-1, classes cycling, in chunks of `batch`."""
+    reference = TorchEngine(StepModel(model, sampler), sampler, "torch-fp32")
+    cond = model.cycling_condition(n)
+    noise = noise_for_seeds(range(n), model.sample_shape)
+    null = model.null_condition()
+    chunks = [
+        sample(sampler, reference, noise[s : s + batch], batch_cond(cond, slice(s, s + batch)), guidance, null).xs
+        for s in range(0, n, batch)
+    ]
+    return Reference(torch.cat(chunks, dim=1), cond, noise)
+
+
+@torch.no_grad()
+def sample_engine(engine: Engine, ref: Reference, guidance: float, null: Cond | None, batch: int) -> Tensor:
+    """(n+1, N, C, H, W) trajectories of `engine` (on its own schedule) from the reference's noise and conditioning."""
+    chunks = [
+        sample(
+            engine.schedule, engine, ref.noise[s : s + batch], batch_cond(ref.cond, slice(s, s + batch)), guidance, null
+        ).xs
+        for s in range(0, len(ref), batch)
+    ]
+    return torch.cat(chunks, dim=1)
+
+
+def ort_quantize_static(fp32: Path, calib: CalibrationSet, out: Path, op_types: tuple[str, ...] | None = None) -> Path:
+    """onnxruntime's quantize_static (MinMax, QDQ, U8S8, per channel) of the FP graph `fp32` on
+    `calib`'s inputs; op_types limits what it quantizes (None: its default)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(range(0, len(calib), 32))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.rows, None)
+            if start is None:
+                return None
+            picked = calib.subset(torch.arange(start, min(start + 32, len(calib))))
+            return {name: value.numpy() for name, value in as_feeds(picked.x, picked.step, picked.cond).items()}
+
+    quantize_static(
+        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=list(op_types) if op_types else None,
+    )  # fmt: skip
+    return out
+
+
+def int8_form(qmodel: QuantizedModel, recipe: Recipe, host: HostIsa) -> bool:
+    """Give `qmodel` the int8 weight bits `make quantize` gives it on `host` (7 where portable,
+    a no-op for fp8 / w4a8); returns whether the recipe's engines are portable there."""
+    portable = resolve_portable(recipe.engine.portable, host)
+    set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if portable else 8)
+    return portable

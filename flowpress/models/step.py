@@ -1,0 +1,58 @@
+"""StepModel: the engine-facing network, (x, step, *cond) -> out on a fixed schedule."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowpress.sampling import Cond, Sampler
+
+
+def as_feeds(x: Tensor, step: Tensor, cond: Cond) -> dict[str, Tensor]:
+    """An engine's inputs by graph input name: x, step, then the conditioning."""
+    return {"x": x, "step": step, **cond}
+
+
+class StepModel(nn.Module):
+    """out = model(x, times[step], cond) with the sampler's step table baked in.
+
+    `model` is a Denoiser; its layer names (net.*) are what quantization and export key on.
+    forward takes the conditioning tensors positionally in `cond_names` order (as an exported
+    graph takes its inputs) or as one dict; `run(x, step, cond)` takes the dict.  A step outside the
+    sampler's evaluations gives NaN for that sample (a negative index would otherwise wrap
+    around the tables), so an exported graph refuses it even when fed directly.
+    """
+
+    times: Tensor
+
+    def __init__(self, model: nn.Module, sampler: Sampler):
+        super().__init__()
+        self.model = model
+        self.register_buffer("times", sampler.model_times.clone())
+        self.n_evaluations = sampler.n_evaluations
+        self.cond_names: tuple[str, ...] = tuple(getattr(model, "cond_names", ()))
+        self.sample_shape: tuple[int, int, int] = model.sample_shape  # type: ignore[assignment]
+
+    def evaluate(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        return self.model(x, self.times[step], cond)
+
+    def forward(self, x: Tensor, step: Tensor, *cond: Tensor | Cond) -> Tensor:
+        """cond: the conditioning tensors in cond_names order (as an exported graph takes them),
+        or one dict by name (as the sampler passes it)."""
+        by_name = (
+            cond[0] if len(cond) == 1 and isinstance(cond[0], dict) else dict(zip(self.cond_names, cond, strict=True))
+        )
+        out = self.evaluate(x, step, by_name)  # type: ignore[arg-type]
+        valid = ((step >= 0) & (step < self.n_evaluations)).reshape(-1, *([1] * (out.dim() - 1)))
+        # out + 0 is out exactly; NaN where the step is off the schedule (shapes stay static in the graph)
+        return out + torch.where(valid, 0.0, float("nan"))
+
+    def example_inputs(self, batch: int = 2) -> tuple[Tensor, ...]:
+        """(x, step, *cond) of `batch` rows, for tracing an export: zeros, steps 0 and the last."""
+        step = torch.linspace(0, self.n_evaluations - 1, batch).round().long()
+        cond = self.model.example_condition(batch)  # type: ignore[operator]
+        return (torch.zeros(batch, *self.sample_shape), step, *(cond[name] for name in self.cond_names))
+
+    def run(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        """forward with the conditioning by name."""
+        return self(x, step, *(cond[name] for name in self.cond_names))
