@@ -126,7 +126,7 @@ def capture(
     for start in range(0, config.n_samples, config.batch_size):
         chunk = seeds[start : start + config.batch_size]
         rows = batch_cond(cond, slice(start, start + len(chunk)))
-        sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, calls.append)
+        sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, calls.append, chunk)
     for c in calls:
         if not (bool(torch.isfinite(c.model_out).all()) and bool(torch.isfinite(c.model_x).all())):
             raise FlowpressError(

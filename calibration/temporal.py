@@ -3,8 +3,9 @@
 On a fixed schedule the network sees finitely many (t, class) pairs, so every module whose
 output depends only on them (time projection, time-embedding MLP, each block's time
 projection, DiT's adaLN timestep/label embeddings) can be computed once in full precision and
-gathered from a table by key = step * n_cond + class.  The MLPs then leave the engine
-entirely and carry no quantization error.
+gathered from a table by key = step * n_cond + class (step alone without classes; a module that
+reads text embeddings is never temporal).  The MLPs then leave the engine entirely and carry no
+quantization error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
 
@@ -27,21 +28,29 @@ class _Key:
 
 
 class TableLookup(nn.Module):
-    """Replaces a temporal module: ignores its inputs, returns table[key] ((B, ...) features)."""
+    """Replaces a temporal module: ignores its inputs, returns table[key] ((B, ...) features), or
+    a tuple of such when the module returned a tuple (PixArt's adaLN-single gives two)."""
 
-    table: Tensor
-
-    def __init__(self, table: Tensor, holder: _Key, source: str):
+    def __init__(self, table: Tensor | tuple[Tensor, ...], holder: _Key, source: str):
         super().__init__()
-        self.register_buffer("table", table)
+        self.parts = len(table) if isinstance(table, tuple) else 0
+        for i, part in enumerate(table if isinstance(table, tuple) else (table,)):
+            self.register_buffer(f"table_{i}" if self.parts else "table", part)
         self.holder = holder
         self.source = source
 
-    def forward(self, *args: object, **kwargs: object) -> Tensor:
+    def tables(self) -> list[Tensor]:
+        names = [f"table_{i}" for i in range(self.parts)] if self.parts else ["table"]
+        return [getattr(self, name) for name in names]
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor | tuple[Tensor, ...]:
         if self.holder.key is None:
             raise FlowpressError(f"temporal table {self.source}: called outside CachedStepModel.evaluate")
-        features = self.table[self.holder.key]
-        return features.float() if features.dtype != torch.float32 else features  # float16 tables: see half_tables
+        found = []
+        for table in self.tables():
+            features = table[self.holder.key]
+            found.append(features.float() if features.dtype != torch.float32 else features)  # float16: half_tables
+        return tuple(found) if self.parts else found[0]
 
 
 def _outputs(value: object) -> list[Tensor]:
@@ -52,12 +61,29 @@ def _outputs(value: object) -> list[Tensor]:
     return []
 
 
-@torch.no_grad()
-def discover_temporal(model: DiffusersVelocity, times: Tensor) -> list[str]:
-    """Names of the outermost modules whose outputs depend only on (t, class), not on x.
+def _probe_conditions(model: DiffusersDenoiser, n: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Two conditionings of n rows: the same class labels, different embeddings (seeded), so that a
+    module reading the text is not taken for a temporal one."""
+    gen = torch.Generator().manual_seed(1)
+    runs: list[dict[str, Tensor]] = [{}, {}]
+    for name, value in model.example_condition(n).items():
+        for cond in runs:
+            if name == "class_labels":
+                cond[name] = torch.arange(n) % (model.num_classes or 1)
+            elif value.is_floating_point():
+                cond[name] = torch.randn(value.shape, generator=gen)
+            else:
+                cond[name] = torch.ones_like(value)  # attention masks: every token
+    return runs[0], runs[1]
 
-    Runs the model twice with different x and the same (t, class) and keeps every module whose
-    every call returned identical tensors; of those, the ones whose parent is not temporal.
+
+@torch.no_grad()
+def discover_temporal(model: DiffusersDenoiser, times: Tensor) -> list[str]:
+    """Names of the outermost modules whose outputs depend only on (t, class), not on x or on any
+    other conditioning (text embeddings).
+
+    Runs the model twice with different x (and embeddings) and the same (t, class) and keeps every
+    module whose every call returned identical tensors; of those, the ones whose parent is not temporal.
     """
     names = {module: name for name, module in model.named_modules() if name}
     calls: dict[str, list[list[list[Tensor]]]] = {}
@@ -70,12 +96,12 @@ def discover_temporal(model: DiffusersVelocity, times: Tensor) -> list[str]:
     handles = [m.register_forward_hook(hook) for m in names]
     n = 4
     t = times[torch.arange(n) % len(times)]
-    cond = model.class_condition(torch.arange(n) % model.num_classes if model.num_classes else None)
+    conds = _probe_conditions(model, n)
     gen = torch.Generator().manual_seed(0)
     try:
         for run in (0, 1):
             current["run"] = run
-            model(torch.randn(n, *model.sample_shape, generator=gen), t, cond)
+            model(torch.randn(n, *model.sample_shape, generator=gen), t, conds[run])
     finally:
         for handle in handles:
             handle.remove()
@@ -97,48 +123,82 @@ class TemporalTable:
 
     times: Tensor
     n_cond: int
-    tables: dict[str, Tensor]
+    tables: dict[str, Tensor | tuple[Tensor, ...]]
+
+
+TABLE_LIMIT_BYTES = 512 << 20  # beyond this the tables outweigh what they save: keep the modules in the graph
+TABLE_CHUNK = 128  # (step, class) rows per forward while building
 
 
 @torch.no_grad()
-def build_table(model: DiffusersVelocity, times: Tensor, names: list[str]) -> TemporalTable:
-    """Run the FP model once on every (step, class) pair and keep the temporal modules' outputs."""
+def build_table(model: DiffusersDenoiser, times: Tensor, names: list[str]) -> TemporalTable:
+    """Run the FP model on every (step, class) pair, TABLE_CHUNK rows at a time, and keep the
+    temporal modules' outputs; tables past TABLE_LIMIT_BYTES are refused before they are built."""
     n_cond = (model.num_classes + 1) if model.num_classes else 1
     steps = torch.arange(len(times)).repeat_interleave(n_cond)
-    cond = model.class_condition(torch.arange(n_cond).repeat(len(times)) if model.num_classes else None)
+    cond = model.example_condition(len(steps))  # the temporal modules ignore all but (t, class)
+    if model.num_classes:
+        cond["class_labels"] = torch.arange(n_cond).repeat(len(times))
     modules = dict(model.named_modules())
-    captured: dict[str, Tensor] = {}
+    chunks: dict[str, list[tuple[Tensor, ...]]] = {name: [] for name in names}
+    tupled: dict[str, bool] = {}
     handles = []
     for name in names:
 
         def hook(_m: nn.Module, _a: object, output: object, name: str = name) -> None:
-            if name not in captured:
-                if not isinstance(output, Tensor):
-                    raise FlowpressError(f"temporal cache: module {name} returns {type(output).__name__}, not a tensor")
-                captured[name] = output.detach().clone()
+            if isinstance(output, tuple) and output and all(isinstance(o, Tensor) for o in output):
+                parts, tupled[name] = tuple(o.detach().clone() for o in output), True
+            elif isinstance(output, Tensor):
+                parts, tupled[name] = (output.detach().clone(),), False
+            else:
+                raise FlowpressError(
+                    f"temporal cache: module {name} returns {type(output).__name__}, not tensors; set quantize.temporal to 'fp'"
+                )
+            if len(chunks[name]) < chunk_index[0] + 1:
+                chunks[name].append(parts)
 
         handles.append(modules[name].register_forward_hook(hook))
+    chunk_index = [0]
     try:
-        model(torch.zeros(len(steps), *model.sample_shape), times[steps], cond)
+        for index, start in enumerate(range(0, len(steps), TABLE_CHUNK)):
+            chunk_index[0] = index
+            rows = slice(start, start + TABLE_CHUNK)
+            model(
+                torch.zeros(len(steps[rows]), *model.sample_shape),
+                times[steps[rows]],
+                {k: v[rows] for k, v in cond.items()},
+            )
+            if index == 0:
+                per_row = sum(p.element_size() * p[0].numel() for c in chunks.values() for p in c[0])
+                if per_row * len(steps) > TABLE_LIMIT_BYTES:
+                    raise FlowpressError(
+                        f"temporal cache: the tables would take {per_row * len(steps) / 2**20:.0f} MB ({len(times)} steps x "
+                        f"{n_cond} classes); set quantize.temporal: fp (the time modules stay in the graph, unquantized)"
+                    )
     finally:
         for handle in handles:
             handle.remove()
+    captured: dict[str, Tensor | tuple[Tensor, ...]] = {}
+    for name, parts in chunks.items():
+        joined = tuple(torch.cat([c[i] for c in parts]) for i in range(len(parts[0])))
+        captured[name] = joined if tupled[name] else joined[0]
     return TemporalTable(times.clone(), n_cond, captured)
 
 
 def half_tables(model: nn.Module) -> None:
-    """Store every TableLookup's table in float16 (half the engine bytes); lookups still return
+    """Store every TableLookup's tables in float16 (half the engine bytes); lookups still return
     float32, so the graph gathers float16 rows and casts them."""
     for module in model.modules():
         if isinstance(module, TableLookup):
-            module.table = module.table.half()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                setattr(module, name, buffer.half())
 
 
 class CachedStepModel(StepModel):
     """A step model over a copy of `model` whose temporal modules are table lookups keyed by
     (step, class): the exported graph gathers from the tables, no time MLP is left in it."""
 
-    def __init__(self, model: DiffusersVelocity, sampler: Sampler, names: list[str] | None = None):
+    def __init__(self, model: DiffusersDenoiser, sampler: Sampler, names: list[str] | None = None):
         times = sampler.model_times
         names = discover_temporal(model, times) if names is None else names
         if not names:

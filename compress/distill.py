@@ -28,7 +28,7 @@ from flowpress.compress.distributed import barrier, dist_info
 from flowpress.compress.pairs import Pairs
 from flowpress.compress.train_state import TrainState, _load_state, _save_state
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersVelocity, UNetSpec, build_unet
+from flowpress.models import DiffusersDenoiser, UNetSpec, build_unet
 from flowpress.sampling import interpolate
 
 Anneal = Literal["linear", "exponential", "cosine"]
@@ -97,7 +97,7 @@ class DistillConfig:
             raise FlowpressError(f"distill: need 0 < t_min <= t_max < 1, got {self.t_min}, {self.t_max}")
 
 
-def build_student(config: StudentConfig, teacher: DiffusersVelocity) -> DiffusersVelocity:
+def build_student(config: StudentConfig, teacher: DiffusersDenoiser) -> DiffusersDenoiser:
     """A class-conditional UNet2DModel of the teacher's shape, classes and time scale, with the
     student's width and depth (random weights)."""
     if not teacher.num_classes:
@@ -161,7 +161,7 @@ def _batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 @contextmanager
-def _ddp(model: DiffusersVelocity) -> Iterator[torch.nn.Module]:
+def _ddp(model: DiffusersDenoiser) -> Iterator[torch.nn.Module]:
     dist = dist_info()
     if dist.world == 1:
         yield model
@@ -174,7 +174,7 @@ def _ddp(model: DiffusersVelocity) -> Iterator[torch.nn.Module]:
 
 def _train(
     name: str,
-    model: DiffusersVelocity,
+    model: DiffusersDenoiser,
     config: ReflowConfig | DistillConfig,
     checkpoint: Path,
     loss_fn: Callable[[torch.nn.Module, int, torch.Generator], Tensor],
@@ -232,7 +232,7 @@ def rank_pairs(pairs: Pairs) -> Pairs:
 
 
 def reflow(
-    student: DiffusersVelocity,
+    student: DiffusersDenoiser,
     pairs: Pairs,
     config: ReflowConfig,
     checkpoint: str | Path,
@@ -271,8 +271,8 @@ def one_step(model: Callable[..., Tensor], z: Tensor, labels: Tensor) -> Tensor:
 
 
 def distill(
-    student: DiffusersVelocity,
-    guide: DiffusersVelocity | None,
+    student: DiffusersDenoiser,
+    guide: DiffusersDenoiser | None,
     pairs: Pairs,
     config: DistillConfig,
     checkpoint: str | Path,

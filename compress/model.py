@@ -15,7 +15,7 @@ from flowpress.calibration.temporal import half_tables
 from flowpress.compress.config import QuantConfig
 from flowpress.compress.shortcut import split_shortcuts
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
 PORTABLE_WEIGHT_BITS = 7  # |w| <= 63: u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
@@ -62,7 +62,7 @@ class QuantizedModel:
     reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def prepare(model: DiffusersVelocity, config: QuantConfig, sampler: Sampler) -> tuple[StepModel, list[str]]:
+def prepare(model: DiffusersDenoiser, config: QuantConfig, sampler: Sampler) -> tuple[StepModel, list[str]]:
     """The FP step model the quantizer and exporter see: temporal tables and split shortcuts
     applied to a copy of `model`.  Returns (step model, temporal module names)."""
     temporal = discover_temporal(model, sampler.model_times)
@@ -72,7 +72,7 @@ def prepare(model: DiffusersVelocity, config: QuantConfig, sampler: Sampler) -> 
         else StepModel(copy.deepcopy(model), sampler)
     )
     if config.split_shortcuts:
-        assert isinstance(prepared.model, DiffusersVelocity)
+        assert isinstance(prepared.model, DiffusersDenoiser)
         split_shortcuts(prepared.model)
     if config.table_dtype == "float16" and isinstance(prepared, CachedStepModel):
         half_tables(prepared)

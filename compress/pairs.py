@@ -15,7 +15,7 @@ from torch import Tensor
 from flowpress.compress.distributed import _why, barrier, dist_info
 from flowpress.errors import FlowpressError
 from flowpress.files import staged_file
-from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Schedule, noise_for_seeds, sample
 
 
@@ -62,7 +62,7 @@ def shard_path(root: Path, shard: int) -> Path:
 
 @torch.no_grad()
 def generate_pairs(
-    teacher: DiffusersVelocity,
+    teacher: DiffusersDenoiser,
     config: PairConfig,
     root: str | Path,
     progress: bool = True,

@@ -9,7 +9,7 @@ import torch
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.config import Fp8Config, Int8Config, QuantConfig, W4A8Config
 from flowpress.compress.model import QuantizedModel, prepare
-from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
 Handler = Callable[[StepModel, list[str], CalibrationSet, QuantConfig], QuantizedModel]
@@ -33,7 +33,7 @@ def _brevitas(fp_module: StepModel, temporal: list[str], calib: CalibrationSet, 
 HANDLERS: dict[type, Handler] = {Int8Config: _modelopt, Fp8Config: _modelopt, W4A8Config: _brevitas}
 
 
-def quantize(model: DiffusersVelocity, config: QuantConfig, calib: CalibrationSet, sampler: Sampler) -> QuantizedModel:
+def quantize(model: DiffusersDenoiser, config: QuantConfig, calib: CalibrationSet, sampler: Sampler) -> QuantizedModel:
     """Fake-quantize a prepared copy of `model` (temporal tables and split shortcuts for
     `sampler`'s schedule) as `config` says, calibrated on `calib`."""
     fp_module, temporal = prepare(model, config, sampler)

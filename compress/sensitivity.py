@@ -100,7 +100,7 @@ def _finals(model: StepModel, config: SensitivityConfig) -> Tensor:
         chunk = seeds[start : start + config.batch_size]
         cond = batch_cond(config.cond, slice(start, start + len(chunk)))
         noise = noise_for_seeds(chunk, model.sample_shape)
-        traj = sample(config.sampler, model.run, noise, cond, config.guidance, config.null)
+        traj = sample(config.sampler, model.run, noise, cond, config.guidance, config.null, seeds=chunk)
         finals.append(traj.final.clamp(-1, 1))
     return torch.cat(finals)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersVelocity
+from flowpress.models import DiffusersDenoiser
 
 
 class SplitConv2d(nn.Module):
@@ -38,7 +38,7 @@ class SplitConv2d(nn.Module):
         return self.conv_h(x[:, : self.split]) + self.conv_skip(x[:, self.split :])
 
 
-def split_shortcuts(model: DiffusersVelocity) -> list[str]:
+def split_shortcuts(model: DiffusersDenoiser) -> list[str]:
     """Replace every UNet up-block resnet's conv_shortcut (its input is cat[h, skip]) in place.
 
     The split point is h's channel count: diffusers' up blocks concatenate the running

@@ -14,13 +14,13 @@ from torch import Tensor
 from flowpress.compress.distributed import _why
 from flowpress.errors import FlowpressError
 from flowpress.files import staged_file
-from flowpress.models import DiffusersVelocity
+from flowpress.models import DiffusersDenoiser
 
 
 @dataclass
 class TrainState:
-    model: DiffusersVelocity
-    ema: DiffusersVelocity
+    model: DiffusersDenoiser
+    ema: DiffusersDenoiser
     opt: torch.optim.Optimizer
     step: int = 0
     losses: list[float] = field(default_factory=list)

@@ -3,6 +3,7 @@ model's own quality (an Evaluator), and the gate."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -15,6 +16,7 @@ from flowpress.errors import FlowpressError
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
 Direction = Literal["higher", "lower"]
+Decode = Callable[[Tensor], Tensor]  # latents -> images in [-1, 1]
 
 
 @runtime_checkable
@@ -22,12 +24,13 @@ class Evaluator(Protocol):
     """A model's own quality measure, plugged into compare (the digits example brings a
     classifier's accuracy and a Frechet distance).
 
-    metrics: name -> which way is better ('higher' or 'lower'); score: (N, C, H, W) final
-    samples in [-1, 1] and their conditioning (N rows) -> {metric: value}."""
+    metrics: name -> which way is better ('higher' or 'lower'); score: (N, C, H, W) final images
+    in [-1, 1] and their conditioning (N rows per engine input, plus 'prompts': the N prompts for a
+    text-conditioned model) -> {metric: value}."""
 
     metrics: dict[str, Direction]
 
-    def score(self, samples: Tensor, cond: Cond) -> dict[str, float]: ...
+    def score(self, samples: Tensor, cond: dict[str, Any]) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,11 @@ class CompareConfig:
 class Comparison:
     """Samples and errors of one FP-vs-engine run.
 
-    fp / engine: (N, C, H, W) final samples; cond: their conditioning; per_step: {step, t, rel_l2,
-    cosine} of the state after each sampler step (step 0: the shared noise); final: psnr_db,
-    ssim, rel_l2; quality: {reference, engine} evaluator scores; gate: the verdict."""
+    fp / engine: (N, C, H, W) final images (decoded by the pipeline's VAE for latent models);
+    cond: their conditioning; per_step: {step, t, rel_l2, cosine} of the state after each sampler
+    step (step 0: the shared noise; latent space for latent models); final: psnr_db, ssim,
+    rel_l2 of the images; quality: {reference, engine} evaluator scores; gate: the verdict;
+    prompts: the prompt of each sample (text-conditioned models)."""
 
     fp: Tensor
     engine: Tensor
@@ -89,6 +94,22 @@ class Comparison:
     final: dict[str, float]
     quality: dict[str, dict[str, float]]
     gate: dict[str, Any]
+    prompts: tuple[str, ...] | None = None
+
+    @property
+    def fp_samples(self) -> dict[str, float]:
+        """The FP model's own final samples: mean, std and the fraction outside [-1, 1] — a wrong
+        time or prediction convention shows here even when the engine agrees with FP."""
+        return sample_stats(self.fp)
+
+
+def sample_stats(images: Tensor) -> dict[str, float]:
+    values = images.double()
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "outside_range": float((values.abs() > 1.0).float().mean()),
+    }
 
 
 def final_metrics(reference: Tensor, test: Tensor) -> dict[str, float]:
@@ -166,8 +187,17 @@ def check_finite(samples: Tensor, engine: Engine, seeds: Tensor) -> None:
         )
 
 
-def _scores(evaluator: Evaluator | None, samples: Tensor, cond: Cond) -> dict[str, float]:
-    return {} if evaluator is None else evaluator.score(samples, cond)
+def _scores(
+    evaluator: Evaluator | None, samples: Tensor, cond: Cond, prompts: tuple[str, ...] | None
+) -> dict[str, float]:
+    if evaluator is None:
+        return {}
+    described: dict[str, Any] = {**cond, **({"prompts": list(prompts)} if prompts is not None else {})}
+    return evaluator.score(samples, described)
+
+
+def _images(latents: Tensor, decode: Decode | None) -> Tensor:
+    return latents if decode is None else decode(latents)
 
 
 @torch.no_grad()
@@ -181,9 +211,12 @@ def compare(
     null: Cond | None = None,
     evaluator: Evaluator | None = None,
     progress: bool = True,
+    decode: Decode | None = None,
+    prompts: tuple[str, ...] | None = None,
 ) -> Comparison:
     """Sample with `reference` and `engine` from identical noise and conditioning (cond: n_samples
-    rows) and measure the gap step by step, at the end, and by the evaluator."""
+    rows) and measure the gap step by step, at the end (on images: `decode` turns latents into
+    them), and by the evaluator."""
     from tqdm import tqdm
 
     seeds = config.seeds
@@ -195,8 +228,9 @@ def compare(
         chunk = seeds[start : start + config.batch_size]
         noise = noise_for_seeds(chunk.tolist(), shape)
         rows = batch_cond(cond, slice(start, start + len(chunk)))
-        traj_fp = sample(sampler, reference, noise, rows, config.guidance, null)
-        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null)
+        seeds_ = chunk.tolist()
+        traj_fp = sample(sampler, reference, noise, rows, config.guidance, null, seeds=seeds_)
+        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null, seeds=seeds_)
         check_finite(traj_fp.final, reference, chunk)
         check_finite(traj_engine.final, engine, chunk)
         for k in range(n_states):
@@ -204,7 +238,7 @@ def compare(
             cos_sum[k] += cosine(traj_fp.xs[k], traj_engine.xs[k]).sum()
         finals_fp.append(traj_fp.final)
         finals_engine.append(traj_engine.final)
-    fp, eng = torch.cat(finals_fp), torch.cat(finals_engine)
+    fp, eng = _images(torch.cat(finals_fp), decode), _images(torch.cat(finals_engine), decode)
     times = sampler.state_times
     per_step = [
         {
@@ -216,10 +250,10 @@ def compare(
         for k in range(n_states)
     ]
     final = final_metrics(fp, eng)
-    quality = {"reference": _scores(evaluator, fp, cond), "engine": _scores(evaluator, eng, cond)}
+    quality = {"reference": _scores(evaluator, fp, cond, prompts), "engine": _scores(evaluator, eng, cond, prompts)}
     directions = evaluator.metrics if evaluator is not None else {}
     gate = evaluate_gate(config.gate, final, quality, directions)
-    return Comparison(fp, eng, cond, seeds, per_step, final, quality, gate)
+    return Comparison(fp, eng, cond, seeds, per_step, final, quality, gate, prompts)
 
 
 @torch.no_grad()
@@ -231,19 +265,21 @@ def judge(
     shape: tuple[int, ...],
     null: Cond | None = None,
     evaluator: Evaluator | None = None,
+    decode: Decode | None = None,
 ) -> dict[str, Any]:
     """Another engine on the comparison's seeds and conditioning, judged by the same gate against
-    the same FP finals: {final, quality, gate, samples}."""
+    the same FP finals: {final, quality, gate, samples (images)}."""
     finals = []
     for start in range(0, len(comparison.seeds), config.batch_size):
         chunk = comparison.seeds[start : start + config.batch_size]
         rows = batch_cond(comparison.cond, slice(start, start + len(chunk)))
         noise = noise_for_seeds(chunk.tolist(), shape)
-        finals.append(sample(sampler, engine, noise, rows, config.guidance, null).final)
+        finals.append(sample(sampler, engine, noise, rows, config.guidance, null, seeds=chunk.tolist()).final)
         check_finite(finals[-1], engine, chunk)
-    eng = torch.cat(finals)
+    eng = _images(torch.cat(finals), decode)
     final = final_metrics(comparison.fp, eng)
-    quality = {"reference": comparison.quality["reference"], "engine": _scores(evaluator, eng, comparison.cond)}
+    engine_scores = _scores(evaluator, eng, comparison.cond, comparison.prompts)
+    quality = {"reference": comparison.quality["reference"], "engine": engine_scores}
     directions = evaluator.metrics if evaluator is not None else {}
     return {
         "final": final,

@@ -46,6 +46,8 @@ class Report:
     recommendation: dict[str, Any]
     host: dict[str, Any]
     weight_forms: dict[str, Any] | None = None
+    fp_samples: dict[str, float] | None = None
+    model: str | None = None
     mixed_precision: dict[str, Any] | None = None
     gpu_bench: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,11 +98,13 @@ def write_report(run_dir: Path, comparison: Comparison, report: Report, samples:
         "engine": samples.get(shown, comparison.engine).numpy().astype(np.float32),
         "engine_name": np.array(shown),
         "seeds": comparison.seeds.numpy().astype(np.int64),
-        **{f"cond_{name}": value.numpy() for name, value in comparison.cond.items()},
+        **{f"cond_{name}": value.numpy() for name, value in comparison.cond.items() if value[0].numel() <= 16},
         **{f"samples_{name}": value.numpy().astype(np.float32) for name, value in samples.items()},
     }
     if "class_labels" in comparison.cond:
         arrays["labels"] = comparison.cond["class_labels"].numpy().astype(np.int64)
+    if comparison.prompts is not None:
+        arrays["prompts"] = np.array(comparison.prompts)
     np.savez_compressed(run_dir / "samples.npz", **arrays)  # type: ignore[arg-type]
     plot_trajectory_error(comparison.per_step, run_dir / "trajectory_error.png", title)
     plot_samples(
@@ -191,6 +195,13 @@ def report_markdown(report: Report, title: str) -> str:
         f"Samples: {report.n_samples} (same seeds and conditioning for FP and engine).",
         *_quality_table(report),
     ]
+    if report.fp_samples:
+        fp = report.fp_samples
+        lines += [
+            "",
+            f"The FP model's own samples: mean {fp['mean']:.3f}, std {fp['std']:.3f}, {100 * fp['outside_range']:.1f}% of "
+            "values outside [-1, 1] (many there, or a std far from the data's, say the sampler's convention is wrong).",
+        ]
     lines += [
         "",
         f"Final sample vs FP: PSNR {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, relative L2 {final['rel_l2']:.4f}.",

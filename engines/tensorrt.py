@@ -19,7 +19,7 @@ from flowpress.engines.base import check_steps
 from flowpress.errors import FlowpressError
 from flowpress.export.lint import BatchProfile
 from flowpress.export.tensorrt import GpuIdentity, current_gpu, manifest_path
-from flowpress.sampling import Cond, Schedule
+from flowpress.sampling import Cond, Sampler
 
 
 def read_manifest(plan: str | Path) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def read_manifest(plan: str | Path) -> dict[str, Any]:
         raise FlowpressError(f"{path}: engine manifest is not valid JSON; rebuild it with `make engines`") from None
 
 
-def check_manifest(manifest: dict[str, Any], schedule: Schedule, gpu: GpuIdentity, where: str | Path) -> None:
+def check_manifest(manifest: dict[str, Any], schedule: Sampler, gpu: GpuIdentity, where: str | Path) -> None:
     """Refuse a plan built for another GPU, compute capability, TensorRT version or schedule."""
     built_gpu = manifest.get("gpu", {})
     built_schedule = manifest.get("schedule", {})
@@ -47,10 +47,11 @@ def check_manifest(manifest: dict[str, Any], schedule: Schedule, gpu: GpuIdentit
         problems.append(
             f"built for compute capability {built_gpu.get('compute_capability')}, this GPU has {here['compute_capability']}"
         )
-    if (built_schedule.get("n_steps"), built_schedule.get("method")) != (schedule.n_steps, schedule.method):
+    wanted = schedule.as_dict()
+    if (built_schedule.get("n_steps"), built_schedule.get("method")) != (wanted["n_steps"], wanted["method"]):
         problems.append(
             f"built for the {built_schedule.get('n_steps')}-step {built_schedule.get('method')} schedule, "
-            f"{schedule.n_steps}-step {schedule.method} requested"
+            f"{wanted['n_steps']}-step {wanted['method']} requested"
         )
     if problems:
         raise FlowpressError(f"{where}: {'; '.join(problems)}; `make engines` rebuilds it")
@@ -87,7 +88,7 @@ class TensorRTEngine:
     compute capability, the installed TensorRT and `schedule`: plans are not portable.
     """
 
-    def __init__(self, plan: str | Path, schedule: Schedule, name: str = "tensorrt"):
+    def __init__(self, plan: str | Path, schedule: Sampler, name: str = "tensorrt"):
         import tensorrt as trt
 
         self.name = name
@@ -149,7 +150,7 @@ class OrtGpuEngine:
     PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def __init__(
-        self, path: str | Path, schedule: Schedule, name: str = "onnxruntime-gpu", cache_dir: str | Path | None = None
+        self, path: str | Path, schedule: Sampler, name: str = "onnxruntime-gpu", cache_dir: str | Path | None = None
     ):
         import onnxruntime as ort
 

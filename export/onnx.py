@@ -75,6 +75,7 @@ def export_onnx(
                 dynamo=False,
             )
         proto = onnx.load(str(tmp))
+        resolve_shape_ifs(proto)
         for dim, size in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
             dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
             dim.dim_value = size
@@ -87,6 +88,61 @@ def export_onnx(
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return path
+
+
+def resolve_shape_ifs(proto) -> int:  # noqa: ANN001
+    """Inline the If nodes torch's exporter writes for a squeeze of a dimension it could not size
+    (If(Equal(Gather(Shape(t), k), c)) -> Squeeze / Identity; PixArt's output does this): where
+    shape inference knows t's dim k, the branch it selects replaces the If.  onnxruntime refuses to
+    load such a graph otherwise (it type-checks the branch that never runs).  Returns how many."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    ifs = [i for i, n in enumerate(graph.node) if n.op_type == "If"]
+    if not ifs:
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    dims = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.value_info, *inferred.input, *inferred.output]
+    }
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    replaced: dict[int, list] = {}
+    for index in ifs:
+        node = graph.node[index]
+        equal = producers.get(node.input[0])
+        if equal is None or equal.op_type != "Equal" or equal.input[1] not in constants:
+            continue
+        gather = producers.get(equal.input[0])
+        if gather is None or gather.op_type != "Gather" or gather.input[1] not in constants:
+            continue
+        shape = producers.get(gather.input[0])
+        if shape is None or shape.op_type != "Shape":
+            continue
+        axis_value, compared = constants[gather.input[1]], constants[equal.input[1]]
+        if axis_value.size != 1 or compared.size != 1:
+            continue
+        axis, value = int(axis_value.reshape(-1)[0]), int(compared.reshape(-1)[0])
+        size = (dims.get(shape.input[0]) or [None] * (axis + 1))[axis]
+        if size is None:
+            continue
+        branch = next(a.g for a in node.attribute if a.name == ("then_branch" if size == value else "else_branch"))
+        nodes = list(branch.node)
+        for out, inner in zip(node.output, branch.output, strict=True):
+            nodes.append(helper.make_node("Identity", [inner.name], [out], name=f"{node.name}/resolved"))
+        replaced[index] = nodes
+    if replaced:
+        kept = []
+        for i, n in enumerate(graph.node):
+            kept.extend(replaced.get(i, [n]))
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(replaced)
 
 
 def _module_of(node_name: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from flowpress.errors import FlowpressError
 from flowpress.export.lint import QDQ_OPS, BatchProfile, check_tensorrt, uses_fp8
 from flowpress.files import sha256_file, staged_file
-from flowpress.sampling import Schedule
+from flowpress.sampling import Sampler
 
 Precision = Literal["qdq", "fp16"]
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have fp8 tensor cores
@@ -157,7 +157,7 @@ def _precision(proto: Any, precision: Precision, fp8: bool) -> str:
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
-    schedule: Schedule,
+    schedule: Sampler,
     config: TensorRTConfig = TensorRTConfig(),
     calibration_sha256: str | None = None,
 ) -> EngineBuild:

@@ -3,12 +3,13 @@ full-precision trajectory, step by step.  `flowpress.quantize(recipe)` returns a
 
 from typing import Any
 
-__all__ = ["Run", "compare", "load_run", "quantize"]
+_API = {"Run": "api", "compare": "api", "load_run": "api", "quantize": "api", "load_pipeline": "dropin"}
+__all__ = sorted(_API)
 
 
 def __getattr__(name: str) -> Any:  # the API loads torch & co. on first use, not on `import flowpress`
-    if name in __all__:
+    if name in _API:
         import importlib
 
-        return getattr(importlib.import_module("flowpress.api"), name)
+        return getattr(importlib.import_module(f"flowpress.{_API[name]}"), name)
     raise AttributeError(f"module 'flowpress' has no attribute {name!r}")

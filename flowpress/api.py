@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flowpress.engines import Engine, OrtEngine
 from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.rundir import read_manifest, verify_run
+from flowpress.sampling import schedule_from_dict
 from flowpress.schema import from_dict
 
 
@@ -28,6 +30,7 @@ class Run:
     dir: Path
     recipe: Recipe
     report: Report
+    schedule: dict[str, Any]
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Run:
@@ -35,7 +38,7 @@ class Run:
         manifest = read_manifest(run_dir)
         verify_run(run_dir, manifest)
         recipe = from_dict(Recipe, manifest["recipe"], f"{run_dir}/manifest.json: recipe")
-        return cls(run_dir, recipe, Report.load(run_dir / "report.json"))
+        return cls(run_dir, recipe, Report.load(run_dir / "report.json"), manifest["schedule"])
 
     @property
     def engines(self) -> list[str]:
@@ -49,7 +52,7 @@ class Run:
         name = name or self.report.recommendation.get("engine") or self.report.engine
         if name not in self.engines:
             raise FlowpressError(f"{self.dir}: no engine {name!r}; this run has {', '.join(self.engines)}")
-        sampler = self.recipe.sampling.schedule()
+        sampler = schedule_from_dict(self.schedule)
         if name.startswith("openvino-"):
             precision = name.removeprefix("openvino-")
             hint = dataclasses.replace(self.recipe.engine.openvino, precision=precision).inference_hint  # type: ignore[arg-type]
@@ -80,3 +83,4 @@ def compare(recipe: str | Path | Recipe, runs: str | Path = "runs", progress: bo
 
 def load_run(run_dir: str | Path) -> Run:
     return Run.load(run_dir)
+

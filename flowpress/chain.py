@@ -41,7 +41,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 ctx.fp,
                 ctx.sampler,
                 ctx.shape,
-                ctx.cond(recipe.calibration.n_samples),
+                ctx.calibration_cond(recipe.calibration.n_samples),
                 recipe.calibration,
                 recipe.sampling.guidance,
                 ctx.null,
@@ -95,14 +95,13 @@ def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
         manifest = read_manifest(final_dir, fix)
         verify_run(final_dir, manifest, fix=fix)
         verify_inputs(manifest.get("inputs", {}).get("model", {}), Path(recipe.model.path), "model checkpoint", fix)
-        built = manifest.get("schedule", {})
-        schedule = recipe.sampling.schedule()
-        if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
+        ctx = RunContext.load(recipe)
+        built, wanted = manifest.get("schedule", {}), ctx.sampler.as_dict()
+        if (built.get("n_steps"), built.get("method")) != (wanted["n_steps"], wanted["method"]):
             raise FlowpressError(
                 f"{final_dir}: the run was built for the {built.get('n_steps')}-step {built.get('method')} schedule, "
-                f"the recipe asks for {schedule.n_steps}-step {schedule.method}; {fix}"
+                f"the recipe asks for {wanted['n_steps']}-step {wanted['method']}; {fix}"
             )
-        ctx = RunContext.load(recipe)
         with staged_run(final_dir) as run:
             shutil.copytree(final_dir, run, dirs_exist_ok=True)
             report = compare_stage(ctx, run, progress)
@@ -115,7 +114,13 @@ def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
 def summary_lines(report: Report) -> list[str]:
     """What `flowpress quantize` / `compare` print."""
     final, lat = report.final, report.latency_ms
-    lines = [f"final PSNR vs FP {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, rel L2 {final['rel_l2']:.4f}"]
+    lines = [f"model: {report.model}"] if report.model else []
+    lines.append(f"final PSNR vs FP {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, rel L2 {final['rel_l2']:.4f}")
+    if report.fp_samples:
+        fp = report.fp_samples
+        lines.append(
+            f"FP samples: mean {fp['mean']:.3f}, std {fp['std']:.3f}, {100 * fp['outside_range']:.1f}% outside [-1, 1]"
+        )
     for metric in sorted(report.quality["reference"]):
         ref, eng = report.quality["reference"][metric], report.quality["engine"][metric]
         lines.append(f"{metric}: FP {ref:.3f} / engine {eng:.3f}")

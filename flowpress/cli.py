@@ -19,12 +19,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="calibrate, quantize, export, build the engines and compare them with FP")
-    q.add_argument("--recipe", default=DEFAULT_RECIPE)
+    q.add_argument("--recipe", default=None, help=f"a recipe (default without --model: {DEFAULT_RECIPE})")
     q.add_argument("--runs", default="runs", help="parent directory of run directories")
+    q.add_argument(
+        "--model", default=None, help="no recipe: a diffusers pipeline or denoiser directory, defaults from its config"
+    )
+    q.add_argument("--prompts", default=None, help="with --model: calibration prompts, one per line")
+    q.add_argument("--steps", type=int, default=None, help="with --model: sampler steps (default 20)")
+    q.add_argument(
+        "--scheduler", default=None, help="with --model: ddim, dpm-solver++, euler, ... (default: the model's own)"
+    )
+    q.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample", "flow"])
+    q.add_argument("--precision", default=None, choices=["int8", "fp8", "w4a8"], help="with --model (default int8)")
+    q.add_argument("--guidance", type=float, default=None, help="with --model (default: the pipeline's usual)")
+    q.add_argument("--samples", type=int, default=None, help="with --model: compare samples (default 100)")
+    q.add_argument("--out", default=None, help="with --model: the run directory (default runs/<model folder name>)")
+    q.add_argument("--no-openvino", action="store_true", help="with --model: build the onnxruntime engine only")
     q.add_argument("--results", default=None, help="also write the report into RESULTS/quantize-<recipe>.md")
     c = sub.add_parser("compare", help="re-run the FP-vs-engine comparison of an existing run")
     c.add_argument("--recipe", default=DEFAULT_RECIPE)
     c.add_argument("--runs", default="runs")
+    c.add_argument("--model", default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("engines", help="lint the tensorrt graph of a run; build and validate TensorRT on a GPU host")
     e.add_argument("--recipe", default=DEFAULT_RECIPE)
     e.add_argument("--runs", default="runs")
@@ -58,7 +73,16 @@ def _run(args: argparse.Namespace) -> int:
         from flowpress.recipe import load_recipe
 
         verb = run_quantize if args.command == "quantize" else run_compare
-        run_dir, report = verb(load_recipe(args.recipe), args.runs, progress)
+        runs = args.runs
+        if args.command == "quantize" and args.model is not None:
+            from flowpress.defaults import recipe_for_model
+
+            if args.recipe is not None:
+                raise FlowpressError("--model and --recipe: give one (a recipe names its model)")
+            recipe, runs = recipe_for_model(args)
+        else:
+            recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
+        run_dir, report = verb(recipe, runs, progress)
         print(f"[flowpress] {run_dir}: report.json, report.md, samples.png, trajectory_error.png")
         for line in summary_lines(report):
             print(f"[flowpress] {line}")

@@ -48,7 +48,9 @@ def _weight_forms(
     other = others[0]
     other_bits = f"{other.stem[len('model.w') :]}-bit"
     emulated = OrtEngine(other, ctx.sampler, f"ort-int8-{other_bits}", optimization="disabled")
-    judged = judge(comparison, emulated, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator)
+    judged = judge(
+        comparison, emulated, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
+    )
     return {
         "shipped": shipped,
         "forms": {
@@ -85,8 +87,20 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
             f"{recipe.name}: engine/",
         )
     with timer.stage("compare"):
-        cond = ctx.cond(config.n_samples)
-        comparison = compare(reference, engine, sampler, config, ctx.shape, cond, ctx.null, ctx.evaluator, progress)
+        conditions = ctx.conditions(config.n_samples)
+        comparison = compare(
+            reference,
+            engine,
+            sampler,
+            config,
+            ctx.shape,
+            conditions.model,
+            ctx.null,
+            ctx.evaluator,
+            progress,
+            ctx.source.decode,
+            conditions.prompts,
+        )
     with timer.stage("latency"):
         runtimes: dict[str, Engine] = {
             "torch_fp32": reference,
@@ -108,7 +122,9 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
             if name == main:
                 judged = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
             else:
-                judged = judge(comparison, candidate, sampler, config, ctx.shape, ctx.null, ctx.evaluator)
+                judged = judge(
+                    comparison, candidate, sampler, config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
+                )
                 samples[name] = judged["samples"]
             ms = latency["engine" if name == main else name.replace("-", "_")]
             engines.append(
@@ -151,6 +167,8 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
             "revalidated": revalidated,
         },
         weight_forms=forms,
+        fp_samples=comparison.fp_samples,
+        model=ctx.source.kind,
     )
     if amend is not None:
         amend(report)

@@ -14,9 +14,10 @@ from flowpress.engines import CompareConfig, Evaluator
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
-from flowpress.models import DiffusersVelocity, StepModel, load_model
+from flowpress.models import Conditions, DiffusersDenoiser, LoadedModel, StepModel, load_source, read_prompts
+from flowpress.models.conditioning import CALIBRATION_PROMPTS, COMPARE_PROMPTS
 from flowpress.recipe import Recipe
-from flowpress.sampling import Cond, Schedule
+from flowpress.sampling import Cond, Sampler
 
 PACKAGES = (
     "torch",
@@ -57,21 +58,24 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class RunContext:
-    """Built once per run: the model and its FP step model on the recipe's sampler (the schedule
-    is built here and nowhere else), the evaluator, the host."""
+    """Built once per run: the model and its FP step model on its sampler (the schedule is built
+    here and nowhere else), its conditioning (and prompts), the latent decoder, the evaluator, the host."""
 
     recipe: Recipe
-    model: DiffusersVelocity
-    sampler: Schedule
+    source: LoadedModel
+    sampler: Sampler
     fp: StepModel
     evaluator: Evaluator | None
     host: HostIsa
+    calibration_prompts: tuple[str, ...]
+    compare_prompts: tuple[str, ...]
     timer: Timer = field(default_factory=Timer)
 
     @classmethod
     def load(cls, recipe: Recipe) -> RunContext:
-        model = load_model(Path(recipe.model.path), recipe.model.time_scale)
-        sampler = recipe.sampling.schedule()
+        section = recipe.model
+        source = load_source(Path(section.path), section.time_scale, section.scheduler, section.prediction_type)
+        sampler = source.sampler(recipe.sampling.steps, recipe.sampling.method)
         evaluator = load_evaluator(recipe.evaluator)
         measured = evaluator.metrics if evaluator is not None else {}
         unknown = sorted(set(recipe.gate.metrics) - set(measured))
@@ -80,7 +84,14 @@ class RunContext:
                 f"{recipe.name}: gate.metrics.{unknown[0]}: the recipe's evaluator measures "
                 f"{sorted(measured) or 'nothing (no evaluator)'}; bound one of those or remove it"
             )
-        return cls(recipe, model, sampler, StepModel(model, sampler).eval(), evaluator, host_isa())
+        fp = StepModel(source.denoiser, sampler).eval()
+        calibration = read_prompts(recipe.prompts.calibration, CALIBRATION_PROMPTS)
+        compare = read_prompts(recipe.prompts.compare, COMPARE_PROMPTS)
+        return cls(recipe, source, sampler, fp, evaluator, host_isa(), calibration, compare)
+
+    @property
+    def model(self) -> DiffusersDenoiser:
+        return self.source.denoiser
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,14 +99,22 @@ class RunContext:
 
     @property
     def null(self) -> Cond:
-        return self.model.null_condition()
+        return self.source.conditioner.null()
+
+    def conditions(self, n: int, offset: int = 0) -> Conditions:
+        """The compare's conditioning of samples offset..offset+n-1 (classes or compare prompts cycling)."""
+        return self.source.conditioner.conditions(n, offset, self.compare_prompts)
 
     def cond(self, n: int, offset: int = 0) -> Cond:
-        """The conditioning of samples offset.. offset+n-1: classes cycling (sample i draws class i % classes)."""
-        return self.model.cycling_condition(n, offset)
+        """conditions(n, offset) as engine inputs."""
+        return self.conditions(n, offset).model
+
+    def calibration_cond(self, n: int) -> Cond:
+        """The calibration trajectories' conditioning (classes cycling, or the calibration prompts)."""
+        return self.source.conditioner.conditions(n, 0, self.calibration_prompts).model
 
     def condition(self, batch: int) -> Cond:
-        """Conditioning of a timing batch (class 0)."""
+        """Conditioning of a timing batch (class 0, zero embeddings)."""
         return self.model.example_condition(batch)
 
     @property

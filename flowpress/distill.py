@@ -27,7 +27,7 @@ from flowpress.compress.pairs import generate_pairs, load_pairs
 from flowpress.engines import Evaluator
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
-from flowpress.models import DiffusersVelocity, StepModel, load_model, save_model
+from flowpress.models import DiffusersDenoiser, StepModel, load_model, save_model
 from flowpress.recipe import DistillRecipe
 from flowpress.rundir import run_lock, staged_run, tree_hashes
 from flowpress.sampling import Schedule, batch_cond, noise_for_seeds, sample
@@ -46,7 +46,7 @@ class Evaluated:
 
 
 @torch.no_grad()
-def _sample_all(model: DiffusersVelocity, schedule: Schedule, guidance: float, seeds: Tensor, batch: int) -> Tensor:
+def _sample_all(model: DiffusersDenoiser, schedule: Schedule, guidance: float, seeds: Tensor, batch: int) -> Tensor:
     step_model, cond, out = StepModel(model, schedule), model.cycling_condition(len(seeds)), []
     for start in range(0, len(seeds), batch):
         chunk = slice(start, start + batch)
@@ -58,7 +58,7 @@ def _sample_all(model: DiffusersVelocity, schedule: Schedule, guidance: float, s
 
 
 @torch.no_grad()
-def ms_per_image(model: DiffusersVelocity, schedule: Schedule, guidance: float, runs: int, batch: int = 8) -> float:
+def ms_per_image(model: DiffusersDenoiser, schedule: Schedule, guidance: float, runs: int, batch: int = 8) -> float:
     """Median wall time of one whole sampling call (all steps, guidance included) at `batch`, per image."""
     noise = torch.randn(batch, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     step_model, cond = StepModel(model, schedule), model.cycling_condition(batch)
@@ -72,7 +72,7 @@ def ms_per_image(model: DiffusersVelocity, schedule: Schedule, guidance: float, 
 
 
 def evaluate(
-    model: DiffusersVelocity,
+    model: DiffusersDenoiser,
     schedule: Schedule,
     guidance: float,
     recipe: DistillRecipe,

@@ -31,7 +31,7 @@ from flowpress.files import sha256_file
 from flowpress.models import StepModel
 from flowpress.recipe import Recipe
 from flowpress.rundir import read_manifest, record_outputs, run_lock, verify_run, write_json
-from flowpress.sampling import Cond, Schedule
+from flowpress.sampling import Cond, Sampler
 
 BENCH_RUNS = 50  # timed forwards per runtime (median reported)
 BENCH_WARMUP = 10
@@ -72,12 +72,17 @@ def _finished_run(recipe: Recipe, runs_root: str | Path) -> tuple[Path, dict[str
     fix = f"rerun `make quantize RECIPE=...` for {recipe.name}"
     manifest = read_manifest(run_dir, fix)
     verify_run(run_dir, manifest, fix=fix)
-    schedule = recipe.sampling.schedule()
     built = manifest.get("schedule", {})
-    if (built.get("n_steps"), built.get("method")) != (schedule.n_steps, schedule.method):
+    wanted = (recipe.sampling.steps, recipe.sampling.method)
+    if built.get("sampler", "flow") == "flow" and (built.get("n_steps"), built.get("method")) != wanted:
         raise FlowpressError(
             f"{run_dir}: the run was quantized for the {built.get('n_steps')}-step {built.get('method')} schedule, "
-            f"the recipe asks for {schedule.n_steps}-step {schedule.method}; rerun `make quantize`"
+            f"the recipe asks for {wanted[0]}-step {wanted[1]}; rerun `make quantize`"
+        )
+    if built.get("sampler") == "diffusers" and built.get("n_steps") != recipe.sampling.steps:
+        raise FlowpressError(
+            f"{run_dir}: the run was quantized for {built.get('n_steps')} {built.get('scheduler')} steps, the recipe "
+            f"asks for {recipe.sampling.steps}; rerun `make quantize`"
         )
     return run_dir, manifest
 
@@ -234,7 +239,7 @@ def cuda_step_ms(
     return float(np.median(times))
 
 
-def _row(ms: float, batch: int, schedule: Schedule, guidance: float) -> dict[str, float]:
+def _row(ms: float, batch: int, schedule: Sampler, guidance: float) -> dict[str, float]:
     """Per-step latency and the images/s of whole sampling runs it implies."""
     images_per_forward = batch if guidance == 1.0 else batch / 2
     seconds_per_image = schedule.n_evaluations * ms / 1000 / images_per_forward

@@ -119,9 +119,10 @@ class EngineCheck:
         self.config = ctx.compare_config
         n = min(n_samples, self.config.n_samples)
         self.seeds = list(range(self.config.seed_base, self.config.seed_base + n))
-        self.cond = ctx.cond(n)
+        conditions = ctx.conditions(n)
+        self.cond, self.described = conditions.model, conditions.described()
         self.fp = self._finals(TorchEngine(ctx.fp, ctx.sampler, "torch-fp32"))
-        self.fp_quality = ctx.evaluator.score(self.fp, self.cond) if ctx.evaluator else {}
+        self.fp_quality = ctx.evaluator.score(self.fp, self.described) if ctx.evaluator else {}
 
     @torch.no_grad()
     def _finals(self, engine: Engine) -> Tensor:
@@ -130,8 +131,12 @@ class EngineCheck:
         for start in range(0, len(self.seeds), size):
             noise = noise_for_seeds(self.seeds[start : start + size], self.ctx.shape)
             rows = batch_cond(self.cond, slice(start, start + size))
-            finals.append(sample(self.ctx.sampler, engine, noise, rows, self.config.guidance, self.ctx.null).final)
-        return torch.cat(finals)
+            seeds = self.seeds[start : start + size]
+            finals.append(
+                sample(self.ctx.sampler, engine, noise, rows, self.config.guidance, self.ctx.null, seeds=seeds).final
+            )
+        latents = torch.cat(finals)
+        return latents if self.ctx.source.decode is None else self.ctx.source.decode(latents)
 
     def __call__(self, qmodel: QuantizedModel, fallback: tuple[str, ...]) -> Candidate:
         ctx = self.ctx
@@ -150,10 +155,10 @@ class EngineCheck:
         )
         engine = OrtEngine(optimized, ctx.sampler, "ort-int8-check")
         engine_finals = self._finals(engine)
-        final = final_metrics(self.fp, engine_finals)
+        final = final_metrics(self.fp, engine_finals)  # images: _finals decodes latents
         quality = {
             "reference": self.fp_quality,
-            "engine": ctx.evaluator.score(engine_finals, self.cond) if ctx.evaluator else {},
+            "engine": ctx.evaluator.score(engine_finals, self.described) if ctx.evaluator else {},
         }
         gate = evaluate_gate(self.config.gate, final, quality, ctx.evaluator.metrics if ctx.evaluator else {})
         runs = ctx.recipe.compare.latency_runs

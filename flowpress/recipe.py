@@ -20,11 +20,27 @@ from flowpress.schema import load
 
 @dataclass(frozen=True)
 class ModelSection:
-    """path: a diffusers UNet2DModel / DiTTransformer2DModel directory; time_scale: overrides
-    its flowpress.json (network timestep = t * time_scale)."""
+    """path: what diffusers saves — a pipeline directory (model_index.json) or a denoiser directory
+    (UNet2DModel, UNet2DConditionModel, DiT, SD3, PixArt), or a flowpress rectified flow.
+    scheduler: null = the model's own (its pipeline's scheduler; flowpress's flow sampler for
+    flowpress models), 'flow', or ddim | ddpm | dpm-solver++ | euler | euler-ancestral | heun |
+    pndm | flow-euler built from the model's scheduler config.  prediction_type: overrides the
+    scheduler's (a bare denoiser without a scheduler config must be given it with a scheduler).
+    time_scale: network timestep = t * time_scale (flowpress models: from their flowpress.json)."""
 
     path: str
     time_scale: float | None = None
+    scheduler: str | None = None
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = None
+
+
+@dataclass(frozen=True)
+class PromptsSection:
+    """Text-conditioned models: prompt files (one per line) for calibration and for the compare
+    (keep them disjoint); null = flowpress's default lists.  Class and unconditional models ignore it."""
+
+    calibration: str | None = None
+    compare: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,7 @@ class Recipe:
     compare: CompareSection = field(default_factory=CompareSection)
     gate: GateConfig = field(default_factory=GateConfig)
     evaluator: EvaluatorSection = field(default_factory=EvaluatorSection)
+    prompts: PromptsSection = field(default_factory=PromptsSection)
 
     def __post_init__(self) -> None:
         if isinstance(self.quantize, Fp8Config):

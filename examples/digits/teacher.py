@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from examples.digits.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES, load_digits
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersVelocity, DiTSpec, UNetSpec, build_dit, build_unet, save_model
+from flowpress.models import DiffusersDenoiser, DiTSpec, UNetSpec, build_dit, build_unet, save_model
 from flowpress.sampling import interpolate, target_velocity
 
 
@@ -50,7 +50,7 @@ class TeacherConfig:
             )
 
 
-def build_model(config: TeacherConfig) -> DiffusersVelocity:
+def build_model(config: TeacherConfig) -> DiffusersDenoiser:
     if config.architecture == "dit":
         spec = DiTSpec(config.dit_layers, config.dit_heads, config.dit_head_dim, config.patch_size)
         return build_dit(spec, IMAGE_SHAPE, NUM_CLASSES, config.time_scale)

@@ -14,13 +14,13 @@ from flowpress.compress.modelopt import layer_quants
 from flowpress.engines import OrtEngine
 from flowpress.experiments.common import ort_quantize_static
 from flowpress.export import ExportConfig, build_ort_engine, export_onnx
-from flowpress.models import DiffusersVelocity, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler, noise_for_seeds, sample
 
 
 @torch.no_grad()
 def modelopt_default(
-    model: DiffusersVelocity, sampler: Sampler, guidance: float, seed: int, budget: int
+    model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int
 ) -> QuantizedModel:
     """modelopt's own recipe: INT8_DEFAULT_CFG, calibrated by running the whole sampler (its
     diffusers example does this on prompts) on as many trajectories as the input budget allows."""
@@ -53,7 +53,7 @@ def modelopt_engine(
 
 
 def ort_static_engine(
-    model: DiffusersVelocity,
+    model: DiffusersDenoiser,
     sampler: Sampler,
     full: CalibrationSet,
     seed: int,

@@ -16,7 +16,7 @@ from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_
 from flowpress.engines import Engine, TorchEngine
 from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import resolve_portable
-from flowpress.models import DiffusersVelocity, StepModel, as_feeds
+from flowpress.models import DiffusersDenoiser, StepModel, as_feeds
 from flowpress.recipe import Recipe
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
@@ -34,7 +34,7 @@ class Reference:
 
 
 @torch.no_grad()
-def fp_reference(model: DiffusersVelocity, sampler: Sampler, guidance: float, n: int, batch: int) -> Reference:
+def fp_reference(model: DiffusersDenoiser, sampler: Sampler, guidance: float, n: int, batch: int) -> Reference:
     """FP (torch) trajectories of seeds 0..n-1, classes cycling, in chunks of `batch`."""
     reference = TorchEngine(StepModel(model, sampler), sampler, "torch-fp32")
     cond = model.cycling_condition(n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowpress.errors import FlowpressError
-from flowpress.models.velocity import DiffusersVelocity
+from flowpress.models.velocity import DiffusersDenoiser
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DiTSpec:
 
 def build_unet(
     spec: UNetSpec, sample_shape: tuple[int, int, int], num_classes: int, time_scale: float = 1000.0
-) -> DiffusersVelocity:
+) -> DiffusersDenoiser:
     """Random weights; class ids 0..num_classes-1 plus a null class num_classes for guidance."""
     from diffusers import UNet2DModel
 
@@ -56,12 +56,12 @@ def build_unet(
         norm_num_groups=8,
         attention_head_dim=min(32, min(spec.block_out_channels)),
     )
-    return DiffusersVelocity(unet, time_scale, num_classes)
+    return DiffusersDenoiser(unet, time_scale, num_classes)
 
 
 def build_dit(
     spec: DiTSpec, sample_shape: tuple[int, int, int], num_classes: int, time_scale: float = 1000.0
-) -> DiffusersVelocity:
+) -> DiffusersDenoiser:
     """Random weights; DiT's label table gets its null row at index num_classes itself."""
     from diffusers import DiTTransformer2DModel
 
@@ -77,4 +77,4 @@ def build_dit(
         num_embeds_ada_norm=num_classes,
         norm_type="ada_norm_zero",
     )
-    return DiffusersVelocity(dit, time_scale, num_classes)
+    return DiffusersDenoiser(dit, time_scale, num_classes)

@@ -1,4 +1,4 @@
-"""Denoisers: the adapter for diffusers UNet2DModel / DiT checkpoints, loading and saving."""
+"""Denoisers: one adapter for the diffusers denoiser families, loading and saving their directories."""
 
 from __future__ import annotations
 
@@ -28,15 +28,26 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor: ...
 
 
-ARCHITECTURES = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
+ARCHITECTURES = {
+    "UNet2DModel": "unet",
+    "UNet2DConditionModel": "unet-cond",
+    "DiTTransformer2DModel": "dit",
+    "SD3Transformer2DModel": "sd3",
+    "PixArtTransformer2DModel": "pixart",
+}
+TEXT_ARCHITECTURES = ("unet-cond", "sd3", "pixart")
+CondSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # input name -> (shape without the batch, dtype)
 
 
-class DiffusersVelocity(nn.Module):
-    """A diffusers UNet2DModel or DiTTransformer2DModel behind the flowpress time convention.
+class DiffusersDenoiser(nn.Module):
+    """A diffusers denoiser (UNet2DModel, UNet2DConditionModel, DiT, SD3, PixArt) behind one call:
+    out = model(x, t, cond) with t in the sampler's units and cond the conditioning by input name.
 
-    The network sees timesteps t * time_scale (diffusers models are trained on 0..999 or
-    0..1000); nothing else in flowpress knows about that scale.  Class-conditional models
-    reserve their last class id for the null class of classifier-free guidance.
+    The network sees timesteps t * time_scale: 1000 for flowpress's rectified flows (t in [0, 1]),
+    1 for models driven by their diffusers scheduler (t is already the scheduler's timestep).
+    Class-conditional models reserve a null class for classifier-free guidance; text-conditioned
+    ones take encoder_hidden_states (and pooled / time-id inputs) whose shapes the loader sets from
+    the pipeline's encoders (cond_spec).  A learned-variance output (2C channels) gives its first C.
     """
 
     net: Any
@@ -46,35 +57,47 @@ class DiffusersVelocity(nn.Module):
     num_classes: int | None
     null_label: int | None
 
-    def __init__(self, net: Any, time_scale: float = 1000.0, null_label: int | None = None):
+    def __init__(
+        self, net: Any, time_scale: float = 1000.0, null_label: int | None = None, cond_spec: CondSpec | None = None
+    ):
         super().__init__()
         self.net = net
         self.architecture = ARCHITECTURES[type(net).__name__]
         self.time_scale = float(time_scale)
         cfg = net.config
         self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-        if self.architecture == "unet":
-            n_embeds: int | None = cfg.num_class_embeds
-            self.num_classes = (n_embeds - 1) if n_embeds else None
-        else:  # DiT's label embedding adds the null class itself, after num_embeds_ada_norm
+        self.out_channels = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        n_embeds: int | None = getattr(cfg, "num_class_embeds", None)
+        if self.architecture == "dit":  # DiT's label embedding adds the null class itself, after num_embeds_ada_norm
             self.num_classes = cfg.num_embeds_ada_norm
+        else:
+            self.num_classes = (n_embeds - 1) if n_embeds else None
         self.null_label = null_label if null_label is not None else self.num_classes
+        spec: CondSpec = dict(cond_spec or {})
+        if self.num_classes:
+            spec = {"class_labels": ((), torch.int64), **spec}
+        self.cond_spec = spec
 
     @property
     def cond_names(self) -> tuple[str, ...]:
-        return ("class_labels",) if self.num_classes else ()
+        return tuple(self.cond_spec)
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.architecture in TEXT_ARCHITECTURES
 
     def null_condition(self) -> dict[str, Tensor]:
-        """The null class of classifier-free guidance, (1,) int64; {} when unconditional."""
+        """The null class of classifier-free guidance, (1,) int64; {} when not class-conditional
+        (a text model's null condition is its empty prompt: the conditioner's)."""
         return {"class_labels": torch.tensor([self.null_label])} if self.num_classes else {}
 
     def example_condition(self, batch: int) -> dict[str, Tensor]:
-        """Conditioning inputs of `batch` rows with the right dtype and shape (class 0)."""
-        return self.class_condition(torch.zeros(batch, dtype=torch.int64))
+        """Conditioning inputs of `batch` rows with the right dtype and shape (class 0, zero embeddings)."""
+        return {name: torch.zeros(batch, *shape, dtype=dtype) for name, (shape, dtype) in self.cond_spec.items()}
 
     def cycling_condition(self, n: int, offset: int = 0) -> dict[str, Tensor]:
         """The conditioning of samples offset..offset+n-1: sample i draws class i % classes
-        ({} when unconditional)."""
+        ({} when not class-conditional)."""
         if not self.num_classes:
             return {}
         return self.class_condition(torch.arange(offset, offset + n, dtype=torch.int64) % self.num_classes)
@@ -84,7 +107,41 @@ class DiffusersVelocity(nn.Module):
         return {"class_labels": labels} if self.num_classes and labels is not None else {}
 
     def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.net(x, t * self.time_scale, **cond).sample
+        timestep = t * self.time_scale
+        arch = self.architecture
+        if arch in ("unet", "dit"):
+            out = self.net(x, timestep, **cond).sample
+        elif arch == "unet-cond":
+            added_text = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+            out = self.net(
+                x,
+                timestep,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                class_labels=cond.get("class_labels"),
+                added_cond_kwargs=added_text or None,
+            ).sample
+        elif arch == "sd3":
+            out = self.net(
+                hidden_states=x,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"],
+                timestep=timestep,
+            ).sample
+        else:  # pixart
+            added: dict[str, Tensor | None] = {
+                "resolution": cond.get("resolution"),
+                "aspect_ratio": cond.get("aspect_ratio"),
+            }
+            out = self.net(
+                x,
+                encoder_hidden_states=cond["encoder_hidden_states"],
+                timestep=timestep,
+                added_cond_kwargs=added,
+                encoder_attention_mask=cond.get("encoder_attention_mask"),
+            ).sample
+        if self.out_channels == 2 * self.sample_shape[0]:  # learned variance: the mean prediction is the first half
+            out = out[:, : self.sample_shape[0]]
+        return out
 
     def flowpress_config(self) -> dict[str, Any]:
         return {
@@ -94,7 +151,7 @@ class DiffusersVelocity(nn.Module):
         }
 
 
-def save_model(model: DiffusersVelocity, path: str | Path) -> Path:
+def save_model(model: DiffusersDenoiser, path: str | Path) -> Path:
     """Write a diffusers directory (config.json + safetensors) plus flowpress.json, atomically."""
     with staged_dir(path) as tmp:
         model.net.save_pretrained(tmp, safe_serialization=True)
@@ -102,7 +159,7 @@ def save_model(model: DiffusersVelocity, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersVelocity:
+def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersDenoiser:
     """Load a diffusers UNet2DModel / DiTTransformer2DModel directory (ours or the user's) as a VelocityModel.
 
     time_scale overrides flowpress.json; without either, 1000 is assumed.
@@ -138,7 +195,7 @@ def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersVe
         ) from None
     check_finite_weights(net, str(path))
     scale = time_scale if time_scale is not None else float(extra.get("time_scale", 1000.0))
-    model = DiffusersVelocity(net, scale, extra.get("null_label")).eval()
+    model = DiffusersDenoiser(net, scale, extra.get("null_label")).eval()
     check_velocity_model(model, str(path))
     return model
 
@@ -162,11 +219,11 @@ def check_finite_weights(net: nn.Module, where: str) -> None:
 
 
 @torch.no_grad()
-def check_velocity_model(model: DiffusersVelocity, where: str) -> None:
+def check_velocity_model(model: DiffusersDenoiser, where: str) -> None:
     """Probe model(x, t, cond) once; a model that cannot take them fails with one line."""
     x = torch.zeros(2, *model.sample_shape)
     t = torch.tensor([1.0, 0.5])
-    cond = model.class_condition(torch.zeros(2, dtype=torch.int64))
+    cond = model.example_condition(2)
     try:
         v = model(x, t, cond)
     except Exception as err:

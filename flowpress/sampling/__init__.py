@@ -14,8 +14,20 @@ from flowpress.sampling.core import (
     sample,
     target_velocity,
 )
+from flowpress.sampling.schedulers import (
+    SCHEDULERS,
+    DiffusersSampler,
+    RecordedSchedule,
+    schedule_from_dict,
+    scheduler_named,
+)
 
 __all__ = [
+    "SCHEDULERS",
+    "DiffusersSampler",
+    "RecordedSchedule",
+    "schedule_from_dict",
+    "scheduler_named",
     "Cond",
     "Guided",
     "ModelCall",

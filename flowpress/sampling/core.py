@@ -132,8 +132,15 @@ class Sampler(Protocol):
         ...
 
     def sample(
-        self, model: Guided, noise: Tensor, cond: Cond, callback: Callable[[ModelCall], None] | None = None
-    ) -> Trajectory: ...
+        self,
+        model: Guided,
+        noise: Tensor,
+        cond: Cond,
+        callback: Callable[[ModelCall], None] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> Trajectory:
+        """seeds: the noise rows' seeds, for samplers that draw more noise (stochastic schedulers)."""
+        ...
 
     def as_dict(self) -> dict[str, object]: ...
 
@@ -176,9 +183,14 @@ class Schedule:
 
     @torch.no_grad()
     def sample(
-        self, model: Guided, noise: Tensor, cond: Cond, callback: Callable[[ModelCall], None] | None = None
+        self,
+        model: Guided,
+        noise: Tensor,
+        cond: Cond,
+        callback: Callable[[ModelCall], None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> Trajectory:
-        """Integrate dx/dt = v from t = 1 (noise: (B, C, H, W)) to t = 0."""
+        """Integrate dx/dt = v from t = 1 (noise: (B, C, H, W)) to t = 0 (deterministic: seeds unused)."""
         times = self.times
         batch = noise.shape[0]
 
@@ -211,6 +223,7 @@ def sample(
     guidance: float = 1.0,
     null: Cond | None = None,
     callback: Callable[[ModelCall], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Trajectory:
-    """Run `sampler` on `model` under classifier-free guidance from `noise`."""
-    return sampler.sample(Guided(model, guidance, null), noise, cond, callback)
+    """Run `sampler` on `model` under classifier-free guidance from `noise` (rows seeded by `seeds`)."""
+    return sampler.sample(Guided(model, guidance, null), noise, cond, callback, seeds)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from flowpress.experiments.bench.config import BenchModel, RandomDit
-from flowpress.models import DiffusersVelocity, DiTSpec, build_dit, load_model
+from flowpress.models import DiffusersDenoiser, DiTSpec, build_dit, load_model
 from flowpress.recipe import Recipe
 
 
-def build_random_dit(spec: RandomDit) -> DiffusersVelocity:
+def build_random_dit(spec: RandomDit) -> DiffusersDenoiser:
     """A DiT of `spec`'s size with weights drawn from torch's generator seeded by spec.seed."""
     torch.manual_seed(spec.seed)
     dit = DiTSpec(layers=spec.layers, heads=spec.heads, head_dim=spec.head_dim, patch_size=spec.patch_size)
@@ -17,7 +17,7 @@ def build_random_dit(spec: RandomDit) -> DiffusersVelocity:
     return build_dit(dit, shape, spec.num_classes, 1000.0).eval()
 
 
-def load_bench_model(spec: BenchModel, recipe: Recipe) -> DiffusersVelocity:
+def load_bench_model(spec: BenchModel, recipe: Recipe) -> DiffusersDenoiser:
     """The FP model of one bench entry: its random DiT, else the recipe's model."""
     model = (
         build_random_dit(spec.random_dit) if spec.random_dit else load_model(recipe.model.path, recipe.model.time_scale)
@@ -25,7 +25,7 @@ def load_bench_model(spec: BenchModel, recipe: Recipe) -> DiffusersVelocity:
     return model.eval()
 
 
-def forward_flops(model: DiffusersVelocity, batch: int) -> float:
+def forward_flops(model: DiffusersDenoiser, batch: int) -> float:
     """Multiply-add FLOPs (2 per MAC) of one FP forward at `batch`, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 

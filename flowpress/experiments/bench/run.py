@@ -34,7 +34,7 @@ from flowpress.experiments.bench.report import bench_markdown, plot_frontier, re
 from flowpress.experiments.bench.timing import interleaved_loop_seconds, model_batch
 from flowpress.experiments.bench.variants import Built, build_variants
 from flowpress.experiments.common import fp_reference, sample_engine
-from flowpress.models import DiffusersVelocity
+from flowpress.models import DiffusersDenoiser
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
@@ -54,7 +54,7 @@ def bench_model(
     workdir: Path,
     progress: bool = True,
     host: HostIsa | None = None,
-    model: DiffusersVelocity | None = None,
+    model: DiffusersDenoiser | None = None,
 ) -> dict[str, Any]:
     """Every variant of one model (default: loaded from `spec`) on `host` (default: this one):
     rows per (variant, batch), the step timing repeated in config.passes interleaved passes."""
@@ -164,7 +164,7 @@ def bench_model(
     }
 
 
-def python_overhead(spec: BenchModel, config: BenchConfig, workdir: Path, model: DiffusersVelocity) -> dict[str, Any]:
+def python_overhead(spec: BenchModel, config: BenchConfig, workdir: Path, model: DiffusersDenoiser) -> dict[str, Any]:
     """Per-step cost around the runtime at batch 1 (the runtime sees batch 2 under guidance): the
     raw runtime call, the engine call (feeds, checks, conversion) with plain run() and with I/O
     binding, and one whole sampler step (guidance, step lookup, Euler update)."""

@@ -24,7 +24,7 @@ from flowpress.experiments.bench.models import forward_flops
 from flowpress.experiments.common import int8_form, ort_quantize_static
 from flowpress.export import export_onnx
 from flowpress.export.openvino import OpenVinoConfig, export_openvino, overflow_fix
-from flowpress.models import DiffusersVelocity, StepModel, load_model
+from flowpress.models import DiffusersDenoiser, StepModel, load_model
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.sampling import Sampler
 
@@ -41,7 +41,7 @@ class Built:
 Loader = Callable[[], Built]
 
 
-def calibrate(model: DiffusersVelocity, sampler: Sampler, config: CalibrationConfig, guidance: float) -> CalibrationSet:
+def calibrate(model: DiffusersDenoiser, sampler: Sampler, config: CalibrationConfig, guidance: float) -> CalibrationSet:
     """flowpress's calibration set: the FP model's inputs along seeded trajectories, classes cycling."""
     step_model = StepModel(model, sampler).eval()
     cond = model.cycling_condition(config.n_samples)
@@ -63,7 +63,7 @@ def ours_ort(
 
 
 def build_variants(
-    model: DiffusersVelocity,
+    model: DiffusersDenoiser,
     spec: BenchModel,
     schedule: Sampler,
     guidance: float,
@@ -164,8 +164,8 @@ def build_variants(
 
 
 def build_student(
-    recipe_path: str, teacher: DiffusersVelocity, threads: int, workdir: Path, host: HostIsa
-) -> tuple[Loader, DiffusersVelocity, bool]:
+    recipe_path: str, teacher: DiffusersDenoiser, threads: int, workdir: Path, host: HostIsa
+) -> tuple[Loader, DiffusersDenoiser, bool]:
     """The distilled student as flowpress ships it: its own recipe's calibration (one-step
     inputs) into OpenVINO int8 (portable as its recipe resolves on `host`), sampled with its own
     schedule and guidance.  Returns (loader, student, portable)."""

@@ -1,0 +1,48 @@
+"""`flowpress quantize --model PATH`: a recipe from the model's own config, for a first try."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flowpress.calibration import CalibrationConfig
+from flowpress.compress import PRECISIONS
+from flowpress.errors import FlowpressError
+from flowpress.export import ExportConfig
+from flowpress.models import load_source
+from flowpress.recipe import CompareSection, EngineSection, ModelSection, PromptsSection, Recipe, SamplingSection
+
+# classifier-free guidance the pipelines of each conditioning use by default
+GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
+
+
+def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
+    """(recipe, runs root) for --model and its options; the run is --out (default runs/<folder>)."""
+    path = Path(args.model)
+    if not path.exists():
+        raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
+    source = load_source(path, None, args.scheduler, args.prediction_type)
+    denoiser = source.denoiser
+    kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
+    if source.kind.startswith("flowpress"):
+        kind = "flow" if denoiser.num_classes else "none"
+    out = Path(args.out) if args.out else Path(args.runs) / path.resolve().name
+    precision = args.precision or "int8"
+    quantize = PRECISIONS[precision]()
+    export = ExportConfig(
+        flavour="tensorrt" if precision == "fp8" else "ort-cpu", opset=21 if precision == "w4a8" else 19
+    )
+    guidance = args.guidance if args.guidance is not None else GUIDANCE[kind]
+    samples = args.samples or 100
+    recipe = Recipe(
+        name=out.name,
+        model=ModelSection(str(path), scheduler=args.scheduler, prediction_type=args.prediction_type),
+        sampling=SamplingSection(steps=args.steps or 20, guidance=guidance),
+        calibration=CalibrationConfig(n_samples=32, batch_size=16),
+        quantize=quantize,
+        export=export,
+        engine=EngineSection(candidates=not args.no_openvino),
+        compare=CompareSection(n_samples=samples, batch_size=min(samples, 25), latency_runs=10),
+        prompts=PromptsSection(calibration=args.prompts),
+    )
+    return recipe, out.parent

@@ -1,0 +1,264 @@
+"""Input = what diffusers saves: a pipeline directory (model_index.json), a bare denoiser directory
+(config.json of a supported class, its scheduler config beside it or named), or a flowpress
+rectified flow (flowpress.json).  One LoadedModel: the denoiser behind its adapter, how to sample
+it, its conditioning and, for latent pipelines, the VAE decode."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from flowpress.errors import FlowpressError
+from flowpress.models.conditioning import ClassConditioner, Conditioner, NoConditioner, PromptConditioner
+from flowpress.models.velocity import (
+    ARCHITECTURES,
+    FLOWPRESS_JSON,
+    DiffusersDenoiser,
+    check_finite_weights,
+    check_velocity_model,
+)
+from flowpress.sampling import DiffusersSampler, Sampler, Schedule, scheduler_named
+
+Prediction = Literal["epsilon", "v_prediction", "sample", "flow"]
+NOT_DENOISERS = {
+    "AutoencoderKL": "a VAE",
+    "AutoencoderTiny": "a VAE",
+    "CLIPTextModel": "a text encoder",
+    "CLIPTextModelWithProjection": "a text encoder",
+    "T5EncoderModel": "a text encoder",
+}
+SUPPORTED = ", ".join(ARCHITECTURES)
+
+
+@dataclass
+class LoadedModel:
+    """denoiser: the network behind (x, t, cond) -> out; sampler(steps, method): the sampler the
+    model is driven by (its scheduler's, or flowpress's flow sampler); conditioner: its
+    conditioning; decode: latents -> images in [-1, 1] for latent pipelines (None: pixel space);
+    pipe: the diffusers pipeline when the input was one; kind: what was loaded, in words."""
+
+    denoiser: DiffusersDenoiser
+    sampler: Callable[[int, str], Sampler]
+    conditioner: Conditioner
+    decode: Callable[[Tensor], Tensor] | None
+    pipe: Any
+    kind: str
+    path: Path
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FlowpressError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(config, dict):
+        raise FlowpressError(f"{path}: not a diffusers config (a JSON object)")
+    return config
+
+
+def _class_of(config: dict[str, Any]) -> str:
+    return str(config.get("_class_name") or (config.get("architectures") or ["?"])[0])
+
+
+def _refuse_other_classes(name: str, where: Path) -> None:
+    if name in NOT_DENOISERS:
+        raise FlowpressError(
+            f"{where}: {name} is {NOT_DENOISERS[name]}, not a denoiser; point at the pipeline directory "
+            "(model_index.json) or its unet / transformer folder"
+        )
+    if name not in ARCHITECTURES:
+        raise FlowpressError(f"{where}: model class {name!r} is not supported; supported denoisers: {SUPPORTED}")
+
+
+def _diffusers_sampler(
+    base: Any, scheduler: str | None, prediction: Prediction | None
+) -> Callable[[int, str], Sampler]:
+    if scheduler is not None and scheduler != "pipeline":
+        base = scheduler_named(scheduler, base)
+    if prediction is not None:
+        base = type(base).from_config(base.config, prediction_type=prediction)
+
+    def make(steps: int, _method: str) -> Sampler:
+        return DiffusersSampler(base, steps)
+
+    return make
+
+
+def _flow_sampler(steps: int, method: str) -> Sampler:
+    return Schedule(steps, method)  # type: ignore[arg-type]
+
+
+def _latent_decoder(pipe: Any) -> Callable[[Tensor], Tensor]:
+    vae = pipe.vae.eval()
+    scaling = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def decode(latents: Tensor) -> Tensor:
+        images = [vae.decode(chunk / scaling + shift).sample for chunk in latents.split(16)]
+        return torch.cat(images)  # unclamped: the report shows how much of the FP output leaves [-1, 1]
+
+    return decode
+
+
+def load_source(
+    path: str | Path,
+    time_scale: float | None = None,
+    scheduler: str | None = None,
+    prediction_type: Prediction | None = None,
+) -> LoadedModel:
+    """Whatever diffusers saved at `path` (or a flowpress flow model), ready to sample and compare.
+
+    scheduler: None = the model's own (its pipeline's scheduler, the scheduler config beside a bare
+    denoiser, flowpress's flow sampler for flowpress models), 'flow', or a name of SCHEDULERS built
+    from the model's scheduler config.  prediction_type overrides the scheduler's (a bare denoiser
+    with a scheduler name but no scheduler config must be given one)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return _load_pipeline(path, scheduler, prediction_type)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FlowpressError(
+            f"{path}: no model_index.json and no config.json; point at a diffusers pipeline directory or a "
+            f"denoiser directory ({SUPPORTED})"
+        )
+    name = _class_of(_config(config_file))
+    _refuse_other_classes(name, config_file)
+    denoiser_extra = _config(path / FLOWPRESS_JSON) if (path / FLOWPRESS_JSON).is_file() else {}
+    flow = scheduler == "flow" or (scheduler is None and bool(denoiser_extra))
+    net = _load_net(name, path)
+    if flow:
+        scale = time_scale if time_scale is not None else float(denoiser_extra.get("time_scale", 1000.0))
+        denoiser = DiffusersDenoiser(net, scale, denoiser_extra.get("null_label")).eval()
+        make: Callable[[int, str], Sampler] = _flow_sampler
+        kind = f"flowpress rectified flow ({name})"
+    else:
+        base = _scheduler_beside(path, scheduler, prediction_type)
+        denoiser = DiffusersDenoiser(net, 1.0 if time_scale is None else time_scale).eval()
+        make = _diffusers_sampler(base, scheduler, prediction_type)
+        kind = f"{name} with {type(base).__name__} ({getattr(base.config, 'prediction_type', 'flow')})"
+    if denoiser.text_conditioned:
+        raise FlowpressError(
+            f"{path}: a bare {name} takes text embeddings; point at its pipeline directory (model_index.json), "
+            "whose text encoder flowpress runs for the prompts"
+        )
+    check_velocity_model(denoiser, str(path))
+    conditioner: Conditioner = (
+        ClassConditioner(denoiser.num_classes, int(denoiser.null_label))  # type: ignore[arg-type]
+        if denoiser.num_classes
+        else NoConditioner()
+    )
+    return LoadedModel(denoiser, make, conditioner, None, None, kind, path)
+
+
+def _load_net(name: str, path: Path) -> Any:
+    import diffusers
+
+    try:
+        net = getattr(diffusers, name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as err:  # diffusers raises many types for missing / corrupt weights
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlowpressError(
+            f"{path}: cannot load {name} weights ({reason}); save the model with diffusers' save_pretrained"
+        ) from None
+    check_finite_weights(net, str(path))
+    return net.eval()
+
+
+def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction | None) -> Any:
+    """The scheduler config in path/scheduler/, path/../scheduler/ or path/scheduler_config.json;
+    without one, a named scheduler with its default training schedule and the given prediction type."""
+    import diffusers
+
+    for folder in (path / "scheduler", path.parent / "scheduler", path):
+        file = folder / "scheduler_config.json"
+        if file.is_file():
+            name = _class_of(_config(file))
+            try:
+                return getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+            except Exception as err:  # noqa: BLE001 - diffusers' own error for a foreign config
+                raise FlowpressError(f"{file}: cannot load scheduler {name!r} ({err})") from None
+    if scheduler is None or scheduler in ("pipeline", "flow") or prediction is None:
+        raise FlowpressError(
+            f"{path}: no scheduler config beside this denoiser; tell flowpress how it was trained: "
+            "model.scheduler (e.g. ddim) and model.prediction_type (epsilon, v_prediction or sample), "
+            "or --scheduler / --prediction-type; it never guesses"
+        )
+    import diffusers as d
+
+    from flowpress.sampling.schedulers import SCHEDULERS
+
+    return getattr(d, SCHEDULERS[scheduler])(prediction_type=prediction)
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers' and transformers' progress bars and notices off (loading components, optional
+    image processors): flowpress prints what it loaded in one line."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    levels = (diffusers_logging.get_verbosity(), transformers.logging.get_verbosity())
+    diffusers_logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+        diffusers_logging.enable_progress_bar()
+
+
+def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | None) -> LoadedModel:
+    import diffusers
+
+    index = _config(path / "model_index.json")
+    role = "unet" if "unet" in index else "transformer" if "transformer" in index else None
+    if role is None:
+        raise FlowpressError(f"{path}/model_index.json: no unet or transformer component; not a diffusion pipeline")
+    entry = index[role]
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "?"
+    _refuse_other_classes(name, path / role)
+    missing: dict[str, None] = {}
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if pipeline_class is not None:  # optional components a save left out (SD3 without T5): None, as saved
+        params = inspect.signature(pipeline_class.__init__).parameters
+        absent = [n for n in params if n != "self" and index.get(n, [None, None]) == [None, None]]
+        missing = {n: None for n in absent if params[n].default is inspect.Parameter.empty}
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            path, local_files_only=True, low_cpu_mem_usage=False, **missing
+        )
+    except Exception as err:  # noqa: BLE001 - diffusers / transformers raise many types for a broken directory
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlowpressError(f"{path}: diffusers cannot load this pipeline ({reason[:300]})") from None
+    net = getattr(pipe, role)
+    check_finite_weights(net, str(path / role))
+    if scheduler == "flow":
+        raise FlowpressError(f"{path}: a diffusers pipeline samples with a diffusers scheduler, not 'flow'")
+    make = _diffusers_sampler(pipe.scheduler, scheduler, prediction)
+    denoiser = DiffusersDenoiser(net.eval(), 1.0)
+    conditioner: Conditioner
+    if denoiser.text_conditioned:
+        pipe.set_progress_bar_config(disable=True)
+        prompts = PromptConditioner(pipe, denoiser.architecture, denoiser.sample_shape[1])
+        denoiser = DiffusersDenoiser(net, 1.0, cond_spec=prompts.spec()).eval()
+        conditioner = prompts
+    elif denoiser.num_classes:
+        conditioner = ClassConditioner(denoiser.num_classes, int(denoiser.null_label))  # type: ignore[arg-type]
+    else:
+        conditioner = NoConditioner()
+    check_velocity_model(denoiser, str(path / role))
+    latent = getattr(pipe, "vae", None) is not None
+    decode = _latent_decoder(pipe) if latent else None
+    kind = f"{type(pipe).__name__} ({name}, {type(pipe.scheduler).__name__}, {getattr(pipe.scheduler.config, 'prediction_type', 'flow')})"
+    return LoadedModel(denoiser, make, conditioner, decode, pipe, kind, path)

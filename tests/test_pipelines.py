@@ -1,0 +1,122 @@
+"""What users bring: diffusers pipelines of every supported family (tiny random configs), run
+through `flowpress quantize --model`, sampled by their own schedulers, dropped back in."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import flowpress
+from flowpress.cli import main
+from flowpress.errors import FlowpressError
+from flowpress.models import StepModel, load_source
+from flowpress.sampling import noise_for_seeds, sample
+
+from . import pipelines
+
+FAMILIES = {
+    "ddpm": pipelines.ddpm_pipeline,
+    "sd": pipelines.sd_pipeline,
+    "dit": pipelines.dit_pipeline,
+    "sd3": pipelines.sd3_pipeline,
+    "pixart": pipelines.pixart_pipeline,
+}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {name: build(root / name) for name, build in FAMILIES.items()}
+
+
+def quantize_model(model, out, capsys, *options):
+    code = main(
+        ["quantize", "--model", str(model), "--steps", "4", "--samples", "4", "--out", str(out), "--quiet", *options]
+    )
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, capsys, family):
+    code, out, err = quantize_model(pipes[family], tmp_path / "run", capsys, "--no-openvino")
+    assert code in (0, 1), err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["schedule"]["sampler"] == "diffusers" and len(report["per_step"]) == 5
+    assert report["per_step"][0]["rel_l2"] == 0.0 and np.isfinite(report["final"]["psnr_db"])
+    # random tiny weights: measured 23-55 dB; a wrong wiring (conditioning, timestep units) lands near 0-10
+    assert report["final"]["psnr_db"] > 15 and 0 <= report["fp_samples"]["outside_range"] < 0.5
+    samples = np.load(tmp_path / "run" / "samples.npz")
+    latent = family != "ddpm"
+    assert samples["fp"].shape == ((4, 3, 16, 16) if latent else (4, 1, 8, 8))  # decoded by the pipeline's VAE
+    assert ("prompts" in samples) is (family in ("sd", "sd3", "pixart"))
+    assert f"model: {report['model']}" in out
+
+
+@pytest.mark.slow
+def test_the_drop_in_pipeline_draws_the_run_engines_samples(pipes, tmp_path, capsys):
+    code, _, err = quantize_model(pipes["sd"], tmp_path / "run", capsys, "--no-openvino", "--guidance", "3.0")
+    assert code in (0, 1), err
+    samples = np.load(tmp_path / "run" / "samples.npz")
+    pipe = flowpress.load_pipeline(tmp_path / "run", "ort-int8")
+    seeds = samples["seeds"].tolist()
+    images = pipe(
+        list(samples["prompts"]),
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    got = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+    # measured max |diff| 6e-8: the same engine, noise and conditioning the diffusers way
+    assert float((got - torch.from_numpy(samples["samples_ort-int8"]).clamp(-1, 1)).abs().max()) < 1e-4
+    with pytest.raises(FlowpressError, match="num_inference_steps=4"):
+        pipe(["a red car"], num_inference_steps=6, output_type="np")
+
+
+def test_the_ddpm_sampler_is_the_pipelines_own(pipes):
+    """DDPM is stochastic: flowpress's FP trajectory must be the pipeline's, noise and all."""
+    from diffusers import DDPMPipeline
+
+    source = load_source(pipes["ddpm"])
+    sampler = source.sampler(5, "")
+    seeds = [3, 4]
+    ours = sample(
+        sampler, StepModel(source.denoiser, sampler).run, noise_for_seeds(seeds, (1, 8, 8)), {}, seeds=seeds
+    ).final
+    pipe = DDPMPipeline.from_pretrained(pipes["ddpm"], local_files_only=True)
+    theirs = pipe(
+        batch_size=2,
+        num_inference_steps=5,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    expected = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
+    assert float((ours.clamp(-1, 1) - expected).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder"])
+def test_a_component_that_is_not_a_denoiser_is_refused_in_one_line(pipes, tmp_path, capsys, component):
+    code, _, err = quantize_model(pipes["sd"] / component, tmp_path / "run", capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "not a denoiser" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unsupported_class_names_the_supported_ones(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_class_name": "UNet1DModel"}))
+    code, _, err = quantize_model(tmp_path / "m", tmp_path / "run", capsys)
+    assert code == 2 and "'UNet1DModel' is not supported" in err and "SD3Transformer2DModel" in err
+
+
+def test_a_bare_denoiser_must_be_told_its_scheduler(pipes, tmp_path, capsys):
+    bare = tmp_path / "unet"
+    shutil.copytree(pipes["ddpm"] / "unet", bare)
+    code, _, err = quantize_model(bare, tmp_path / "run", capsys)
+    assert code == 2 and "never guesses" in err and "prediction_type" in err
+    told = load_source(bare, scheduler="ddim", prediction_type="v_prediction")
+    sampler = told.sampler(4, "")
+    assert sampler.as_dict()["scheduler"] == "DDIMScheduler" and sampler.prediction_type == "v_prediction"
