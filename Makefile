@@ -65,6 +65,13 @@ distill: $(STAMP)
 classifier: $(STAMP)
 	$(PY) -m examples.digits classifier
 
+# the two diffusers pipelines of the digits demo (committed): an ε-prediction DDPMPipeline and a
+# text-to-image latent pipeline (VAE + CLIP + UNet2DConditionModel)
+.PHONY: digits-pipelines
+digits-pipelines: $(STAMP)
+	$(PY) -m examples.digits ddpm
+	$(PY) -m examples.digits sd
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

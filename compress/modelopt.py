@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.amax import activation_amax
@@ -15,6 +15,7 @@ from flowpress.compress.config import Fp8Config, Int8Config
 from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel
+from flowpress.sampling import Sampler
 
 
 def import_modelopt() -> Any:
@@ -97,3 +98,24 @@ def quantize_modelopt(
                 module.output_quantizer.amax = torch.tensor(ranges[f"{name}.output"])
         layers = layer_quants(qmodule, exclude, config)
     return QuantizedModel(qmodule, fp_module, layers, config, temporal)
+
+
+@torch.no_grad()
+def modelopt_default(
+    fp: StepModel, sampler: Sampler, cond: dict[str, Tensor], null: dict[str, Tensor], guidance: float, seeds: list[int]
+) -> QuantizedModel:
+    """modelopt's own int8 recipe as its diffusers example runs it: INT8_DEFAULT_CFG, calibrated by
+    running the whole sampler from `seeds` (cond: their conditioning) — the peer flowpress reports
+    beside its own engines."""
+    from flowpress.sampling import noise_for_seeds, sample
+
+    mtq = import_modelopt()
+    qmodule = copy.deepcopy(fp)
+    noise = noise_for_seeds(seeds, fp.sample_shape)
+
+    def forward_loop(_denoiser: nn.Module) -> None:
+        sample(sampler, qmodule, noise, cond, guidance, null, seeds=seeds)
+
+    mtq.quantize(qmodule.model, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop)
+    config = Int8Config(temporal="int8", conv_output_quant=False)  # what INT8_DEFAULT_CFG places
+    return QuantizedModel(qmodule, fp, layer_quants(qmodule, (), config), config, [])

@@ -48,6 +48,8 @@ class Report:
     weight_forms: dict[str, Any] | None = None
     fp_samples: dict[str, float] | None = None
     model: str | None = None
+    peers: list[dict[str, Any]] | None = None
+    end_to_end_ms_per_image: dict[str, float] | None = None
     mixed_precision: dict[str, Any] | None = None
     gpu_bench: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -232,6 +234,23 @@ def report_markdown(report: Report, title: str) -> str:
             )
         rec = report.recommendation
         lines += ["", f"**Recommendation: {rec['engine'] or 'none'}** — {rec['reason']}."]
+    if report.peers:
+        lines += [
+            "",
+            "## Peers on the same seeds",
+            "",
+            "| peer | final PSNR dB | SSIM | gate | flowpress margin dB |",
+            "|---|---|---|---|---|",
+        ]
+        for p in report.peers:
+            lines.append(
+                f"| {p['peer']} | {p['final_psnr_db']:.2f} | {p['final_ssim']:.4f} | {'pass' if p['gate_passed'] else 'FAIL'} | "
+                f"{p['margin_db']:+.2f} |"
+            )
+    if report.end_to_end_ms_per_image:
+        e2e = report.end_to_end_ms_per_image
+        lines += ["", "End to end (conditioning, denoising loop, decode), ms per image: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in e2e.items()) + "."]  # fmt: skip
     if report.weight_forms:
         forms = report.weight_forms
         lines += [

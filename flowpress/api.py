@@ -83,4 +83,3 @@ def compare(recipe: str | Path | Recipe, runs: str | Path = "runs", progress: bo
 
 def load_run(run_dir: str | Path) -> Run:
     return Run.load(run_dir)
-

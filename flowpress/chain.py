@@ -151,6 +151,12 @@ def summary_lines(report: Report) -> list[str]:
             f"cpu engine {e['engine']}: {e['final_psnr_db']:.2f} dB{scores}, {e['ms_b8']:.2f} ms b8, "
             f"gate {'pass' if e['gate_passed'] else 'FAIL'}"
         )
+    for peer in report.peers or []:
+        lines.append(f"peer {peer['peer']}: {peer['final_psnr_db']:.2f} dB (flowpress {peer['margin_db']:+.2f} dB)")
+    if report.end_to_end_ms_per_image:
+        lines.append(
+            "end to end ms / image: " + ", ".join(f"{k} {v:.1f}" for k, v in report.end_to_end_ms_per_image.items())
+        )
     rec = report.recommendation
     lines.append(f"recommended engine: {rec['engine'] or 'none'} ({rec['reason']})")
     return lines

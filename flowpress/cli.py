@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=None, help="with --model: compare samples (default 100)")
     q.add_argument("--out", default=None, help="with --model: the run directory (default runs/<model folder name>)")
     q.add_argument("--no-openvino", action="store_true", help="with --model: build the onnxruntime engine only")
+    q.add_argument(
+        "--modelopt-peer", action="store_true", help="with --model: also judge modelopt's default int8 recipe"
+    )
     q.add_argument("--results", default=None, help="also write the report into RESULTS/quantize-<recipe>.md")
     c = sub.add_parser("compare", help="re-run the FP-vs-engine comparison of an existing run")
     c.add_argument("--recipe", default=DEFAULT_RECIPE)

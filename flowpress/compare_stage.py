@@ -4,6 +4,7 @@ on the same seeds, latencies timed interleaved, the int8 weight forms, the repor
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,57 @@ def _weight_forms(
             },
         },
     }
+
+
+MODELOPT_SEEDS = 32  # modelopt's diffusers example calibrates on 32-64 prompts
+E2E_BATCH = 4
+
+
+def _modelopt_peer(ctx: RunContext, comparison: Comparison, main_psnr: float) -> dict[str, Any]:
+    """modelopt's default int8 recipe on this model, schedule and seeds, judged like every engine."""
+    from flowpress.compress.modelopt import modelopt_default
+
+    recipe = ctx.recipe
+    seeds = list(range(recipe.calibration.seed_base, recipe.calibration.seed_base + MODELOPT_SEEDS))
+    qmodel = modelopt_default(
+        ctx.fp, ctx.sampler, ctx.calibration_cond(MODELOPT_SEEDS), ctx.null, recipe.sampling.guidance, seeds
+    )
+    peer = TorchEngine(qmodel.module, ctx.sampler, "modelopt-default")
+    judged = judge(
+        comparison, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
+    )
+    return {
+        "peer": "modelopt INT8_DEFAULT_CFG, whole-sampler calibration on 32 seeds, fake-quant (torch)",
+        "final_psnr_db": judged["final"]["psnr_db"],
+        "final_ssim": judged["final"]["ssim"],
+        "quality": judged["quality"],
+        "gate_passed": judged["gate"]["passed"],
+        "margin_db": main_psnr - judged["final"]["psnr_db"],
+    }
+
+
+@torch.no_grad()
+def _end_to_end(ctx: RunContext, engines: dict[str, Engine]) -> dict[str, float]:
+    """ms per image of what a pipeline call does: conditioning (the text encoder), the denoising
+    loop, the VAE decode — FP torch and the engine, batch E2E_BATCH, median of 3."""
+    from flowpress.sampling import noise_for_seeds, sample
+
+    found = {}
+    for name, engine in engines.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            conditions = ctx.conditions(E2E_BATCH)
+            noise = noise_for_seeds(range(E2E_BATCH), ctx.shape)
+            seeds = list(range(E2E_BATCH))
+            final = sample(
+                ctx.sampler, engine, noise, conditions.model, ctx.recipe.sampling.guidance, ctx.null, seeds=seeds
+            ).final
+            if ctx.source.decode is not None:
+                ctx.source.decode(final)
+            times.append((time.perf_counter() - start) * 1000 / E2E_BATCH)
+        found[name] = float(np.median(times))
+    return found
 
 
 def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[Report], None] | None = None) -> Report:
@@ -140,6 +192,11 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
                 }
             )
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
+        peers = [_modelopt_peer(ctx, comparison, comparison.final["psnr_db"])] if recipe.compare.modelopt_peer else []
+    end_to_end = None
+    if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
+        with timer.stage("end_to_end"):
+            end_to_end = _end_to_end(ctx, {"torch_fp32": reference, "engine": engine})
     report = Report(
         recipe=recipe.name,
         precision=recipe.quantize.precision,
@@ -169,6 +226,8 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
         weight_forms=forms,
         fp_samples=comparison.fp_samples,
         model=ctx.source.kind,
+        peers=peers or None,
+        end_to_end_ms_per_image=end_to_end,
     )
     if amend is not None:
         amend(report)

@@ -42,7 +42,9 @@ def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
         quantize=quantize,
         export=export,
         engine=EngineSection(candidates=not args.no_openvino),
-        compare=CompareSection(n_samples=samples, batch_size=min(samples, 25), latency_runs=10),
+        compare=CompareSection(
+            n_samples=samples, batch_size=min(samples, 25), latency_runs=10, modelopt_peer=args.modelopt_peer
+        ),
         prompts=PromptsSection(calibration=args.prompts),
     )
     return recipe, out.parent

@@ -62,10 +62,15 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class CompareSection:
+    """modelopt_peer: also judge modelopt's default int8 recipe (INT8_DEFAULT_CFG, calibrated by
+    running the whole sampler on 32 seeds, as its diffusers example does; fake-quant in torch, as
+    a TensorRT GPU would run it exactly) on the same model, schedule and seeds."""
+
     n_samples: int = 500
     seed_base: int = 0
     batch_size: int = 50
     latency_runs: int = 20
+    modelopt_peer: bool = False
 
 
 @dataclass(frozen=True)

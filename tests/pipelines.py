@@ -108,7 +108,11 @@ def sd_pipeline(folder: Path) -> Path:
         norm_num_groups=8,
     )
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),

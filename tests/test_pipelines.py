@@ -58,8 +58,17 @@ def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, cap
 
 @pytest.mark.slow
 def test_the_drop_in_pipeline_draws_the_run_engines_samples(pipes, tmp_path, capsys):
-    code, _, err = quantize_model(pipes["sd"], tmp_path / "run", capsys, "--no-openvino", "--guidance", "3.0")
+    code, out, err = quantize_model(
+        pipes["sd"], tmp_path / "run", capsys, "--no-openvino", "--guidance", "3.0", "--modelopt-peer"
+    )
     assert code in (0, 1), err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    (peer,) = report["peers"]  # modelopt's default recipe, judged on the same seeds
+    assert peer["final_psnr_db"] > 15 and "modelopt INT8_DEFAULT_CFG" in peer["peer"]
+    assert peer["margin_db"] == pytest.approx(report["final"]["psnr_db"] - peer["final_psnr_db"])
+    e2e = report["end_to_end_ms_per_image"]  # text encoder + loop + VAE decode, both ways
+    assert set(e2e) == {"torch_fp32", "engine"} and all(v > 0 for v in e2e.values())
+    assert "peer modelopt" in out and "end to end ms / image" in out
     samples = np.load(tmp_path / "run" / "samples.npz")
     pipe = flowpress.load_pipeline(tmp_path / "run", "ort-int8")
     seeds = samples["seeds"].tolist()

@@ -12,6 +12,7 @@ import torch
 
 from examples.digits.classifier import ClassifierConfig, train_classifier
 from examples.digits.evaluator import CLASSIFIER, DigitsEvaluator
+from examples.digits.pipelines import TrainConfig
 from examples.digits.teacher import TeacherConfig, train_teacher
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel, load_model
@@ -49,11 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--recipe", default="examples/digits/recipes/digits-teacher.yaml")
     k = sub.add_parser("classifier", help="train the digit classifier the evaluator uses")
     k.add_argument("--out", default=CLASSIFIER)
-    for p in (t, k):
+    d = sub.add_parser("ddpm", help="train digits-ddpm: an ε-prediction DDPMPipeline")
+    d.add_argument("--out", default="examples/digits/checkpoints/digits-ddpm")
+    d.add_argument("--steps", type=int, default=TrainConfig.steps)
+    s = sub.add_parser("sd", help="train digits-sd: a text-to-image latent pipeline (VAE, CLIP, UNet2DConditionModel)")
+    s.add_argument("--out", default="examples/digits/checkpoints/digits-sd")
+    s.add_argument("--steps", type=int, default=TrainConfig.steps)
+    s.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    for p in (t, k, d, s):
         p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     progress = not args.quiet
     try:
+        if args.command in ("ddpm", "sd"):
+            from examples.digits.pipelines import train_ddpm, train_sd
+
+            train = TrainConfig(steps=args.steps, vae_steps=getattr(args, "vae_steps", TrainConfig.vae_steps))
+            out = (train_ddpm if args.command == "ddpm" else train_sd)(Path(args.out), train, progress)
+            print(f"[digits] {out}: trained ({train.steps} steps)")
+            return 0
         if args.command == "classifier":
             out, accuracy = train_classifier(ClassifierConfig(out=args.out), progress)
             print(f"[digits] classifier {out}: held-out accuracy {accuracy:.2%}")

@@ -6,6 +6,7 @@ fd: the Frechet distance of the classifier's features to those of all 1,797 real
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +29,19 @@ def _real_features(classifier_path: str) -> np.ndarray:
 
 
 class DigitsEvaluator:
-    """flowpress.engines.Evaluator for class-conditional digit samples."""
+    """flowpress.engines.Evaluator for digit samples: asked for a class (class labels, or prompts
+    naming a digit, "a bold handwritten seven") -> classifier_acc and fd; unconditional
+    (conditional: false) -> fd and classifier_confidence (the mean top class probability)."""
 
-    metrics = {"classifier_acc": "higher", "fd": "lower"}
-
-    def __init__(self, classifier: str = CLASSIFIER):
+    def __init__(self, classifier: str = CLASSIFIER, conditional: bool = True):
         self.path = str(classifier)
         self.classifier: DigitClassifier = load_classifier(self.path).requires_grad_(False)
+        self.conditional = conditional
+        self.metrics = (
+            {"classifier_acc": "higher", "fd": "lower"}
+            if conditional
+            else {"classifier_confidence": "higher", "fd": "lower"}
+        )
 
     def features(self, samples: Tensor) -> Tensor:
         """(N, 128) classifier features of samples in [-1, 1]; differentiable in the samples (the
@@ -42,19 +49,33 @@ class DigitsEvaluator:
         return self.classifier.to(samples.device).embed(samples.clamp(-1, 1))
 
     @torch.no_grad()
-    def score(self, samples: Tensor, cond: dict[str, Tensor]) -> dict[str, float]:
-        if "class_labels" not in cond:
-            raise FlowpressError("digits evaluator: samples need class labels (a class-conditional model)")
+    def score(self, samples: Tensor, cond: dict[str, Any]) -> dict[str, float]:
         if tuple(samples.shape[1:]) != (1, 16, 16):
             raise FlowpressError(
                 f"digits evaluator: scores 1x16x16 digits, got samples of shape {tuple(samples.shape[1:])}; "
                 "name another evaluator in the recipe (or none)"
             )
-        labels = cond["class_labels"]
         images = samples.clamp(-1, 1)
         logits = torch.cat([self.classifier(chunk) for chunk in images.split(256)])
         features = torch.cat([self.classifier.embed(chunk) for chunk in images.split(256)]).numpy()
-        return {
-            "classifier_acc": float((logits.argmax(1) == labels).float().mean()),
-            "fd": frechet_distance(features.astype(np.float64), _real_features(self.path).astype(np.float64)),
-        }
+        fd = frechet_distance(features.astype(np.float64), _real_features(self.path).astype(np.float64))
+        if not self.conditional:
+            return {"classifier_confidence": float(logits.softmax(1).max(1).values.mean()), "fd": fd}
+        return {"classifier_acc": float((logits.argmax(1) == _labels(cond, len(samples))).float().mean()), "fd": fd}
+
+
+def _labels(cond: dict[str, Any], n: int) -> Tensor:
+    """The class each sample was asked for: its class label, or the digit its prompt names."""
+    if "class_labels" in cond:
+        return cond["class_labels"]
+    if "prompts" in cond:
+        from examples.digits.pipelines import label_of
+
+        labels = [label_of(p) for p in cond["prompts"]]
+        if None in labels:
+            bad = cond["prompts"][labels.index(None)]
+            raise FlowpressError(f"digits evaluator: prompt {bad!r} names no digit (zero .. nine); use such prompts")
+        return torch.tensor(labels)
+    raise FlowpressError(
+        "digits evaluator: these samples were asked for no class; set the evaluator's option conditional: false"
+    )

@@ -3,43 +3,30 @@ by running the whole sampler, onnxruntime's quantize_static."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress import Int8Config, QuantizedModel
-from flowpress.compress.modelopt import layer_quants
+from flowpress.compress import QuantizedModel
 from flowpress.engines import OrtEngine
 from flowpress.experiments.common import ort_quantize_static
 from flowpress.export import ExportConfig, build_ort_engine, export_onnx
 from flowpress.models import DiffusersDenoiser, StepModel
-from flowpress.sampling import Sampler, noise_for_seeds, sample
+from flowpress.sampling import Sampler
 
 
-@torch.no_grad()
 def modelopt_default(
     model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int
 ) -> QuantizedModel:
-    """modelopt's own recipe: INT8_DEFAULT_CFG, calibrated by running the whole sampler (its
-    diffusers example does this on prompts) on as many trajectories as the input budget allows."""
-    from flowpress.compress.modelopt import import_modelopt
+    """modelopt's own recipe (compress.modelopt.modelopt_default) on as many whole-sampler
+    trajectories as the input budget allows."""
+    from flowpress.compress.modelopt import modelopt_default as run_modelopt
 
-    mtq = import_modelopt()
-
-    fp = StepModel(model, sampler).eval()
-    qmodule = copy.deepcopy(fp)
     n_traj = max(1, budget // (sampler.n_evaluations * (2 if guidance != 1.0 else 1)))
-    noise = noise_for_seeds(range(seed, seed + n_traj), model.sample_shape)
-    cond = model.cycling_condition(n_traj)
-
-    def forward_loop(_denoiser: torch.nn.Module) -> None:
-        sample(sampler, qmodule, noise, cond, guidance, model.null_condition())
-
-    mtq.quantize(qmodule.model, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop)
-    config = Int8Config(temporal="int8", conv_output_quant=False)  # what INT8_DEFAULT_CFG places
-    return QuantizedModel(qmodule, fp, layer_quants(qmodule, (), config), config, [])
+    fp = StepModel(model, sampler).eval()
+    seeds = list(range(seed, seed + n_traj))
+    return run_modelopt(fp, sampler, model.cycling_condition(n_traj), model.null_condition(), guidance, seeds)
 
 
 def modelopt_engine(
