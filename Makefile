@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 DIGITS := examples/digits/recipes
 RECIPE ?= $(DIGITS)/digits-unet-int8.yaml
 TEACHER_RECIPE ?= $(DIGITS)/digits-teacher.yaml
+BENCH  ?= recipes/bench.yaml
 STAMP  := $(VENV)/.installed
 
 .PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test quality clean
@@ -42,9 +43,10 @@ bench-gpu: $(STAMP)
 ablate: $(STAMP)
 	$(PY) -m flowpress ablate --recipe $(DIGITS)/ablation.yaml --results results
 
-# every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/bench/, results/bench.md
+# every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/<name>/, results/<name>.md
+# (BENCH=recipes/bench-speed-dit.yaml: the 30M DiT alone, the int8-peak bar in ~20 min)
 bench: $(STAMP)
-	$(PY) -m flowpress bench --recipe recipes/bench.yaml --results results
+	$(PY) -m flowpress bench --recipe $(BENCH) --results results
 
 # int8, fp8, W4A8 and gated mixed precision of both teachers, then the precision x calibration
 # table (results/precisions.md); a run whose gate fails still gets its row

@@ -253,7 +253,7 @@ def run_bench(
         plot_frontier(bench["rows"], out / "frontier.png")
         (out / "bench.md").write_text(bench_markdown(bench))
     if results_dir is not None:
-        write_result(results_dir, "bench", "make bench", "flowpress bench", results_body(bench, final))
+        write_result(results_dir, config.name, "make bench", "flowpress bench", results_body(bench, final))
     shutil.rmtree(work_root, ignore_errors=True)
     return final, bench
 
