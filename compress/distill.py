@@ -146,13 +146,33 @@ def distance(a: Tensor, b: Tensor, kind: Distance, features: Callable[[Tensor], 
     return huber + (features(a) - features(b)).pow(2).mean()
 
 
-def _lr_at(step: int, total: int) -> float:
+def warmup_cosine(step: int, total: int) -> float:
     """Warm-up over 5%, then cosine to 5% of the peak (the teacher's schedule)."""
     warmup = max(1, total // 20)
     if step < warmup:
         return (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(frac * math.pi)) * 0.95 + 0.05
+
+
+def train_step(
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    loss: Tensor,
+    ema_decay: float,
+) -> None:
+    """One optimizer step on `loss` (gradients clipped to norm 1), the schedule stepped, `ema`
+    moved towards `model` by 1 - ema_decay."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - ema_decay)
 
 
 def _batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -193,9 +213,9 @@ def _train(
     state = TrainState(model, ema, opt)
     if checkpoint.is_file():
         _load_state(state, checkpoint)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, iterations), last_epoch=-1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, iterations), last_epoch=-1)
     for group in opt.param_groups:
-        group["lr"] = lr * _lr_at(state.step, iterations)
+        group["lr"] = lr * warmup_cosine(state.step, iterations)
     sched.last_epoch = state.step
     end = iterations if stop_at is None else min(iterations, stop_at)
     with _ddp(model) as wrapped:
@@ -203,14 +223,7 @@ def _train(
         bar = tqdm(range(state.step, end), desc=name, disable=not (progress and dist.main), initial=state.step)
         for step in bar:
             loss = loss_fn(wrapped, step, _batch_generator(seed, step, dist.rank))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - ema_decay)
+            train_step(model, ema, opt, sched, loss, ema_decay)
             state.step = step + 1
             state.losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{state.losses[-1]:.4f}")

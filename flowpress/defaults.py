@@ -33,11 +33,11 @@ def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
         flavour="tensorrt" if precision == "fp8" else "ort-cpu", opset={"w4a8": 21, "fp8": 19}.get(precision, 20)
     )
     guidance = args.guidance if args.guidance is not None else GUIDANCE[kind]
-    samples = args.samples or 100
+    samples = args.samples if args.samples is not None else 100
     recipe = Recipe(
         name=out.name,
         model=ModelSection(str(path), scheduler=args.scheduler, prediction_type=args.prediction_type),
-        sampling=SamplingSection(steps=args.steps or 20, guidance=guidance),
+        sampling=SamplingSection(steps=args.steps if args.steps is not None else 20, guidance=guidance),
         calibration=CalibrationConfig(n_samples=32, batch_size=16),
         quantize=quantize,
         export=export,

@@ -3,32 +3,18 @@ saved as diffusers saves them (model_index.json + components): the test inputs o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from examples.digits.pipelines import word_tokenizer
 
 WORDS = ("a", "photo", "of", "the", "red", "green", "car", "dog", "cat", "tree", "on", "street", "zero", "seven")
 
 
 def tiny_tokenizer(folder: Path, max_length: int = 16):  # noqa: ANN201 - transformers' CLIPTokenizer
-    """A CLIP tokenizer over a dozen words (each word one token), written as vocab.json + merges.txt."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    merges = ["#version: 0.2"]
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        while len(pieces) > 1:  # merge left to right so the whole word becomes one token
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab.setdefault(pieces[0], len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    """A CLIP tokenizer over a dozen words (each word one token)."""
+    return word_tokenizer(folder, WORDS, max_length)
 
 
 def tiny_clip(vocab_size: int, hidden: int = 32, projection: bool = False):  # noqa: ANN201

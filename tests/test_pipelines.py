@@ -114,6 +114,16 @@ def test_a_component_that_is_not_a_denoiser_is_refused_in_one_line(pipes, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "message"), [("--steps", "sampling.steps must be"), ("--samples", "n_samples must be")]
+)
+def test_zero_steps_or_samples_are_refused_not_taken_for_the_default(pipes, tmp_path, capsys, option, message):
+    code, _, err = quantize_model(pipes["ddpm"], tmp_path / "run", capsys, option, "0")
+    last = err.splitlines()[-1]  # after diffusers' own "Loading pipeline components" bar
+    assert code == 2 and last.startswith("flowpress: error:") and message in last
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unsupported_class_names_the_supported_ones(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"_class_name": "UNet1DModel"}))

@@ -12,7 +12,6 @@ Diffusion or DDPM user recognises, small enough to commit.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from examples.digits.data import load_digits
+from flowpress.compress.distill import train_step, warmup_cosine
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STYLES = ("", "bold", "thin")
@@ -48,24 +48,25 @@ def styled(images: Tensor, style: str) -> Tensor:
     return images
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A CLIP tokenizer over the prompt words (one token per word): vocab.json + merges.txt."""
+def word_tokenizer(folder: Path, words: tuple[str, ...], max_length: int) -> Any:
+    """A CLIP tokenizer with one token per word of `words`, written into `folder` as vocab.json +
+    merges.txt (transformers' CLIPTokenizer)."""
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
     merges = ["#version: 0.2"]
-    for word in WORDS:
+    for word in words:
         pieces = [*word[:-1], word[-1] + "</w>"]
         for piece in pieces:
             vocab.setdefault(piece, len(vocab))
-        while len(pieces) > 1:
+        while len(pieces) > 1:  # merge left to right so the whole word becomes one token
             merges.append(f"{pieces[0]} {pieces[1]}")
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
             vocab.setdefault(pieces[0], len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("\n".join(merges) + "\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8).save_pretrained(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 @dataclass(frozen=True)
@@ -86,27 +87,12 @@ def _ema_train(model: torch.nn.Module, loss_fn, config: TrainConfig, desc: str, 
 
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    warmup = max(1, config.steps // 20)
-
-    def lr_at(step: int) -> float:  # warm-up, then cosine to 5% (the teacher's schedule)
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, config.steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * frac)) * 0.95 + 0.05
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, config.steps))
     gen = torch.Generator().manual_seed(config.seed)
     bar = tqdm(range(config.steps), desc=desc, disable=not progress)
     for _ in bar:
         loss = loss_fn(model, gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - config.ema_decay)
+        train_step(model, ema, opt, sched, loss, config.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema
 
@@ -143,13 +129,12 @@ def train_sd(out: Path, config: TrainConfig, progress: bool = True) -> Path:
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(config.seed)
     data = load_digits("all")
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer: Any = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer = word_tokenizer(Path(tmp), WORDS, max_length=8)
     text_encoder: Any = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)

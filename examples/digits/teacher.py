@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.digits.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES, load_digits
+from flowpress.compress.distill import train_step
 from flowpress.errors import FlowpressError
 from flowpress.models import DiffusersDenoiser, DiTSpec, UNetSpec, build_dit, build_unet, save_model
 from flowpress.sampling import interpolate, target_velocity
@@ -88,14 +89,7 @@ def train_teacher(config: TeacherConfig, progress: bool = True) -> Path:
         t = torch.rand(config.batch_size, generator=gen)
         v = model(interpolate(x0, eps, t), t, {"class_labels": labels})
         loss = F.mse_loss(v, target_velocity(x0, eps))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - config.ema_decay)
+        train_step(model, ema, opt, sched, loss, config.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     out = save_model(ema, config.out)
     meta = json.loads((out / "flowpress.json").read_text())

@@ -24,6 +24,7 @@ from flowpress.models.velocity import (
     DiffusersDenoiser,
     check_finite_weights,
     check_velocity_model,
+    load_net,
 )
 from flowpress.sampling import DiffusersSampler, Sampler, Schedule, scheduler_named
 
@@ -134,7 +135,7 @@ def load_source(
     _refuse_other_classes(name, config_file)
     denoiser_extra = _config(path / FLOWPRESS_JSON) if (path / FLOWPRESS_JSON).is_file() else {}
     flow = scheduler == "flow" or (scheduler is None and bool(denoiser_extra))
-    net = _load_net(name, path)
+    net = load_net(name, path, "save the model with diffusers' save_pretrained")
     if flow:
         scale = time_scale if time_scale is not None else float(denoiser_extra.get("time_scale", 1000.0))
         denoiser = DiffusersDenoiser(net, scale, denoiser_extra.get("null_label")).eval()
@@ -157,20 +158,6 @@ def load_source(
         else NoConditioner()
     )
     return LoadedModel(denoiser, make, conditioner, None, None, kind, path)
-
-
-def _load_net(name: str, path: Path) -> Any:
-    import diffusers
-
-    try:
-        net = getattr(diffusers, name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
-    except Exception as err:  # diffusers raises many types for missing / corrupt weights
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FlowpressError(
-            f"{path}: cannot load {name} weights ({reason}); save the model with diffusers' save_pretrained"
-        ) from None
-    check_finite_weights(net, str(path))
-    return net.eval()
 
 
 def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction | None) -> Any:

@@ -159,13 +159,25 @@ def save_model(model: DiffusersDenoiser, path: str | Path) -> Path:
     return Path(path)
 
 
+def load_net(class_name: str, path: Path, fix: str) -> Any:
+    """diffusers' `class_name` from `path` (offline), its weights checked finite; a failure is one
+    line ending in `fix`."""
+    import diffusers
+
+    try:
+        net = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as err:  # diffusers raises many types for missing / corrupt weights
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlowpressError(f"{path}: cannot load {class_name} weights ({reason}); {fix}") from None
+    check_finite_weights(net, str(path))
+    return net.eval()
+
+
 def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersDenoiser:
     """Load a diffusers UNet2DModel / DiTTransformer2DModel directory (ours or the user's) as a VelocityModel.
 
     time_scale overrides flowpress.json; without either, 1000 is assumed.
     """
-    import diffusers
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -185,15 +197,9 @@ def load_model(path: str | Path, time_scale: float | None = None) -> DiffusersDe
     extra: dict[str, Any] = {}
     if (path / FLOWPRESS_JSON).is_file():
         extra = json.loads((path / FLOWPRESS_JSON).read_text())
-    try:
-        net = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
-    except Exception as err:  # diffusers raises many types for missing / corrupt weights
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FlowpressError(
-            f"{path}: cannot load {class_name} weights ({reason}); re-create them with `make teacher` "
-            "or save the model with diffusers' save_pretrained"
-        ) from None
-    check_finite_weights(net, str(path))
+    net = load_net(
+        class_name, path, "re-create them with `make teacher` or save the model with diffusers' save_pretrained"
+    )
     scale = time_scale if time_scale is not None else float(extra.get("time_scale", 1000.0))
     model = DiffusersDenoiser(net, scale, extra.get("null_label")).eval()
     check_velocity_model(model, str(path))
