@@ -7,6 +7,7 @@ DIGITS := examples/digits/recipes
 RECIPE ?= $(DIGITS)/digits-unet-int8.yaml
 TEACHER_RECIPE ?= $(DIGITS)/digits-teacher.yaml
 BENCH  ?= recipes/bench.yaml
+ABLATION ?= $(DIGITS)/ablation.yaml
 STAMP  := $(VENV)/.installed
 
 .PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test quality clean
@@ -40,8 +41,10 @@ engines: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m flowpress bench-gpu --recipe $(RECIPE)
 
+# calibration x temporal cache x activation ranges beside modelopt and onnxruntime -> results/ablation.md
+# (ABLATION=examples/digits/recipes/ablation-w4a8.yaml: the W4A8 ingredients, ~45 min -> results/ablation-w4a8.md)
 ablate: $(STAMP)
-	$(PY) -m flowpress ablate --recipe $(DIGITS)/ablation.yaml --results results
+	$(PY) -m flowpress ablate --recipe $(ABLATION) --results results
 
 # every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/<name>/, results/<name>.md
 # (BENCH=recipes/bench-speed-dit.yaml: the 30M DiT alone, the int8-peak bar in ~20 min)

@@ -116,7 +116,10 @@ class W4A8Config(_Common):
     None) or per group of weight_group_size input channels; 8-bit activations per tensor;
     rounding learned by block reconstruction — recon_iters Adam steps (lr recon_lr, batch
     recon_batch_size) per block on recon_samples calibration inputs, rounding regulariser
-    weight round_loss_weight (AdaRound / BRECQ); recon_iters 0 is round-to-nearest."""
+    weight round_loss_weight (AdaRound / BRECQ); recon_iters 0 is round-to-nearest.
+    edge_weight_bits: the first and the last quantized layer (forward order: the network's input
+    and output layers) get weights of this many bits, per output channel, as BRECQ and
+    Q-Diffusion keep them at 8; null: 4 bits like the rest."""
 
     precision: Literal["w4a8"] = "w4a8"
     activation_bits: int = 8
@@ -126,6 +129,7 @@ class W4A8Config(_Common):
     recon_batch_size: int = 32
     recon_lr: float = 1e-3
     round_loss_weight: float = 0.01
+    edge_weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +141,8 @@ class W4A8Config(_Common):
             )
         if not 2 <= self.activation_bits <= 8:
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
+        if self.edge_weight_bits is not None and not 4 <= self.edge_weight_bits <= 8:
+            raise FlowpressError(f"quantize.edge_weight_bits must be in 4..8 or null, got {self.edge_weight_bits}")
 
 
 QuantConfig = Int8Config | Fp8Config | W4A8Config

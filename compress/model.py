@@ -52,14 +52,14 @@ class QuantizedModel:
     structure in full precision (temporal tables, split shortcuts) — what gets exported;
     layers: per-layer records, keyed by name inside the denoiser (module.model), e.g.
     'net.down_blocks.0.resnets.0.conv1'; reconstruction (w4a8): per block, its output error
-    over the reconstruction inputs with nearest and with learned rounding."""
+    over the reconstruction inputs with nearest and with learned rounding, and which it kept."""
 
     module: StepModel
     fp_module: StepModel
     layers: dict[str, LayerQuant]
     config: QuantConfig
     temporal_modules: list[str]
-    reconstruction: dict[str, dict[str, float]] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, float | str]] = field(default_factory=dict)
 
 
 def prepare(model: DiffusersDenoiser, config: QuantConfig, sampler: Sampler) -> tuple[StepModel, list[str]]:

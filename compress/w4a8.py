@@ -48,14 +48,14 @@ class _Stop(Exception):
     """Raised by a capture hook once the block of interest has run (skips the rest of the net)."""
 
 
-def _quantizers(group_size: int | None) -> tuple[type, type]:
-    """(weight quantizer, activation quantizer) brevitas injector classes."""
+def _quantizers(group_size: int | None, bits: int = WEIGHT_BITS) -> tuple[type, type]:
+    """(weight quantizer, activation quantizer) brevitas injector classes; `bits`-bit weights."""
     from brevitas.inject.enum import FloatToIntImplType, LearnedRoundImplType, ScalingImplType, ScalingPerOutputType
     from brevitas.proxy.groupwise_int_parameter_quant import GroupwiseWeightQuantProxyFromInjector
     from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
     class Int4WeightPerChannelLearnedRound(Int8WeightPerChannelFloat):
-        bit_width = WEIGHT_BITS
+        bit_width = bits
         float_to_int_impl_type = FloatToIntImplType.LEARNED_ROUND
         learned_round_impl_type = LearnedRoundImplType.HARD_SIGMOID
         learned_round_zeta = ZETA
@@ -76,18 +76,19 @@ def _quantizers(group_size: int | None) -> tuple[type, type]:
     return weight_quant, Int8ActPerTensorConst
 
 
-def _quant_layer(layer: Any, input_amax: float, group_size: int | None) -> nn.Module:
-    """A brevitas QuantConv2d / QuantLinear with `layer`'s weights; input scale amax / 127.
+def _quant_layer(layer: Any, input_amax: float, group_size: int | None, bits: int = WEIGHT_BITS) -> nn.Module:
+    """A brevitas QuantConv2d / QuantLinear with `layer`'s `bits`-bit weights; input scale amax / 127.
 
-    A layer whose input channels are not a multiple of group_size (a 1-channel conv_in) is
-    quantized per output channel instead; `quant.group_size` records which.
+    A layer whose input channels are not a multiple of group_size (a 1-channel conv_in), or
+    whose weights are not 4-bit, is quantized per output channel instead; `quant.group_size`
+    and `quant.weight_bits` record which.
     """
     from brevitas.nn import QuantConv2d, QuantLinear
 
     in_channels = layer.weight.shape[1]
-    if group_size is not None and in_channels % group_size != 0:
+    if group_size is not None and (in_channels % group_size != 0 or bits != WEIGHT_BITS):
         group_size = None
-    weight_quant, act_quant = _quantizers(group_size)
+    weight_quant, act_quant = _quantizers(group_size, bits)
     # brevitas' signed 8-bit activation scale is threshold / 128; ours (and the exporter's) is amax / 127
     act = {"input_quant": act_quant, "input_scaling_init": max(input_amax, 1e-12) * 128 / 127}
     if group_size is not None:
@@ -116,6 +117,7 @@ def _quant_layer(layer: Any, input_amax: float, group_size: int | None) -> nn.Mo
         if layer.bias is not None:
             quant.bias.copy_(layer.bias)
     quant.group_size = group_size
+    quant.weight_bits = bits
     _init_rounding(quant)
     return quant.eval()
 
@@ -259,9 +261,12 @@ def reconstruct(
 
     loss_fn(index) returns the reconstruction error of a batch drawn from the n captured
     inputs.  Returns (error with rounding to nearest, error with the learned rounding), both
-    over all n inputs with hardened rounding — the gain this block got.
+    over all n inputs with hardened rounding — the gain this block got.  Where the hardened
+    learned rounding does worse than nearest on those inputs (the soft-to-hard gap of a short
+    run), the block goes back to rounding to nearest: learning never costs a block accuracy.
     """
     params: list[Tensor] = [_rounding(q).value for q in layers]
+    nearest = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
 
@@ -288,6 +293,10 @@ def reconstruct(
     for p in params:
         p.requires_grad_(False)
     after = hard_error()
+    if after > before:
+        with torch.no_grad():
+            for p, init in zip(params, nearest, strict=True):
+                p.copy_(init)
     return before, after
 
 
@@ -407,10 +416,12 @@ def quantize_w4a8(
     if not names:
         raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
     amax = activation_amax(fp_module, names, calib, config)
+    edges = _edge_layers(fp_module, names, calib) if config.edge_weight_bits is not None else set()
     qmodule = copy.deepcopy(fp_module)
     for name in names:
         layer = qmodule.model.get_submodule(name)
-        _replace(qmodule.model, name, _quant_layer(layer, amax[f"{name}.input"], config.weight_group_size))
+        bits = config.edge_weight_bits if name in edges and config.edge_weight_bits is not None else WEIGHT_BITS
+        _replace(qmodule.model, name, _quant_layer(layer, amax[f"{name}.input"], config.weight_group_size, bits))
     qmodule.eval()
     _frozen(qmodule)
     _frozen(fp_module)
@@ -426,7 +437,9 @@ def quantize_w4a8(
         torch.set_num_threads(threads)
     _set_soft(list(quant.values()), False)
     layers = {n: layer_quant(quant[n], config) for n in names}
-    reconstruction = {b: {"nearest": e0, "learned": e1} for b, (e0, e1) in gains.items()}
+    reconstruction = {
+        b: {"nearest": e0, "learned": e1, "kept": "learned" if e1 <= e0 else "nearest"} for b, (e0, e1) in gains.items()
+    }
     return QuantizedModel(qmodule, fp_module, layers, config, temporal, reconstruction)
 
 
@@ -462,14 +475,35 @@ def _reconstruct_all(
 
 
 @torch.no_grad()
+def _edge_layers(fp_module: StepModel, names: list[str], calib: CalibrationSet) -> set[str]:
+    """The first and the last of `names` the forward pass calls (the network's input and output
+    layers among the quantized ones)."""
+    modules = dict(fp_module.model.named_modules())
+    order: list[str] = []
+    handles = [
+        modules[n].register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+        for n in names
+    ]
+    try:
+        x, step, cond, _ = next(calib.batches(2))
+        fp_module.run(x, step, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {order[0], order[-1]} if order else set()
+
+
+@torch.no_grad()
 def quantized_weight(quant: Any) -> tuple[Tensor, Tensor]:
-    """(integer weights in [-7, 7] with the layer's shape as int8, scale broadcast to that shape)."""
+    """(integer weights in [-qmax, qmax] (7 for 4-bit) with the layer's shape as int8, scale
+    broadcast to that shape)."""
     scale = _scale_like_weight(quant)
     value = quant.quant_weight().value.detach()
     w_int = torch.round(value / scale)
     if float((w_int * scale - value).abs().max()) > 1e-5 * float(value.abs().max() + 1e-12):
         raise FlowpressError("w4a8: brevitas weights are not integer multiples of their scales; cannot export them")
-    return w_int.clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8), scale
+    qmax = 2 ** (quant.weight_bits - 1) - 1
+    return w_int.clamp(-qmax, qmax).to(torch.int8), scale
 
 
 def layer_quant(quant: Any, config: W4A8Config) -> LayerQuant:
@@ -482,11 +516,11 @@ def layer_quant(quant: Any, config: W4A8Config) -> LayerQuant:
     return LayerQuant(
         kind="conv" if w_int.dim() == 4 else "linear",
         input_amax=input_scale * 127.0,
-        weight_amax=(scale.flatten(1).amax(1) * WEIGHT_QMAX).clone(),
+        weight_amax=(scale.flatten(1).amax(1) * (2 ** (quant.weight_bits - 1) - 1)).clone(),
         output_amax=None,
         activation_bits=config.activation_bits,
         precision="w4a8",
-        weight_bits=WEIGHT_BITS,
+        weight_bits=quant.weight_bits,
         weight_int=w_int,
         weight_scale=block_scale,
         group_size=group,
@@ -500,4 +534,7 @@ def engine_note(config: W4A8Config) -> str:
         if config.weight_group_size is None
         else f"per group of {config.weight_group_size} input channels (DequantizeLinear block_size)"
     )
-    return f"int4 weights stored as ONNX INT4 (opset 21 DequantizeLinear), scales float32 {group}; activations int8 per tensor"
+    return (
+        f"int4 weights stored as ONNX INT4 (opset 21 DequantizeLinear), scales float32 {group}; "
+        "activations int8 per tensor"
+    )

@@ -217,7 +217,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                 input_scale,
                 numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
             ]
-            weight_dq = helper.make_node("DequantizeLinear", [f"{prefix}.weight_int4", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
+            weight_dq = _learned_dequantize(layer, node, prefix)
         else:
             if fp8:
                 new_inits += [
@@ -290,9 +290,27 @@ def _learned_axes(layer: LayerQuant, node) -> dict[str, Any]:  # noqa: ANN001
     return {"axis": 1 if conv else 0, "block_size": layer.group_size}
 
 
-def _learned_weight(layer: LayerQuant, node, graph_shape: tuple[int, ...], prefix: str) -> list:  # noqa: ANN001
-    """INT4 initializers (weights, zero points) and float32 scales of a learned W4 layer."""
+def _learned_dequantize(layer: LayerQuant, node, prefix: str):  # noqa: ANN001, ANN202
+    """DequantizeLinear of a learned layer's integer weights (symmetric: no zero point)."""
+    from onnx import helper
+
+    return helper.make_node("DequantizeLinear", [_int_name(layer, prefix), f"{prefix}.weight_scale"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
+
+
+def _int_name(layer: LayerQuant, prefix: str) -> str:
+    """A learned layer's integer weight initializer: INT4 (4-bit) or INT8 (an 8-bit edge layer)."""
+    return f"{prefix}.weight_int{4 if layer.weight_bits == 4 else 8}"
+
+
+def _int_dtype(layer: LayerQuant) -> Any:
     import ml_dtypes
+
+    return ml_dtypes.int4 if layer.weight_bits == 4 else np.int8
+
+
+def _learned_weight(layer: LayerQuant, node, graph_shape: tuple[int, ...], prefix: str) -> list:  # noqa: ANN001
+    """Integer initializers of a learned layer's weights (INT4, INT8 for an 8-bit edge layer) and
+    its float32 scales."""
     from onnx import numpy_helper
 
     assert layer.weight_int is not None and layer.weight_scale is not None
@@ -304,9 +322,8 @@ def _learned_weight(layer: LayerQuant, node, graph_shape: tuple[int, ...], prefi
     if tuple(w_int.shape) != tuple(graph_shape):
         raise FlowpressError(f"export: learned weight {prefix} has shape {w_int.shape}, the graph's is {graph_shape}")
     return [
-        numpy_helper.from_array(np.ascontiguousarray(w_int).astype(ml_dtypes.int4), f"{prefix}.weight_int4"),
+        numpy_helper.from_array(np.ascontiguousarray(w_int).astype(_int_dtype(layer)), _int_name(layer, prefix)),
         numpy_helper.from_array(np.ascontiguousarray(scale), f"{prefix}.weight_scale"),
-        numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.int4), f"{prefix}.weight_zero_point"),
     ]
 
 

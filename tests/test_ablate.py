@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from flowpress.compress import PORTABLE_WEIGHT_BITS
 from flowpress.engines.isa import host_isa
 from flowpress.engines.portability import resolve_portable
+from flowpress.errors import FlowpressError
 from flowpress.experiments.ablate import PEERS, load_ablation_config, run_ablation
 
 from .conftest import DIGITS, EVALUATOR, ROOT
@@ -68,3 +71,52 @@ def test_ablation_measures_every_row_beside_the_peers(tiny_model_dir, tmp_path):
     result = (tmp_path / "results" / "ablation.md").read_text()
     assert result.startswith("# make ablate\n\n_Written by `flowpress ablate` on ")
     assert "| unet | w8a8 | modelopt-default | no | 8 |" in result and "![" not in result
+
+
+W4A8_RECIPE = """
+name: tiny-w4a8
+model: {{path: {model}}}
+sampling: {{steps: 4, guidance: 2.0}}
+quantize: {{precision: w4a8, weight_group_size: 8, recon_iters: 30, recon_samples: 32, recon_lr: 0.01, edge_weight_bits: 8}}
+evaluator: {evaluator}
+"""
+W4A8_ABLATION = """
+name: tiny-ablation-w4a8
+recipes: [{recipe}]
+methods: []
+settings: []
+peers: []
+variants:
+  nearest: {{recon_iters: 0, edge_weight_bits: null}}
+  learned+edge8: {{}}
+calibration_seeds: [100000]
+budget: 32
+trajectories: 8
+compare_samples: 10
+batch_size: 10
+"""
+
+
+def test_w4a8_variants_are_rows_of_their_own_results_file(tiny_model_dir, tmp_path):
+    config = load_ablation_config(DIGITS / "recipes" / "ablation-w4a8.yaml")  # the committed config parses
+    assert {"nearest", "learned+edge8"} <= set(config.variants) and len(config.calibration_seeds) >= 3
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
+    (tmp_path / "ablation.yaml").write_text(W4A8_ABLATION.format(recipe=recipe))
+    out = run_ablation(
+        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
+    )
+    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+    assert set(rows) == {"nearest", "learned+edge8"}
+    for row in rows.values():
+        assert row["setting"] == "w4a8" and row["weight_bits"] == 4 and row["n_seeds"] == 1
+        assert row["engine_ms_b8"] is None  # measured on the torch fake-quant model
+    # measured on this random-weight UNet: nearest 28.13, learned + 8-bit edges 29.99 dB (+1.86)
+    assert rows["learned+edge8"]["final_psnr_db"] > rows["nearest"]["final_psnr_db"] + 1.0
+    result = (tmp_path / "results" / "tiny-ablation-w4a8.md").read_text()
+    assert '`nearest`: {"recon_iters": 0, "edge_weight_bits": null}' in result
+    assert "| unet | w4a8 | learned+edge8 | yes | 4 |" in result
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(W4A8_ABLATION.format(recipe=recipe).replace("{}", "{recon_iters: -1}"))
+    with pytest.raises(FlowpressError, match="ablation.variants.learned\\+edge8"):
+        run_ablation(load_ablation_config(bad), tmp_path / "runs2", False)

@@ -3,9 +3,11 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from flowpress.compress import Int8Config, W4A8Config, quantize
+from flowpress.compress.w4a8 import quantized_weight
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig, check_parity, export_onnx, ort_session
 from flowpress.models import load_model
@@ -22,6 +24,7 @@ W4A8 = W4A8Config(
     recon_samples=32,
     recon_batch_size=16,
     recon_lr=0.01,
+    edge_weight_bits=8,
 )
 
 
@@ -41,8 +44,17 @@ def test_learned_rounding_reduces_block_output_error(w4a8):
     # measured on this tiny model (40 iterations per block, lr 0.01): learned / nearest = 0.86
     # (0.975 with AdaRound's lr 1e-3, too small a step for so few iterations)
     assert learned < 0.93 * nearest
-    # no block may get worse than rounding to nearest by more than noise
-    assert all(e["learned"] <= 1.01 * e["nearest"] for e in errors.values())
+    # a block whose hardened learned rounding lost to nearest went back to nearest (measured here:
+    # one of 10, down_blocks.0.resnets.0 at 1.059x, behind the 8-bit conv_in); the rest kept theirs
+    assert all(e["kept"] == ("learned" if e["learned"] <= e["nearest"] else "nearest") for e in errors.values())
+    modules = dict(qmodel.module.model.named_modules())
+    reverted = [
+        n for n in qmodel.layers if any(n.startswith(b + ".") for b, e in errors.items() if e["kept"] == "nearest")
+    ]
+    for name in reverted:
+        w_int, scale = quantized_weight(modules[name])
+        qmax = 2 ** (qmodel.layers[name].weight_bits - 1) - 1
+        assert torch.equal(w_int.float(), torch.round(modules[name].weight / scale).clamp(-qmax, qmax))
 
 
 def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_path):
@@ -52,11 +64,15 @@ def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_
     inits = {i.name: i for i in graph.initializer}
     dq = {n.name: n for n in graph.node if n.op_type == "DequantizeLinear"}
     grouped = [name for name, layer in qmodel.layers.items() if layer.group_size == GROUP]
-    assert len(grouped) >= len(qmodel.layers) - 2  # all but 1-channel conv_in-like layers are per group
+    assert len(grouped) >= len(qmodel.layers) - 2  # all but the 8-bit input and output layers are per group
+    edges = [name for name, layer in qmodel.layers.items() if layer.weight_bits == 8]
+    assert edges == [n for n in qmodel.layers if n.endswith(("conv_in", "conv_out"))] and len(edges) == 2
     modules = dict(qmodel.module.model.named_modules())
     for name, layer in qmodel.layers.items():
-        w_init = inits[f"{name}.weight_int4"]
-        assert w_init.data_type == onnx.TensorProto.INT4
+        bits = layer.weight_bits
+        w_init = inits[f"{name}.weight_int{bits}"]
+        assert w_init.data_type == (onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8)
+        assert f"{name}.weight_zero_point" not in inits  # symmetric: DequantizeLinear's default zero point
         w_int = numpy_helper.to_array(w_init).astype(np.float32)
         scale = numpy_helper.to_array(inits[f"{name}.weight_scale"])
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq[f"{name}.weight_DQ"].attribute}
@@ -71,7 +87,7 @@ def test_per_group_int4_weights_round_trip_through_the_exported_graph(w4a8, tmp_
             dequant = dequant.T  # the graph multiplies by (C_in, C_out)
         expected = modules[name].quant_weight().value.detach().numpy()
         np.testing.assert_allclose(dequant, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
-        assert np.abs(w_int).max() <= 7
+        assert np.abs(w_int).max() <= 2 ** (bits - 1) - 1
 
 
 def test_w4a8_graph_tracks_fake_quant_with_optimizations_on_and_off(w4a8, tmp_path):

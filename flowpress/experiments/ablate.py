@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture, select
 from flowpress.calibration.capture import Strategy
-from flowpress.compress import PORTABLE_WEIGHT_BITS, Int8Config, QuantizedModel, quantize, set_weight_bits
+from flowpress.compress import PORTABLE_WEIGHT_BITS, Int8Config, QuantizedModel, W4A8Config, quantize, set_weight_bits
 from flowpress.compress.config import Amax
 from flowpress.engines import Engine, Evaluator, OrtEngine, TorchEngine, median_step_ms, psnr_db, rel_l2
 from flowpress.engines.build import build_ort
@@ -36,7 +36,7 @@ from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
 from flowpress.sampling import Sampler
-from flowpress.schema import load
+from flowpress.schema import from_dict, load, to_dict
 
 __all__ = [
     "METHODS",
@@ -78,7 +78,9 @@ ROW_FIELDS = (
 class AblationConfig:
     """recipes: quantize recipes, one per architecture (model, sampler, guidance, evaluator,
     engine.portable); budget: calibration inputs per row; trajectories: FP trajectories
-    captured per calibration seed to draw them from."""
+    captured per calibration seed to draw them from; variants: W4A8 rows (setting `w4a8`), each
+    a name and the keys it changes in its recipe's `quantize:` section (a w4a8 recipe), e.g.
+    {nearest: {recon_iters: 0}}, measured on the torch fake-quant model."""
 
     name: str = "ablation"
     recipes: tuple[str, ...] = ()
@@ -91,6 +93,7 @@ class AblationConfig:
     compare_samples: int = 100
     batch_size: int = 100
     peers: tuple[str, ...] = PEERS
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS)) + sorted(set(self.peers) - set(PEERS))
@@ -125,6 +128,16 @@ def _summarise(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]
     }
 
 
+def _variant_config(recipe: Recipe, name: str, overrides: dict[str, Any]) -> W4A8Config:
+    """The recipe's W4A8 quantize section with a variant's keys changed (checked like a recipe)."""
+    if not isinstance(recipe.quantize, W4A8Config):
+        raise FlowpressError(
+            f"ablation.variants: {recipe.name} quantizes to {recipe.quantize.precision}; variants need a w4a8 recipe"
+        )
+    config: W4A8Config = from_dict(W4A8Config, {**to_dict(recipe.quantize), **overrides}, f"ablation.variants.{name}")
+    return config
+
+
 def _flowpress_engine(
     qmodel: QuantizedModel, calib: CalibrationSet, sampler: Sampler, workdir: Path, host: HostIsa, name: str
 ) -> OrtEngine:
@@ -148,6 +161,8 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     ref = fp_reference(model, sampler, guidance, config.compare_samples, config.batch_size)
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
     jobs += [("w8a8", p, False) for p in config.peers if "w8a8" in config.settings]
+    variants = {v: _variant_config(recipe, v, o) for v, o in config.variants.items()}
+    jobs += [("w4a8", v, c.temporal == "cache") for v, c in variants.items()]
     per_job: dict[tuple[str, str, bool], list[dict[str, Any]]] = {job: [] for job in jobs}
     bar = tqdm(
         total=len(jobs) * len(config.calibration_seeds), desc=f"ablate {model.architecture}", disable=not progress
@@ -166,6 +181,12 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                     engine = modelopt_engine(qmodel, sampler, workdir)
                 elif method == "ort-quantize-static":
                     engine = ort_static_engine(model, sampler, full, seed, config.budget, workdir, STATIC_OP_TYPES)
+                elif setting == "w4a8":  # rounding learned on the torch model: measured there
+                    calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
+                    engine = TorchEngine(
+                        quantize(model, variants[method], calib, sampler).module, sampler, "fake-quant"
+                    )
+                    bits = 4
                 else:
                     strategy, amax = METHODS[method]
                     calib = select(full, replace(capture_cfg, strategy=strategy, budget=config.budget), sampler.n_steps)
@@ -233,7 +254,7 @@ def run_ablation(
         body = markdown.split("\n", 1)[1]  # the header replaces the title
         picture = "![error vs step](error_vs_step.png)"
         body = body.replace(picture, f"Error vs step: {final}/error_vs_step.png (not committed).")
-        write_result(results_dir, "ablation", "make ablate", "flowpress ablate", body)
+        write_result(results_dir, config.name, "make ablate", "flowpress ablate", body)
     return final
 
 
@@ -305,6 +326,16 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
         "INT8_DEFAULT_CFG calibrated by running the whole sampler, exported with Q/DQ on inputs and weights; "
         "`ort-quantize-static` = onnxruntime quantize_static, MinMax, QDQ U8S8, per channel, on Conv / MatMul / "
         "Gemm, the same number of inputs drawn at random steps.",
+        *(
+            [
+                "`w4a8` rows: the W4A8 recipe's quantize section with the named keys changed ("
+                + "; ".join(f"`{name}`: {json.dumps(keys)}" for name, keys in config.variants.items())
+                + f"), calibrated on {config.budget} inputs spread over every step, measured on the torch "
+                "fake-quant model (`make quantize` checks the W4A8 graph against that model).",
+            ]
+            if config.variants
+            else []
+        ),
         "",
         "| architecture | setting | method | temporal cache | weight bits | final PSNR dB (± std) | "
         + "".join(f"{m} | " for m in metrics)
