@@ -68,7 +68,7 @@ def test_ablation_measures_every_row_beside_the_peers(tiny_model_dir, tmp_path):
         cache = "yes" if row["temporal_cache"] else "no"
         assert f"| unet | {row['setting']} | {row['method']} | {cache} | {row['weight_bits']} |" in table
     assert "- best flowpress configuration, unet w8a8: uniform" in table
-    result = (tmp_path / "results" / "ablation.md").read_text()
+    result = (tmp_path / "results" / "tiny-ablation.md").read_text()  # results/<config name>.md
     assert result.startswith("# make ablate\n\n_Written by `flowpress ablate` on ")
     assert "| unet | w8a8 | modelopt-default | no | 8 |" in result and "![" not in result
 
