@@ -119,7 +119,9 @@ class W4A8Config(_Common):
     weight round_loss_weight (AdaRound / BRECQ); recon_iters 0 is round-to-nearest.
     edge_weight_bits: the first and the last quantized layer (forward order: the network's input
     and output layers) get weights of this many bits, per output channel, as BRECQ and
-    Q-Diffusion keep them at 8; null: 4 bits like the rest."""
+    Q-Diffusion keep them at 8; null: 4 bits like the rest.  The default, 7, is exact on every
+    x86 host: onnxruntime runs an 8-bit Linear edge as MatMulIntegerToFloat, whose u8 x s8 pair
+    sums saturate int16 on AVX2 without VNNI (the digits recipes, validated here, use 8)."""
 
     precision: Literal["w4a8"] = "w4a8"
     activation_bits: int = 8
@@ -129,7 +131,7 @@ class W4A8Config(_Common):
     recon_batch_size: int = 32
     recon_lr: float = 1e-3
     round_loss_weight: float = 0.01
-    edge_weight_bits: int | None = None
+    edge_weight_bits: int | None = 7
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -131,8 +131,12 @@ def parity_failure(
             f"(noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {alternative}: set "
             "engine.portable: true (or remove engine.portable: false), or use engine.runtime: openvino"
         )
+    fix = (
+        "set quantize.edge_weight_bits: 7 (8-bit edge layers saturate where int8 kernels have no VNNI)"
+        if qmodel.config.precision == "w4a8"
+        else "try engine.portable: true or engine.runtime: openvino"
+    )
     return EngineParityError(
         f"{name}: onnxruntime's integer kernels on this {host.isa_class} host disagree with the graph's float "
-        f"kernels (noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); try engine.portable: true "
-        "or engine.runtime: openvino"
+        f"kernels (noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {fix}"
     )
