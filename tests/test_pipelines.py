@@ -5,8 +5,10 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 import flowpress
 from flowpress.cli import main
@@ -139,3 +141,14 @@ def test_a_bare_denoiser_must_be_told_its_scheduler(pipes, tmp_path, capsys):
     told = load_source(bare, scheduler="ddim", prediction_type="v_prediction")
     sampler = told.sampler(4, "")
     assert sampler.as_dict()["scheduler"] == "DDIMScheduler" and sampler.prediction_type == "v_prediction"
+
+
+@pytest.mark.slow
+def test_w4a8_without_a_recipe_keeps_its_linear_edge_exact_on_every_host(pipes, tmp_path, capsys):
+    # PixArt's output layer is a Linear: with 8-bit weights onnxruntime runs it as MatMulIntegerToFloat,
+    # which saturated on an AVX2 host (noise ratio 4.10, exit 3); the default 7-bit edges are exact there
+    code, _, err = quantize_model(pipes["pixart"], tmp_path / "run", capsys, "--precision", "w4a8", "--no-openvino")
+    assert code in (0, 1), err  # random tiny weights: measured 23.9 dB, below the default gate
+    graph = onnx.load(str(tmp_path / "run" / "model.onnx")).graph
+    edges = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight_int8")}
+    assert len(edges) == 2 and all(np.abs(w).max() <= 63 for w in edges.values()), sorted(edges)
