@@ -184,6 +184,24 @@ def reconstruct(
     return before, after
 
 
+@torch.no_grad()
+def call_order(model: StepModel, names: list[str], calib: CalibrationSet) -> list[str]:
+    """The named modules of `model`'s denoiser in the order one forward pass first calls them."""
+    modules = dict(model.model.named_modules())
+    order: list[str] = []
+    handles = [
+        modules[n].register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+        for n in names
+    ]
+    try:
+        x, step, cond, _ = next(calib.batches(2))
+        model.run(x, step, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
 def _blocks(qmodule: StepModel, quant_names: list[str], recon: CalibrationSet) -> list[tuple[str, list[str]]]:
     """(block name, its quantized layer names) in the order the forward pass first calls them.
 
@@ -201,22 +219,7 @@ def _blocks(qmodule: StepModel, quant_names: list[str], recon: CalibrationSet) -
                 block = prefix
                 break
         owner[name] = block
-    order: list[str] = []
-    handles = []
-    for block in dict.fromkeys(owner.values()):
-
-        def pre(_m: nn.Module, _a: tuple, block: str = block) -> None:
-            if block not in order:
-                order.append(block)
-
-        handles.append(modules[block].register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            x, step, cond, _ = next(recon.batches(2))
-            qmodule.run(x, step, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
+    order = call_order(qmodule, list(dict.fromkeys(owner.values())), recon)
     return [(b, [n for n in quant_names if owner[n] == b]) for b in order]
 
 

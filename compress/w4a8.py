@@ -29,12 +29,20 @@ from flowpress.calibration import CalibrationSet
 from flowpress.compress.amax import activation_amax
 from flowpress.compress.config import W4A8Config
 from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
-from flowpress.compress.reconstruct import GAMMA, ZETA, frozen, recon_set, reconstruct_all, rounding_of, set_soft
+from flowpress.compress.reconstruct import (
+    GAMMA,
+    ZETA,
+    call_order,
+    frozen,
+    recon_set,
+    reconstruct_all,
+    rounding_of,
+    set_soft,
+)
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel
 
 WEIGHT_BITS = 4
-WEIGHT_QMAX = 2 ** (WEIGHT_BITS - 1) - 1  # narrow range: [-7, 7]
 
 
 def _quantizers(group_size: int | None, bits: int = WEIGHT_BITS) -> tuple[type, type]:
@@ -177,22 +185,10 @@ def quantize_w4a8(
     return QuantizedModel(qmodule, fp_module, layers, config, temporal, reconstruction)
 
 
-@torch.no_grad()
 def _edge_layers(fp_module: StepModel, names: list[str], calib: CalibrationSet) -> set[str]:
     """The first and the last of `names` the forward pass calls (the network's input and output
     layers among the quantized ones)."""
-    modules = dict(fp_module.model.named_modules())
-    order: list[str] = []
-    handles = [
-        modules[n].register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
-        for n in names
-    ]
-    try:
-        x, step, cond, _ = next(calib.batches(2))
-        fp_module.run(x, step, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
+    order = call_order(fp_module, names, calib)
     return {order[0], order[-1]} if order else set()
 
 
