@@ -1,4 +1,4 @@
-"""Compression: per-precision quantization (modelopt int8 / fp8, brevitas W4A8), shortcut
+"""Compression: per-precision quantization (modelopt int8 / fp8, brevitas W4A8, SVDQuant-style W4A4), shortcut
 splitting, per-layer sensitivity; SlimFlow distillation lives in compress.distill."""
 
 from flowpress.compress.config import (
@@ -7,6 +7,7 @@ from flowpress.compress.config import (
     Int8Config,
     MixedPrecisionConfig,
     QuantConfig,
+    W4A4Config,
     W4A8Config,
 )
 from flowpress.compress.model import (
@@ -41,6 +42,7 @@ __all__ = [
     "Sensitivity",
     "SensitivityConfig",
     "SplitConv2d",
+    "W4A4Config",
     "W4A8Config",
     "keep_full_precision",
     "layer_sensitivity",

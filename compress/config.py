@@ -147,5 +147,37 @@ class W4A8Config(_Common):
             raise FlowpressError(f"quantize.edge_weight_bits must be in 4..8 or null, got {self.edge_weight_bits}")
 
 
-QuantConfig = Int8Config | Fp8Config | W4A8Config
-PRECISIONS: dict[str, type] = {"int8": Int8Config, "fp8": Fp8Config, "w4a8": W4A8Config}
+@dataclass(frozen=True)
+class W4A4Config(_Common):
+    """W4A4 with a 16-bit low-rank branch, SVDQuant-style (compress/svdquant.py): each layer's
+    input channels are smoothed (x / s, W * s with s_j = amax(x_j)^smooth_alpha /
+    amax(W_j)^(1 - smooth_alpha), SmoothQuant's migration), the top `rank` singular directions of
+    the smoothed weight stay in float16 as two thin layers, and the residual is quantized to int4
+    (round to nearest; per output channel, or per group of weight_group_size input channels);
+    activations are int4 with one dynamic scale per token and group of activation_group_size
+    channels (SVDQuant: 64), computed in the graph.  smooth_alpha 0 turns smoothing off, rank 0
+    the branch.  The `amax` key does not apply (scales are dynamic)."""
+
+    precision: Literal["w4a4"] = "w4a4"
+    activation_bits: Literal[4] = 4
+    rank: int = 8
+    smooth_alpha: float = 0.5
+    weight_group_size: int | None = None
+    activation_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.activation_bits != 4:
+            raise FlowpressError(f"quantize.activation_bits is {self.activation_bits} but w4a4 is 4 bits; drop the key")
+        if self.rank < 0:
+            raise FlowpressError(f"quantize.rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise FlowpressError(f"quantize.smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.weight_group_size is not None and self.weight_group_size < 2:
+            raise FlowpressError(f"quantize.weight_group_size must be >= 2 or null, got {self.weight_group_size}")
+        if self.activation_group_size < 1:
+            raise FlowpressError(f"quantize.activation_group_size must be >= 1, got {self.activation_group_size}")
+
+
+QuantConfig = Int8Config | Fp8Config | W4A8Config | W4A4Config
+PRECISIONS: dict[str, type] = {"int8": Int8Config, "fp8": Fp8Config, "w4a8": W4A8Config, "w4a4": W4A4Config}

@@ -32,6 +32,9 @@ class LayerQuant:
     Learned (W4A8) weights come as integers instead of being rounded by the exporter:
     weight_int: int8 values in [-7, 7], the torch weight's shape; weight_scale: (C_out,) per
     channel, or (C_out, C_in / group_size, *kernel) per group along the input channels.
+    W4A4 (compress/svdquant.py) adds inv_smooth (C_in,), the factor the input is multiplied by
+    before both branches; lowrank: the float16 (down, up) weights of the rank-r branch, or None;
+    activation_group: channels per dynamic int4 activation scale (input_amax is unused).
     """
 
     kind: Literal["conv", "linear"]
@@ -39,11 +42,14 @@ class LayerQuant:
     weight_amax: Tensor
     output_amax: float | None
     activation_bits: int = 8
-    precision: Literal["int8", "fp8", "w4a8"] = "int8"
+    precision: Literal["int8", "fp8", "w4a8", "w4a4"] = "int8"
     weight_bits: int = 8
     weight_int: Tensor | None = None
     weight_scale: Tensor | None = None
     group_size: int | None = None
+    inv_smooth: Tensor | None = None
+    lowrank: tuple[Tensor, Tensor] | None = None
+    activation_group: int | None = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress.config import Fp8Config, Int8Config, QuantConfig, W4A8Config
+from flowpress.compress.config import Fp8Config, Int8Config, QuantConfig, W4A4Config, W4A8Config
 from flowpress.compress.model import QuantizedModel, prepare
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
@@ -30,7 +30,19 @@ def _brevitas(fp_module: StepModel, temporal: list[str], calib: CalibrationSet, 
         return quantize_w4a8(fp_module, temporal, calib, config)
 
 
-HANDLERS: dict[type, Handler] = {Int8Config: _modelopt, Fp8Config: _modelopt, W4A8Config: _brevitas}
+def _svdquant(fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: QuantConfig) -> QuantizedModel:
+    from flowpress.compress.svdquant import quantize_w4a4
+
+    assert isinstance(config, W4A4Config)
+    return quantize_w4a4(fp_module, temporal, calib, config)
+
+
+HANDLERS: dict[type, Handler] = {
+    Int8Config: _modelopt,
+    Fp8Config: _modelopt,
+    W4A8Config: _brevitas,
+    W4A4Config: _svdquant,
+}
 
 
 def quantize(model: DiffusersDenoiser, config: QuantConfig, calib: CalibrationSet, sampler: Sampler) -> QuantizedModel:

@@ -12,6 +12,7 @@ import torch
 
 from flowpress.compress import LayerQuant, QuantizedModel
 from flowpress.errors import FlowpressError
+from flowpress.export.learned import learned_dequantize, learned_weight
 from flowpress.files import staged_file
 from flowpress.models import StepModel
 
@@ -199,6 +200,13 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                 raise FlowpressError(f"export: Gemm {node.name} has transA/alpha/beta; cannot place Q/DQ on it")
             if attrs.get("transB", 0):
                 weight = weight.T
+        if layer.precision == "w4a4":
+            from flowpress.export.lowrank import lowrank_nodes
+
+            nodes, inits_w4a4 = lowrank_nodes(layer, node, weight.shape, name, len(found))
+            new_nodes += nodes
+            new_inits += inits_w4a4
+            continue
         axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
         w_qmax = qmax if fp8 else float(2 ** (layer.weight_bits - 1) - 1)
         w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / w_qmax
@@ -212,12 +220,12 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         if (
             layer.weight_int is not None
         ):  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
-            new_inits += _learned_weight(layer, node, weight.shape, prefix)
+            new_inits += learned_weight(layer, node, weight.shape, prefix)
             new_inits += [
                 input_scale,
                 numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
             ]
-            weight_dq = _learned_dequantize(layer, node, prefix)
+            weight_dq = learned_dequantize(layer, node, prefix)
         else:
             if fp8:
                 new_inits += [
@@ -270,6 +278,10 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                 helper.make_node("QuantizeLinear", [y, f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [f"{prefix}.output_q"], name=f"{prefix}.output_Q"),
                 helper.make_node("DequantizeLinear", [f"{prefix}.output_q", f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [out], name=f"{prefix}.output_DQ"),
             ]  # fmt: skip
+    if any(layer.precision == "w4a4" for layer in layers.values()):
+        from flowpress.export.lowrank import shared_initializers
+
+        new_inits += shared_initializers()
     missing = sorted(set(layers) - found)
     if missing:
         raise FlowpressError(f"export: quantized layers not found in the ONNX graph: {', '.join(missing[:5])}")
@@ -279,52 +291,6 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
-
-
-def _learned_axes(layer: LayerQuant, node) -> dict[str, Any]:  # noqa: ANN001
-    """DequantizeLinear attributes of a learned weight: per channel along C_out, or blocked along
-    C_in (Conv weights are (C_out, C_in, kh, kw); MatMul / Gemm weights here are (C_in, C_out))."""
-    conv = node.op_type == "Conv"
-    if layer.group_size is None:
-        return {"axis": 0 if conv else 1}
-    return {"axis": 1 if conv else 0, "block_size": layer.group_size}
-
-
-def _learned_dequantize(layer: LayerQuant, node, prefix: str):  # noqa: ANN001, ANN202
-    """DequantizeLinear of a learned layer's integer weights (symmetric: no zero point)."""
-    from onnx import helper
-
-    return helper.make_node("DequantizeLinear", [_int_name(layer, prefix), f"{prefix}.weight_scale"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", **_learned_axes(layer, node))  # fmt: skip
-
-
-def _int_name(layer: LayerQuant, prefix: str) -> str:
-    """A learned layer's integer weight initializer: INT4 (4-bit) or INT8 (an 8-bit edge layer)."""
-    return f"{prefix}.weight_int{4 if layer.weight_bits == 4 else 8}"
-
-
-def _int_dtype(layer: LayerQuant) -> Any:
-    import ml_dtypes
-
-    return ml_dtypes.int4 if layer.weight_bits == 4 else np.int8
-
-
-def _learned_weight(layer: LayerQuant, node, graph_shape: tuple[int, ...], prefix: str) -> list:  # noqa: ANN001
-    """Integer initializers of a learned layer's weights (INT4, INT8 for an 8-bit edge layer) and
-    its float32 scales."""
-    from onnx import numpy_helper
-
-    assert layer.weight_int is not None and layer.weight_scale is not None
-    w_int = layer.weight_int.numpy()
-    scale = layer.weight_scale.numpy().astype(np.float32)
-    if node.op_type != "Conv":  # torch Linear (C_out, C_in) -> graph (C_in, C_out)
-        w_int = w_int.T
-        scale = scale.T if scale.ndim == 2 else scale
-    if tuple(w_int.shape) != tuple(graph_shape):
-        raise FlowpressError(f"export: learned weight {prefix} has shape {w_int.shape}, the graph's is {graph_shape}")
-    return [
-        numpy_helper.from_array(np.ascontiguousarray(w_int).astype(_int_dtype(layer)), _int_name(layer, prefix)),
-        numpy_helper.from_array(np.ascontiguousarray(scale), f"{prefix}.weight_scale"),
-    ]
 
 
 def _act_scale(amax: float) -> float:

@@ -53,6 +53,11 @@ def ort_session(  # noqa: ANN201
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     disabled = list(FP8_DISABLED_OPTIMIZERS) if protect_fp8 and is_fp8_graph(path) else []
+    from flowpress.export.lowrank import W4A4_DISABLED_OPTIMIZER, W4A4_MATMUL_ACCURACY, is_w4a4_graph
+
+    if is_w4a4_graph(path):
+        disabled.append(W4A4_DISABLED_OPTIMIZER)
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", W4A4_MATMUL_ACCURACY)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 

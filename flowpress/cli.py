@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         "--scheduler", default=None, help="with --model: ddim, dpm-solver++, euler, ... (default: the model's own)"
     )
     q.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample", "flow"])
-    q.add_argument("--precision", default=None, choices=["int8", "fp8", "w4a8"], help="with --model (default int8)")
+    q.add_argument(
+        "--precision", default=None, choices=["int8", "fp8", "w4a8", "w4a4"], help="with --model (default int8)"
+    )
     q.add_argument("--guidance", type=float, default=None, help="with --model (default: the pipeline's usual)")
     q.add_argument("--samples", type=int, default=None, help="with --model: compare samples (default 100)")
     q.add_argument("--out", default=None, help="with --model: the run directory (default runs/<model folder name>)")

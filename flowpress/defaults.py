@@ -30,7 +30,8 @@ def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
     precision = args.precision or "int8"
     quantize = PRECISIONS[precision]()
     export = ExportConfig(
-        flavour="tensorrt" if precision == "fp8" else "ort-cpu", opset={"w4a8": 21, "fp8": 19}.get(precision, 20)
+        flavour="tensorrt" if precision == "fp8" else "ort-cpu",
+        opset={"w4a8": 21, "w4a4": 21, "fp8": 19}.get(precision, 20),
     )
     guidance = args.guidance if args.guidance is not None else GUIDANCE[kind]
     samples = args.samples if args.samples is not None else 100

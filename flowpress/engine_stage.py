@@ -115,6 +115,10 @@ def build_engines(
             from flowpress.compress.w4a8 import engine_note
 
             manifest["weights"] = engine_note(recipe.quantize)  # type: ignore[arg-type]
+        elif recipe.quantize.precision == "w4a4":
+            from flowpress.compress.svdquant import engine_note as w4a4_note
+
+            manifest["weights"] = w4a4_note(recipe.quantize)  # type: ignore[arg-type]
         ov_main = recipe.engine.openvino
         precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
         if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
