@@ -51,9 +51,9 @@ ablate: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m flowpress bench --recipe $(BENCH) --results results
 
-# int8, fp8, W4A8 and gated mixed precision of both teachers, then the precision x calibration
+# int8, fp8, W4A8, W4A4 and gated mixed precision of both teachers, then the precision x calibration
 # table (results/precisions.md); a run whose gate fails still gets its row
-PRECISION_RECIPES ?= digits-unet-int8 digits-unet-fp8 digits-unet-w4a8 digits-unet-gated digits-dit-int8 digits-dit-fp8 digits-dit-w4a8
+PRECISION_RECIPES ?= digits-unet-int8 digits-unet-fp8 digits-unet-w4a8 digits-unet-w4a4 digits-unet-gated digits-dit-int8 digits-dit-fp8 digits-dit-w4a8 digits-dit-w4a4
 precisions: $(STAMP)
 	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe $(DIGITS)/$$r.yaml || echo "$$r: exit $$?"; done
 	$(PY) -m flowpress precisions --results results

@@ -120,3 +120,26 @@ def test_w4a8_variants_are_rows_of_their_own_results_file(tiny_model_dir, tmp_pa
     bad.write_text(W4A8_ABLATION.format(recipe=recipe).replace("{}", "{recon_iters: -1}"))
     with pytest.raises(FlowpressError, match="ablation.variants.learned\\+edge8"):
         run_ablation(load_ablation_config(bad), tmp_path / "runs2", False)
+
+
+def test_w4a4_variants_record_their_engine_size_and_only_their_own_paragraphs(tiny_model_dir, tmp_path):
+    config = load_ablation_config(DIGITS / "recipes" / "ablation-w4a4.yaml")  # the committed config parses
+    assert {"rank0", "rank2"} <= set(config.variants) and len(config.calibration_seeds) >= 3
+    recipe = tmp_path / "tiny.yaml"
+    text = W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR)
+    recipe.write_text(text.replace("{precision: w4a8, weight_group_size: 8, recon_iters: 30, recon_samples: 32, recon_lr: 0.01, edge_weight_bits: 8}", "{precision: w4a4, activation_group_size: 8}"))  # fmt: skip
+    ablation = W4A8_ABLATION.format(recipe=recipe).replace("tiny-ablation-w4a8", "tiny-ablation-w4a4")
+    ablation = ablation.replace("nearest: {recon_iters: 0, edge_weight_bits: null}", "rank0: {rank: 0}")
+    (tmp_path / "ablation.yaml").write_text(ablation.replace("learned+edge8: {}", "rank8: {rank: 8}"))
+    out = run_ablation(
+        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
+    )
+    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+    assert {r["setting"] for r in rows.values()} == {"w4a4"}
+    # measured on this random-weight UNet (8-32 channels): 25.48 / 31.85 dB, engine 182,006 / 269,973
+    # bytes (rank 0 / 8): the float16 branch, 8 x (C_in k + C_out) per layer, is +48% on layers this thin
+    assert rows["rank8"]["final_psnr_db"] > rows["rank0"]["final_psnr_db"] + 4.0
+    assert 1.3 * rows["rank0"]["engine_bytes"] < rows["rank8"]["engine_bytes"] < 1.7 * rows["rank0"]["engine_bytes"]
+    result = (tmp_path / "results" / "tiny-ablation-w4a4.md").read_text()
+    assert "| unet | w4a4 | rank8 | yes | 4 |" in result
+    assert "Settings: `w8a8`" not in result and "Peers (w8a8 only)" not in result  # no such rows here

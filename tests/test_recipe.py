@@ -60,7 +60,7 @@ def test_evaluator_section_names_the_evaluator_and_its_options(tmp_path):
         ("name: a\nmodel: {path: m}\n  bad indent: [\n", r"not valid YAML"),
         (
             "name: a\nmodel: {path: m}\nquantize: {precision: fp16}\n",
-            r"quantize.precision: must be one of 'int8', 'fp8', 'w4a8', got 'fp16'",
+            r"quantize.precision: must be one of 'int8', 'fp8', 'w4a8', 'w4a4', got 'fp16'",
         ),
         (
             "name: a\nmodel: {path: m}\nquantize: {precision: int8, recon_iters: 5}\n",

@@ -21,7 +21,15 @@ from torch import Tensor
 
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture, select
 from flowpress.calibration.capture import Strategy
-from flowpress.compress import PORTABLE_WEIGHT_BITS, Int8Config, QuantizedModel, W4A8Config, quantize, set_weight_bits
+from flowpress.compress import (
+    PORTABLE_WEIGHT_BITS,
+    Int8Config,
+    QuantizedModel,
+    W4A4Config,
+    W4A8Config,
+    quantize,
+    set_weight_bits,
+)
 from flowpress.compress.config import Amax
 from flowpress.engines import Engine, Evaluator, OrtEngine, TorchEngine, median_step_ms, psnr_db, rel_l2
 from flowpress.engines.build import build_ort
@@ -70,7 +78,7 @@ STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # what a row holds besides the evaluator's metrics
 ROW_FIELDS = (
     "method", "architecture", "setting", "temporal_cache", "model", "weight_bits", "final_psnr_db",
-    "final_psnr_db_std", "final_psnr_db_per_seed", "per_step_rel_l2", "engine_ms_b8", "n_seeds",
+    "final_psnr_db_std", "final_psnr_db_per_seed", "per_step_rel_l2", "engine_ms_b8", "engine_bytes", "n_seeds",
 )  # fmt: skip
 
 
@@ -78,9 +86,10 @@ ROW_FIELDS = (
 class AblationConfig:
     """recipes: quantize recipes, one per architecture (model, sampler, guidance, evaluator,
     engine.portable); budget: calibration inputs per row; trajectories: FP trajectories
-    captured per calibration seed to draw them from; variants: W4A8 rows (setting `w4a8`), each
-    a name and the keys it changes in its recipe's `quantize:` section (a w4a8 recipe), e.g.
-    {nearest: {recon_iters: 0}}, measured on the torch fake-quant model."""
+    captured per calibration seed to draw them from; variants: W4A8 / W4A4 rows (setting `w4a8`
+    / `w4a4`, the recipe's precision), each a name and the keys it changes in its recipe's
+    `quantize:` section, e.g. {nearest: {recon_iters: 0}}, measured on the torch fake-quant model;
+    a W4A4 row also builds its onnxruntime engine (parity-checked) and records its bytes."""
 
     name: str = "ablation"
     recipes: tuple[str, ...] = ()
@@ -116,6 +125,7 @@ def _row_metrics(xs: Tensor, ref: Reference, evaluator: Evaluator | None) -> dic
 def _summarise(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
     psnr = [r["final_psnr_db"] for r in rows]
     ms = [r["engine_ms_b8"] for r in rows if r["engine_ms_b8"] is not None]
+    sizes = [r["engine_bytes"] for r in rows if r.get("engine_bytes") is not None]
     return {
         "weight_bits": rows[0]["weight_bits"],
         "final_psnr_db": float(np.mean(psnr)),
@@ -124,17 +134,22 @@ def _summarise(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]
         **{m: float(np.mean([r[m] for r in rows])) for m in metrics},
         "per_step_rel_l2": [float(v) for v in np.mean([r["per_step_rel_l2"] for r in rows], axis=0)],
         "engine_ms_b8": float(np.median(ms)) if ms else None,
+        "engine_bytes": int(np.median(sizes)) if sizes else None,
         "n_seeds": len(rows),
     }
 
 
-def _variant_config(recipe: Recipe, name: str, overrides: dict[str, Any]) -> W4A8Config:
-    """The recipe's W4A8 quantize section with a variant's keys changed (checked like a recipe)."""
-    if not isinstance(recipe.quantize, W4A8Config):
+def _variant_config(recipe: Recipe, name: str, overrides: dict[str, Any]) -> W4A8Config | W4A4Config:
+    """The recipe's W4A8 / W4A4 quantize section with a variant's keys changed (checked like a recipe)."""
+    if not isinstance(recipe.quantize, W4A8Config | W4A4Config):
         raise FlowpressError(
-            f"ablation.variants: {recipe.name} quantizes to {recipe.quantize.precision}; variants need a w4a8 recipe"
+            f"ablation.variants: {recipe.name} quantizes to {recipe.quantize.precision}; "
+            "variants need a w4a8 or w4a4 recipe"
         )
-    config: W4A8Config = from_dict(W4A8Config, {**to_dict(recipe.quantize), **overrides}, f"ablation.variants.{name}")
+    kind = type(recipe.quantize)
+    config: W4A8Config | W4A4Config = from_dict(
+        kind, {**to_dict(recipe.quantize), **overrides}, f"ablation.variants.{name}"
+    )
     return config
 
 
@@ -162,7 +177,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
     jobs += [("w8a8", p, False) for p in config.peers if "w8a8" in config.settings]
     variants = {v: _variant_config(recipe, v, o) for v, o in config.variants.items()}
-    jobs += [("w4a8", v, c.temporal == "cache") for v, c in variants.items()]
+    jobs += [(c.precision, v, c.temporal == "cache") for v, c in variants.items()]
     per_job: dict[tuple[str, str, bool], list[dict[str, Any]]] = {job: [] for job in jobs}
     bar = tqdm(
         total=len(jobs) * len(config.calibration_seeds), desc=f"ablate {model.architecture}", disable=not progress
@@ -176,17 +191,21 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                 workdir = Path(tmp)
                 engine: Engine
                 bits: int | None = 8  # the peers' weights: 8-bit, as their users get them
+                size = None
                 if method == "modelopt-default":
                     qmodel = modelopt_default(model, sampler, guidance, seed, config.budget)
                     engine = modelopt_engine(qmodel, sampler, workdir)
                 elif method == "ort-quantize-static":
                     engine = ort_static_engine(model, sampler, full, seed, config.budget, workdir, STATIC_OP_TYPES)
-                elif setting == "w4a8":  # rounding learned on the torch model: measured there
+                elif setting in ("w4a8", "w4a4"):  # measured on the torch model (the engine passes parity with it)
                     calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
-                    engine = TorchEngine(
-                        quantize(model, variants[method], calib, sampler).module, sampler, "fake-quant"
-                    )
+                    qmodel = quantize(model, variants[method], calib, sampler)
+                    engine = TorchEngine(qmodel.module, sampler, "fake-quant")
                     bits = 4
+                    if setting == "w4a4":  # its size: the parity-checked onnxruntime engine file
+                        built = workdir / "model.opt.onnx"
+                        build_ort(qmodel, calib, workdir / "model.onnx", built, "ort-cpu", 21, host, method)
+                        size = built.stat().st_size
                 else:
                     strategy, amax = METHODS[method]
                     calib = select(full, replace(capture_cfg, strategy=strategy, budget=config.budget), sampler.n_steps)
@@ -212,6 +231,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                 xs = sample_engine(engine, ref, guidance, null, config.batch_size)
                 row = _row_metrics(xs, ref, evaluator)
                 row["weight_bits"] = bits
+                row["engine_bytes"] = size
                 row["engine_ms_b8"] = (
                     median_step_ms(engine, 8, model.sample_shape, model.example_condition, 20)
                     if isinstance(engine, OrtEngine)
@@ -313,25 +333,38 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
         f"calibration seed; every row is the mean over {len(config.calibration_seeds)} calibration seeds "
         f"({', '.join(map(str, config.calibration_seeds))}); {config.compare_samples} compare samples with fixed seeds.",
         "",
-        "Settings: `w8a8` = int8 weights per output channel and int8 activations per tensor, Q/DQ on the inputs "
-        "and weights of every Conv/Linear (the placement modelopt exports and TensorRT runs; the peers use it too), "
-        "executed by onnxruntime on the CPU, flowpress's engines built and parity-checked by its one engine builder "
-        "in this host's int8 weight form (`weight bits`: 7 where this host's int8 kernels saturate 8-bit weights); "
-        f"`hard` = the same with {config.hard_activation_bits}-bit "
-        "activations, measured on the torch fake-quant model (no runtime executes 6-bit activations). "
-        "`temporal_cache` = the (t, class)-only modules gathered from FP tables; without it they are quantized. "
-        "naive / uniform / ndtc choose which states to calibrate on and share the MSE scale search (as PTQ4DM "
-        "and Q-Diffusion do); perstep-<reducer> uses every step and reduces each activation's per-step abs-max.",
-        "Peers (w8a8 only), built as their users build them (8-bit weights, no parity check): `modelopt-default` = "
-        "INT8_DEFAULT_CFG calibrated by running the whole sampler, exported with Q/DQ on inputs and weights; "
-        "`ort-quantize-static` = onnxruntime quantize_static, MinMax, QDQ U8S8, per channel, on Conv / MatMul / "
-        "Gemm, the same number of inputs drawn at random steps.",
         *(
             [
-                "`w4a8` rows: the W4A8 recipe's quantize section with the named keys changed ("
+                "Settings: `w8a8` = int8 weights per output channel and int8 activations per tensor, Q/DQ on the "
+                "inputs and weights of every Conv/Linear (the placement modelopt exports and TensorRT runs; the peers "
+                "use it too), executed by onnxruntime on the CPU, flowpress's engines built and parity-checked by its "
+                "one engine builder in this host's int8 weight form (`weight bits`: 7 where this host's int8 kernels "
+                f"saturate 8-bit weights); `hard` = the same with {config.hard_activation_bits}-bit activations, "
+                "measured on the torch fake-quant model (no runtime executes 6-bit activations). `temporal_cache` = "
+                "the (t, class)-only modules gathered from FP tables; without it they are quantized. naive / uniform "
+                "/ ndtc choose which states to calibrate on and share the MSE scale search (as PTQ4DM and Q-Diffusion "
+                "do); perstep-<reducer> uses every step and reduces each activation's per-step abs-max."
+            ]
+            if config.settings and config.methods
+            else []
+        ),
+        *(
+            [
+                "Peers (w8a8 only), built as their users build them (8-bit weights, no parity check): "
+                "`modelopt-default` = INT8_DEFAULT_CFG calibrated by running the whole sampler, exported with Q/DQ on "
+                "inputs and weights; `ort-quantize-static` = onnxruntime quantize_static, MinMax, QDQ U8S8, per "
+                "channel, on Conv / MatMul / Gemm, the same number of inputs drawn at random steps."
+            ]
+            if config.peers and "w8a8" in config.settings
+            else []
+        ),
+        *(
+            [
+                "Variant rows (setting = the recipe's precision): its quantize section with the named keys changed ("
                 + "; ".join(f"`{name}`: {json.dumps(keys)}" for name, keys in config.variants.items())
                 + f"), calibrated on {config.budget} inputs spread over every step, measured on the torch "
-                "fake-quant model (`make quantize` checks the W4A8 graph against that model).",
+                "fake-quant model (`make quantize` checks the exported graph against that model); a `w4a4` row's "
+                "engine MB is its parity-checked onnxruntime engine file (median over seeds).",
             ]
             if config.variants
             else []
@@ -339,15 +372,16 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
         "",
         "| architecture | setting | method | temporal cache | weight bits | final PSNR dB (± std) | "
         + "".join(f"{m} | " for m in metrics)
-        + "engine ms b8 |",
-        "|---|---|---|---|---|---|" + "---|" * len(metrics) + "---|",
+        + "engine ms b8 | engine MB |",
+        "|---|---|---|---|---|---|" + "---|" * len(metrics) + "---|---|",
     ]
     for row in sorted(rows, key=lambda r: (r["architecture"], r["setting"], -r["final_psnr_db"])):
         ms = f"{row['engine_ms_b8']:.2f}" if row["engine_ms_b8"] is not None else "—"
+        size = f"{row['engine_bytes'] / 1e6:.3f}" if row.get("engine_bytes") is not None else "—"
         scores = "".join(f"{row[m]:.3f} | " for m in metrics)
         lines.append(
             f"| {row['architecture']} | {row['setting']} | {row['method']} | {'yes' if row['temporal_cache'] else 'no'} | "
-            f"{row['weight_bits']} | {row['final_psnr_db']:.2f} ± {row['final_psnr_db_std']:.2f} | {scores}{ms} |"
+            f"{row['weight_bits']} | {row['final_psnr_db']:.2f} ± {row['final_psnr_db_std']:.2f} | {scores}{ms} | {size} |"
         )
     lines += ["", "![error vs step](error_vs_step.png)", ""]
     for (arch, setting), row in sorted(best_rows(rows).items()):

@@ -1,4 +1,4 @@
-"""The precision x calibration table: one row per finished quantize run (int8, fp8, W4A8,
+"""The precision x calibration table: one row per finished quantize run (int8, fp8, W4A8, W4A4,
 gated mixed), read from the runs' report.json and manifest.json, into runs/precisions/."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ RECIPES = (
     "digits-unet-int8",
     "digits-unet-fp8",
     "digits-unet-w4a8",
+    "digits-unet-w4a4",
     "digits-unet-gated",
     "digits-dit-int8",
     "digits-dit-fp8",
     "digits-dit-w4a8",
+    "digits-dit-w4a4",
 )
 
 
@@ -29,8 +31,10 @@ def _row(run: Path) -> dict[str, Any]:
     quantize, calibration = manifest["recipe"]["quantize"], manifest["recipe"]["calibration"]
     mixed = report.mixed_precision
     precision = quantize["precision"]
-    if precision == "w4a8":
+    if precision in ("w4a8", "w4a4"):
         precision += f" (group {quantize['weight_group_size']})" if quantize.get("weight_group_size") else " (channel)"
+    if precision.startswith("w4a4"):
+        precision += f", rank {quantize['rank']}"
     if quantize.get("activation_bits", 8) != 8:
         precision = precision.replace("int8", f"W8A{quantize['activation_bits']}")
     if report.weight_forms:
