@@ -101,12 +101,18 @@ def quantize_modelopt(
 
 
 @torch.no_grad()
-def modelopt_default(
-    fp: StepModel, sampler: Sampler, cond: dict[str, Tensor], null: dict[str, Tensor], guidance: float, seeds: list[int]
-) -> QuantizedModel:
-    """modelopt's own int8 recipe as its diffusers example runs it: INT8_DEFAULT_CFG, calibrated by
-    running the whole sampler from `seeds` (cond: their conditioning) — the peer flowpress reports
-    beside its own engines."""
+def modelopt_fake_quant(
+    fp: StepModel,
+    sampler: Sampler,
+    cond: dict[str, Tensor],
+    null: dict[str, Tensor],
+    guidance: float,
+    seeds: list[int],
+    config_name: str = "INT8_DEFAULT_CFG",
+) -> StepModel:
+    """A copy of `fp` quantized with one of modelopt's own configs (mtq.<config_name>) as its
+    diffusers example runs it: calibrated by running the whole sampler from `seeds` (cond: their
+    conditioning)."""
     from flowpress.sampling import noise_for_seeds, sample
 
     mtq = import_modelopt()
@@ -116,6 +122,15 @@ def modelopt_default(
     def forward_loop(_denoiser: nn.Module) -> None:
         sample(sampler, qmodule, noise, cond, guidance, null, seeds=seeds)
 
-    mtq.quantize(qmodule.model, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop)
+    mtq.quantize(qmodule.model, copy.deepcopy(getattr(mtq, config_name)), forward_loop)
+    return qmodule
+
+
+def modelopt_default(
+    fp: StepModel, sampler: Sampler, cond: dict[str, Tensor], null: dict[str, Tensor], guidance: float, seeds: list[int]
+) -> QuantizedModel:
+    """modelopt's own int8 recipe (INT8_DEFAULT_CFG, modelopt_fake_quant) — the peer flowpress
+    reports beside its own engines."""
+    qmodule = modelopt_fake_quant(fp, sampler, cond, null, guidance, seeds)
     config = Int8Config(temporal="int8", conv_output_quant=False)  # what INT8_DEFAULT_CFG places
     return QuantizedModel(qmodule, fp, layer_quants(qmodule, (), config), config, [])

@@ -11,7 +11,7 @@ from flowpress.compress import PORTABLE_WEIGHT_BITS
 from flowpress.engines.isa import host_isa
 from flowpress.engines.portability import resolve_portable
 from flowpress.errors import FlowpressError
-from flowpress.experiments.ablate import PEERS, load_ablation_config, run_ablation
+from flowpress.experiments.ablate import W8A8_PEERS, load_ablation_config, run_ablation
 
 from .conftest import DIGITS, EVALUATOR, ROOT
 
@@ -47,7 +47,7 @@ def test_ablation_measures_every_row_beside_the_peers(tiny_model_dir, tmp_path):
     rows = json.loads((out / "ablation.json").read_text())
     found = {(r["setting"], r["method"], r["temporal_cache"]) for r in rows}
     flowpress_rows = {(s, "uniform", c) for s in ("w8a8", "hard") for c in (True, False)}
-    assert found == flowpress_rows | {("w8a8", peer, False) for peer in PEERS} and len(rows) == 6
+    assert found == flowpress_rows | {("w8a8", peer, False) for peer in W8A8_PEERS} and len(rows) == 6
     host_bits = PORTABLE_WEIGHT_BITS if resolve_portable(None, host_isa()) else 8
     for row in rows:
         what = (row["setting"], row["method"], row["temporal_cache"])
@@ -56,7 +56,7 @@ def test_ablation_measures_every_row_beside_the_peers(tiny_model_dir, tmp_path):
         assert 20.0 < row["final_psnr_db"] < 50.0, (what, row["final_psnr_db"])
         assert 0.0 <= row["classifier_acc"] <= 1.0 and math.isfinite(row["fd"]), what  # the evaluator's metrics
         assert len(row["per_step_rel_l2"]) == 4 and all(math.isfinite(v) for v in row["per_step_rel_l2"]), what
-        assert row["weight_bits"] == (8 if row["method"] in PEERS else host_bits), what
+        assert row["weight_bits"] == (8 if row["method"] in W8A8_PEERS else host_bits), what
         assert (row["engine_ms_b8"] is None) == (row["setting"] == "hard"), what  # hard: torch fake-quant
     psnr = {(r["setting"], r["method"], r["temporal_cache"]): r["final_psnr_db"] for r in rows}
     # 6-bit activations cost the most: measured 31.7 dB against 39.3 / 39.9 dB at 8 bits
@@ -143,3 +143,26 @@ def test_w4a4_variants_record_their_engine_size_and_only_their_own_paragraphs(ti
     result = (tmp_path / "results" / "tiny-ablation-w4a4.md").read_text()
     assert "| unet | w4a4 | rank8 | yes | 4 |" in result
     assert "Settings: `w8a8`" not in result and "Peers (w8a8 only)" not in result  # no such rows here
+
+
+def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_model_dir, tmp_path):
+    config = load_ablation_config(DIGITS / "recipes" / "ablation-lowbit-peers.yaml")  # the committed config parses
+    assert set(config.peers) == {"modelopt-int4-awq", "modelopt-w4a8-awq"} and len(config.calibration_seeds) >= 3
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
+    ablation = W4A8_ABLATION.format(recipe=recipe).replace("tiny-ablation-w4a8", "tiny-peers")
+    ablation = ablation.replace("peers: []", "peers: [modelopt-int4-awq, modelopt-w4a8-awq]")
+    (tmp_path / "ablation.yaml").write_text(ablation.split("variants:")[0] + "calibration_seeds: [100000]\nbudget: 32\ntrajectories: 8\ncompare_samples: 10\nbatch_size: 10\n")  # fmt: skip
+    out = run_ablation(
+        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
+    )
+    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+    assert {m: r["setting"] for m, r in rows.items()} == {"modelopt-int4-awq": "w4a16", "modelopt-w4a8-awq": "w4a8"}
+    # measured on this random-weight UNet: int4-awq (W4A16) 31.48, w4a8-awq 29.46 dB
+    assert rows["modelopt-int4-awq"]["final_psnr_db"] > rows["modelopt-w4a8-awq"]["final_psnr_db"] > 15.0
+    assert all(r["engine_ms_b8"] is None for r in rows.values())  # fake-quant
+    result = (tmp_path / "results" / "tiny-peers.md").read_text()
+    assert "`modelopt-w4a8-awq` = W4A8_AWQ_BETA_CFG (setting w4a8)" in result and "Settings: `w8a8`" not in result
+    (tmp_path / "bad.yaml").write_text(ablation.replace("modelopt-int4-awq", "modelopt-nvfp4"))
+    with pytest.raises(FlowpressError, match="unknown method 'modelopt-nvfp4'"):
+        load_ablation_config(tmp_path / "bad.yaml")

@@ -37,7 +37,13 @@ from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.engines.portability import resolve_portable
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
-from flowpress.experiments.ablate_peers import modelopt_default, modelopt_engine, ort_static_engine
+from flowpress.experiments.ablate_peers import (
+    LOWBIT_PEERS,
+    modelopt_default,
+    modelopt_engine,
+    modelopt_lowbit,
+    ort_static_engine,
+)
 from flowpress.experiments.common import Reference, fp_reference, sample_engine
 from flowpress.models import StepModel, load_model
 from flowpress.recipe import Recipe, load_recipe
@@ -71,7 +77,8 @@ METHODS: dict[str, tuple[Strategy, Amax]] = {
     "perstep-mean": ("all", "perstep-mean"),
     "perstep-percentile": ("all", "perstep-percentile"),
 }
-PEERS = ("modelopt-default", "ort-quantize-static")
+W8A8_PEERS = ("modelopt-default", "ort-quantize-static")
+PEERS = (*W8A8_PEERS, *LOWBIT_PEERS)
 # quantize_static's op types: the layers every other row quantizes (its default also takes the
 # step model's bounds check, whose NaN branch its calibrator cannot range)
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -101,7 +108,7 @@ class AblationConfig:
     trajectories: int = 128
     compare_samples: int = 100
     batch_size: int = 100
-    peers: tuple[str, ...] = PEERS
+    peers: tuple[str, ...] = W8A8_PEERS
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -175,7 +182,8 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     fp = StepModel(model, sampler).eval()
     ref = fp_reference(model, sampler, guidance, config.compare_samples, config.batch_size)
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
-    jobs += [("w8a8", p, False) for p in config.peers if "w8a8" in config.settings]
+    jobs += [("w8a8", p, False) for p in config.peers if p in W8A8_PEERS and "w8a8" in config.settings]
+    jobs += [(LOWBIT_PEERS[p][1], p, False) for p in config.peers if p in LOWBIT_PEERS]
     variants = {v: _variant_config(recipe, v, o) for v, o in config.variants.items()}
     jobs += [(c.precision, v, c.temporal == "cache") for v, c in variants.items()]
     per_job: dict[tuple[str, str, bool], list[dict[str, Any]]] = {job: [] for job in jobs}
@@ -195,6 +203,10 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                 if method == "modelopt-default":
                     qmodel = modelopt_default(model, sampler, guidance, seed, config.budget)
                     engine = modelopt_engine(qmodel, sampler, workdir)
+                elif method in LOWBIT_PEERS:  # fake-quant: no CPU runtime runs these formats
+                    fake = modelopt_lowbit(model, sampler, guidance, seed, config.budget, method)
+                    engine = TorchEngine(fake, sampler, "fake-quant")
+                    bits = 4
                 elif method == "ort-quantize-static":
                     engine = ort_static_engine(model, sampler, full, seed, config.budget, workdir, STATIC_OP_TYPES)
                 elif setting in ("w4a8", "w4a4"):  # measured on the torch model (the engine passes parity with it)
@@ -355,7 +367,22 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
                 "inputs and weights; `ort-quantize-static` = onnxruntime quantize_static, MinMax, QDQ U8S8, per "
                 "channel, on Conv / MatMul / Gemm, the same number of inputs drawn at random steps."
             ]
-            if config.peers and "w8a8" in config.settings
+            if set(config.peers) & set(W8A8_PEERS) and "w8a8" in config.settings
+            else []
+        ),
+        *(
+            [
+                "Low-bit peers, modelopt's own configs calibrated as `modelopt-default` is (whole-sampler "
+                "trajectories from the calibration seed, as many as the budget allows), measured on the torch "
+                "fake-quant model: "
+                + "; ".join(
+                    f"`{p}` = {LOWBIT_PEERS[p][0]} (setting {LOWBIT_PEERS[p][1]})"
+                    for p in config.peers
+                    if p in LOWBIT_PEERS
+                )
+                + ". NVFP4 needs CUDA in modelopt 0.47 (a GPU host's row)."
+            ]
+            if set(config.peers) & set(LOWBIT_PEERS)
             else []
         ),
         *(

@@ -1,5 +1,6 @@
 """The ablation's peers, built as their users build them: modelopt's INT8_DEFAULT_CFG calibrated
-by running the whole sampler, onnxruntime's quantize_static."""
+by running the whole sampler, onnxruntime's quantize_static; modelopt's low-bit configs
+(LOWBIT_PEERS) the same way, measured on the fake-quant model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ from flowpress.export import ExportConfig, build_ort_engine, export_onnx
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
+# modelopt's low-bit configs that run on a CPU (fake-quant), by peer name: (mtq config, setting).
+# NVFP4 (NVFP4_DEFAULT_CFG, NVFP4_SVDQUANT_DEFAULT_CFG) needs CUDA in modelopt 0.47 ("amax must be a
+# CUDA tensor for dynamic block quantization"): a row for a GPU host.
+LOWBIT_PEERS = {
+    "modelopt-int4-awq": ("INT4_AWQ_CFG", "w4a16"),
+    "modelopt-w4a8-awq": ("W4A8_AWQ_BETA_CFG", "w4a8"),
+}
+
+
+def _trajectories(
+    model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int
+) -> tuple[StepModel, list[int]]:
+    """The FP step model and as many whole-sampler trajectory seeds as the input budget allows."""
+    n_traj = max(1, budget // (sampler.n_evaluations * (2 if guidance != 1.0 else 1)))
+    return StepModel(model, sampler).eval(), list(range(seed, seed + n_traj))
+
 
 def modelopt_default(
     model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int
@@ -23,10 +40,20 @@ def modelopt_default(
     trajectories as the input budget allows."""
     from flowpress.compress.modelopt import modelopt_default as run_modelopt
 
-    n_traj = max(1, budget // (sampler.n_evaluations * (2 if guidance != 1.0 else 1)))
-    fp = StepModel(model, sampler).eval()
-    seeds = list(range(seed, seed + n_traj))
-    return run_modelopt(fp, sampler, model.cycling_condition(n_traj), model.null_condition(), guidance, seeds)
+    fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
+    return run_modelopt(fp, sampler, model.cycling_condition(len(seeds)), model.null_condition(), guidance, seeds)
+
+
+def modelopt_lowbit(
+    model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int, peer: str
+) -> StepModel:
+    """The fake-quant model of one of modelopt's low-bit configs (LOWBIT_PEERS), calibrated the
+    way modelopt_default is."""
+    from flowpress.compress.modelopt import modelopt_fake_quant
+
+    fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
+    cond, null = model.cycling_condition(len(seeds)), model.null_condition()
+    return modelopt_fake_quant(fp, sampler, cond, null, guidance, seeds, LOWBIT_PEERS[peer][0])
 
 
 def modelopt_engine(
