@@ -109,10 +109,14 @@ def modelopt_fake_quant(
     guidance: float,
     seeds: list[int],
     config_name: str = "INT8_DEFAULT_CFG",
+    skip: str | None = None,
 ) -> StepModel:
     """A copy of `fp` quantized with one of modelopt's own configs (mtq.<config_name>) as its
     diffusers example runs it: calibrated by running the whole sampler from `seeds` (cond: their
-    conditioning)."""
+    conditioning); quantizers whose name matches the regex `skip` are disabled afterwards (the
+    example's filter_func)."""
+    import re
+
     from flowpress.sampling import noise_for_seeds, sample
 
     mtq = import_modelopt()
@@ -123,6 +127,9 @@ def modelopt_fake_quant(
         sample(sampler, qmodule, noise, cond, guidance, null, seeds=seeds)
 
     mtq.quantize(qmodule.model, copy.deepcopy(getattr(mtq, config_name)), forward_loop)
+    if skip is not None:
+        pattern = re.compile(skip)
+        mtq.disable_quantizer(qmodule.model, lambda name: pattern.match(name) is not None)
     return qmodule
 
 

@@ -373,8 +373,9 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
         *(
             [
                 "Low-bit peers, modelopt's own configs calibrated as `modelopt-default` is (whole-sampler "
-                "trajectories from the calibration seed, as many as the budget allows), measured on the torch "
-                "fake-quant model: "
+                "trajectories from the calibration seed, as many as the budget allows), with the layers its "
+                "diffusers example skips (filter_func_default: conv_in / conv_out, time and class embeddings, "
+                "pos_embed, norm_out ...) left in full precision, measured on the torch fake-quant model: "
                 + "; ".join(
                     f"`{p}` = {LOWBIT_PEERS[p][0]} (setting {LOWBIT_PEERS[p][1]})"
                     for p in config.peers

@@ -23,6 +23,12 @@ LOWBIT_PEERS = {
     "modelopt-int4-awq": ("INT4_AWQ_CFG", "w4a16"),
     "modelopt-w4a8-awq": ("W4A8_AWQ_BETA_CFG", "w4a8"),
 }
+# modelopt's diffusers example (examples/diffusers/quantization, filter_func_default): the layers it
+# leaves unquantized in every format — the input / output layers and the time / class embeddings
+MODELOPT_DIFFUSERS_SKIP = (
+    r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|"
+    r"time_text_embed|context_embedder|norm_out|x_embedder).*"
+)
 
 
 def _trajectories(
@@ -48,12 +54,13 @@ def modelopt_lowbit(
     model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int, peer: str
 ) -> StepModel:
     """The fake-quant model of one of modelopt's low-bit configs (LOWBIT_PEERS), calibrated the
-    way modelopt_default is."""
+    way modelopt_default is, with the layers modelopt's diffusers example skips left in full
+    precision (as flowpress's low-bit recipes leave or widen the input and output layers)."""
     from flowpress.compress.modelopt import modelopt_fake_quant
 
     fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
     cond, null = model.cycling_condition(len(seeds)), model.null_condition()
-    return modelopt_fake_quant(fp, sampler, cond, null, guidance, seeds, LOWBIT_PEERS[peer][0])
+    return modelopt_fake_quant(fp, sampler, cond, null, guidance, seeds, LOWBIT_PEERS[peer][0], MODELOPT_DIFFUSERS_SKIP)
 
 
 def modelopt_engine(
