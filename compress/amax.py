@@ -3,6 +3,8 @@ reductions QuantConfig.amax names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +16,32 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
 @torch.no_grad()
+def hooked_pass(
+    fp_module: StepModel,
+    calib: CalibrationSet,
+    batch_size: int,
+    hooks: dict[str, Callable[..., None]],
+    pre: bool = False,
+    each_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Run every calibration input through `fp_module` with `hooks` installed (layer name -> a
+    forward hook, or a forward pre-hook when `pre`); `each_batch(step)` runs before each batch."""
+    modules = dict(fp_module.model.named_modules())
+    handles = [
+        modules[n].register_forward_pre_hook(h) if pre else modules[n].register_forward_hook(h)
+        for n, h in hooks.items()
+    ]
+    try:
+        for x, step, cond, k in calib.batches(batch_size):
+            if each_batch is not None:
+                each_batch(k)
+            fp_module.run(x, step, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def per_step_absmax(
     fp_module: StepModel, names: list[str], calib: CalibrationSet, batch_size: int
 ) -> dict[str, Tensor]:
@@ -22,7 +50,6 @@ def per_step_absmax(
     Returns {f"{name}.input": (S,), f"{name}.output": (S,)}, S = distinct steps in calib, in
     step order; the step comes from calib.batches, never from counting calls.
     """
-    modules = dict(fp_module.model.named_modules())
     steps = torch.unique(calib.step).tolist()
     stats = {f"{n}.{io}": torch.zeros(len(steps)) for n in names for io in ("input", "output")}
     current = {"s": 0}
@@ -35,14 +62,10 @@ def per_step_absmax(
 
         return record
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        for x, step, cond, k in calib.batches(batch_size):
-            current["s"] = steps.index(k)
-            fp_module.run(x, step, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
+    def at_step(k: int) -> None:
+        current["s"] = steps.index(k)
+
+    hooked_pass(fp_module, calib, batch_size, {n: hook(n) for n in names}, each_batch=at_step)
     return stats
 
 
@@ -51,7 +74,6 @@ def activation_samples(
     fp_module: StepModel, names: list[str], calib: CalibrationSet, batch_size: int, per_batch: int = 4096
 ) -> dict[str, Tensor]:
     """A seeded random subsample of each named layer's input and output values over `calib`."""
-    modules = dict(fp_module.model.named_modules())
     gen = torch.Generator().manual_seed(0)
     found: dict[str, list[Tensor]] = {f"{n}.{io}": [] for n in names for io in ("input", "output")}
 
@@ -66,13 +88,7 @@ def activation_samples(
 
         return record
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        for x, step, cond, _k in calib.batches(batch_size):
-            fp_module.run(x, step, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_pass(fp_module, calib, batch_size, {n: hook(n) for n in names})
     return {k: torch.cat(v) for k, v in found.items()}
 
 

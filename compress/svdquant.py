@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowpress.calibration import CalibrationSet
+from flowpress.compress.amax import hooked_pass
 from flowpress.compress.config import W4A4Config
 from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
 from flowpress.errors import FlowpressError
@@ -140,13 +141,7 @@ def channel_amax(fp_module: StepModel, names: list[str], calib: CalibrationSet, 
 
         return record
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for x, step, cond, _k in calib.batches(batch_size):
-            fp_module.run(x, step, cond)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_pass(fp_module, calib, batch_size, {n: hook(n) for n in names}, pre=True)
     return found
 
 
