@@ -79,7 +79,9 @@ class SVDQuantLayer(nn.Module):
         down = (root[:, None] * vh[:rank]).to(torch.float16)
         up = (u[:, :rank] * root).to(torch.float16)
         residual = (flat.double() - up.double() @ down.double()).float().reshape(weight.shape)
-        self.group = config.weight_group_size if config.weight_group_size and c_in % config.weight_group_size == 0 else None
+        self.group = (
+            config.weight_group_size if config.weight_group_size and c_in % config.weight_group_size == 0 else None
+        )
         self.act_group = config.activation_group_size if c_in % config.activation_group_size == 0 else c_in
         w_int, scale = _quantize_residual(residual, self.group)
         self.register_buffer("inv_smooth", (1.0 / smooth).float())

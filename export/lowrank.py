@@ -84,7 +84,14 @@ def lowrank_nodes(
         helper.make_node("ReduceMax", [f"{t}.a", f"{SHARED}.axis{axis}"], [f"{t}.m"], keepdims=1),
         helper.make_node("Div", [f"{t}.m", f"{SHARED}.qmax"], [f"{t}.r"]),
         helper.make_node("Max", [f"{t}.r", f"{SHARED}.eps"], [f"{t}.scale"]),
-        helper.make_node("QuantizeLinear", [f"{t}.g", f"{t}.scale"], [f"{t}.q"], name=f"{p}.input_Q", output_dtype=TensorProto.INT4, **block),  # fmt: skip
+        helper.make_node(
+            "QuantizeLinear",
+            [f"{t}.g", f"{t}.scale"],
+            [f"{t}.q"],
+            name=f"{p}.input_Q",
+            output_dtype=TensorProto.INT4,
+            **block,
+        ),  # fmt: skip
         helper.make_node("DequantizeLinear", [f"{t}.q", f"{t}.scale"], [f"{t}.dq"], name=f"{p}.input_DQ", **block),
         helper.make_node("Shape", [f"{t}.s"], [f"{t}.shape"]),
         helper.make_node("Reshape", [f"{t}.dq", f"{t}.shape"], [f"{p}.input_dq"]),
