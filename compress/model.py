@@ -95,6 +95,26 @@ def is_excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def quantizable_layers(fp_module: StepModel, config: QuantConfig, temporal: list[str]) -> list[str]:
+    """The Conv2d / Linear layers of the denoiser that config.exclude (and temporal 'fp') leave
+    to quantize, by name; none is a one-line error."""
+    exclude = excluded_patterns(config, temporal)
+    names = [
+        n
+        for n, m in fp_module.model.named_modules()
+        if type(m) in (nn.Conv2d, nn.Linear) and not is_excluded(n, exclude)
+    ]
+    if not names:
+        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
+    return names
+
+
+def replace_module(module: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `module`'s submodule `name` was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
+
+
 def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
     """Quantize the int8 layers' weights to `bits` bits (8, or PORTABLE_WEIGHT_BITS) in the torch
     model and in what the exporter writes: the same per-channel amax, scale amax / (2^(bits-1) - 1),

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.amax import hooked_pass
 from flowpress.compress.config import W4A4Config
-from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
+from flowpress.compress.model import LayerQuant, QuantizedModel, quantizable_layers, replace_module
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel
 
-QMAX = 7  # symmetric int4: weights and activations in [-7, 7]
+QMAX = 7  # symmetric int4: weights and activations in [-7, 7] (scale amax / 7; the activation clamp
+# at -8 is QuantizeLinear's INT4 saturation, which a value of at most amax never reaches)
 EPS = 1e-8  # the smallest dynamic activation scale (an all-zero group quantizes to zeros)
 
 
@@ -93,9 +94,11 @@ class SVDQuantLayer(nn.Module):
         self.rank = rank
 
     def weight_dq(self) -> Tensor:
-        scale = self.weight_scale if self.group is None else self.weight_scale.repeat_interleave(self.group, dim=1)
-        shape = (-1, *[1] * (self.weight_int.dim() - 1)) if self.group is None else scale.shape
-        return self.weight_int.float() * scale.reshape(shape)
+        if self.group is None:
+            scale = self.weight_scale.reshape(-1, *[1] * (self.weight_int.dim() - 1))
+        else:
+            scale = self.weight_scale.repeat_interleave(self.group, dim=1)
+        return self.weight_int.float() * scale
 
     def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, **self.conv_args) if self.conv else F.linear(x, weight, bias)
@@ -156,25 +159,13 @@ def smoothing(layer: nn.Conv2d | nn.Linear, x_amax: Tensor, alpha: float) -> Ten
     return s.clamp(min=1e-4, max=1e4)
 
 
-def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
-
-
 @torch.no_grad()
 def quantize_w4a4(
     fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A4Config
 ) -> QuantizedModel:
     """A copy of the prepared `fp_module` with every Conv2d / Linear (bar config.exclude) as a
     W4A4 layer with its low-rank branch; smoothing factors from `calib`."""
-    exclude = excluded_patterns(config, temporal)
-    names = [
-        n
-        for n, m in fp_module.model.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear) and not is_excluded(n, exclude)
-    ]
-    if not names:
-        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
+    names = quantizable_layers(fp_module, config, temporal)
     x_amax = channel_amax(fp_module, names, calib, config.calib_batch_size)
     qmodule = copy.deepcopy(fp_module)
     layers = {}
@@ -183,7 +174,7 @@ def quantize_w4a4(
         if name not in x_amax:
             raise FlowpressError(f"w4a4: layer {name} never ran on the calibration set; exclude it (quantize.exclude)")
         quant = SVDQuantLayer(layer, smoothing(layer, x_amax[name], config.smooth_alpha), config)
-        _replace(qmodule.model, name, quant)
+        replace_module(qmodule.model, name, quant)
         layers[name] = layer_quant(quant)
     return QuantizedModel(qmodule.eval(), fp_module, layers, config, temporal)
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.amax import activation_amax
 from flowpress.compress.config import W4A8Config
-from flowpress.compress.model import LayerQuant, QuantizedModel, excluded_patterns, is_excluded
+from flowpress.compress.model import LayerQuant, QuantizedModel, quantizable_layers, replace_module
 from flowpress.compress.reconstruct import (
     GAMMA,
     ZETA,
@@ -140,30 +140,18 @@ def _init_rounding(quant: Any) -> None:
     rounding_of(quant).value.copy_(value)
 
 
-def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
-
-
 def quantize_w4a8(
     fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A8Config
 ) -> QuantizedModel:
     """Fake-quantize a copy of the prepared `fp_module` to W4A8 and learn its weight rounding."""
-    exclude = excluded_patterns(config, temporal)
-    names = [
-        n
-        for n, m in fp_module.model.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear) and not is_excluded(n, exclude) and not isinstance(m, nn.LazyLinear)
-    ]
-    if not names:
-        raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
+    names = quantizable_layers(fp_module, config, temporal)
     amax = activation_amax(fp_module, names, calib, config)
     edges = _edge_layers(fp_module, names, calib) if config.edge_weight_bits is not None else set()
     qmodule = copy.deepcopy(fp_module)
     for name in names:
         layer = qmodule.model.get_submodule(name)
         bits = config.edge_weight_bits if name in edges and config.edge_weight_bits is not None else WEIGHT_BITS
-        _replace(qmodule.model, name, _quant_layer(layer, amax[f"{name}.input"], config.weight_group_size, bits))
+        replace_module(qmodule.model, name, _quant_layer(layer, amax[f"{name}.input"], config.weight_group_size, bits))
     qmodule.eval()
     frozen(qmodule)
     frozen(fp_module)

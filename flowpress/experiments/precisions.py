@@ -37,6 +37,8 @@ def _row(run: Path) -> dict[str, Any]:
         precision += f", rank {quantize['rank']}"
     if quantize.get("activation_bits", 8) != 8:
         precision = precision.replace("int8", f"W8A{quantize['activation_bits']}")
+    # W4A4's activation scales are computed at run time: the recipe's amax key does not apply
+    ranges = "activation scales dynamic" if quantize["precision"] == "w4a4" else f"amax {quantize['amax']}"
     if report.weight_forms:
         precision += f", {report.weight_forms['shipped']} weights"
     if mixed is not None:
@@ -45,7 +47,7 @@ def _row(run: Path) -> dict[str, Any]:
         "run": run.name,
         "model": manifest["recipe"]["model"]["path"],
         "precision": precision,
-        "calibration": f"{calibration['strategy']}, {calibration['n_samples']} trajectories, amax {quantize['amax']}, "
+        "calibration": f"{calibration['strategy']}, {calibration['n_samples']} trajectories, {ranges}, "
         f"temporal {quantize['temporal']}",
         "final_psnr_db": report.final["psnr_db"],
         "final_ssim": report.final.get("ssim"),
