@@ -16,6 +16,7 @@ from flowpress.compress.model import (
     QuantizedModel,
     prepare,
     set_output_quant,
+    set_step_scales,
     set_weight_bits,
     weight_bits_of,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "prepare",
     "quantize",
     "set_output_quant",
+    "set_step_scales",
     "set_weight_bits",
     "split_shortcuts",
     "weight_bits_of",

@@ -81,17 +81,25 @@ class _Common:
 class Int8Config(_Common):
     """W8A<activation_bits> with modelopt: weights symmetric int8 per output channel,
     activations per tensor.  conv_output_quant: also quantize Conv outputs, so onnxruntime fuses
-    DQ-Conv-Q into an integer QLinearConv (the `ort-cpu` flavour needs it)."""
+    DQ-Conv-Q into an integer QLinearConv (the `ort-cpu` flavour needs it).
+    step_scales: input scales per sampler step (TDQ's idea, without its MLP) for every Linear,
+    every bias-free Conv and the layers reading x_t: the abs-max of that step's calibration inputs,
+    gathered by the engine's step input in the onnxruntime graph (its integer kernels take a
+    run-time scale); the other layers, the TensorRT graph and OpenVINO keep the static `amax`
+    scales.  A batch must hold one step."""
 
     precision: Literal["int8"] = "int8"
     activation_bits: int = 8
     conv_output_quant: bool = True
+    step_scales: bool = False
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 2 <= self.activation_bits <= 8:
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
+        if self.step_scales and self.mixed_precision.enabled:
+            raise FlowpressError("quantize: step_scales and mixed_precision together are not supported; turn one off")
 
 
 @dataclass(frozen=True)

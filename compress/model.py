@@ -35,6 +35,9 @@ class LayerQuant:
     W4A4 (compress/svdquant.py) adds inv_smooth (C_in,), the factor the input is multiplied by
     before both branches; lowrank: the float16 (down, up) weights of the rank-r branch, or None;
     activation_group: channels per dynamic int4 activation scale (input_amax is unused).
+    input_amax_steps (int8 with step_scales): (S,) input abs-max per sampler step, which the
+    onnxruntime graph gathers by its step input; input_amax stays the static range (the TensorRT
+    graph's).
     """
 
     kind: Literal["conv", "linear"]
@@ -50,6 +53,7 @@ class LayerQuant:
     inv_smooth: Tensor | None = None
     lowrank: tuple[Tensor, Tensor] | None = None
     activation_group: int | None = None
+    input_amax_steps: Tensor | None = None
 
 
 @dataclass
@@ -58,7 +62,9 @@ class QuantizedModel:
     structure in full precision (temporal tables, split shortcuts) — what gets exported;
     layers: per-layer records, keyed by name inside the denoiser (module.model), e.g.
     'net.down_blocks.0.resnets.0.conv1'; reconstruction (w4a8): per block, its output error
-    over the reconstruction inputs with nearest and with learned rounding, and which it kept."""
+    over the reconstruction inputs with nearest and with learned rounding, and which it kept;
+    step_scales (int8 with step_scales): what switches `module`'s quantizers to a step's ranges
+    (set as module.per_step while on, set_step_scales)."""
 
     module: StepModel
     fp_module: StepModel
@@ -66,6 +72,25 @@ class QuantizedModel:
     config: QuantConfig
     temporal_modules: list[str]
     reconstruction: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    step_scales: StepScales | None = None
+
+
+class StepScales:
+    """Switches a fake-quant step model's input quantizers to the ranges of one sampler step (its
+    StepModel.per_step): tables maps each layer to its (S,) input abs-max per step; None restores
+    the static ranges.  A step off the schedule takes the nearest end (the step model's output is
+    NaN there anyway)."""
+
+    def __init__(self, module: StepModel, tables: dict[str, Tensor], static: dict[str, Tensor]):
+        self.module = module
+        self.tables = tables
+        self.static = static
+
+    def __call__(self, step: int | None) -> None:
+        modules = layer_modules(self.module)
+        for name, table in self.tables.items():
+            quantizer: Any = modules[name].input_quantizer
+            quantizer.amax = self.static[name] if step is None else table[min(max(step, 0), len(table) - 1)]
 
 
 def prepare(model: DiffusersDenoiser, config: QuantConfig, sampler: Sampler) -> tuple[StepModel, list[str]]:
@@ -141,6 +166,13 @@ def set_output_quant(qmodel: QuantizedModel, enabled: bool) -> None:
         output_quantizer: Any = getattr(module, "output_quantizer", None)
         if output_quantizer is not None and name in qmodel.layers and qmodel.layers[name].output_amax is not None:
             output_quantizer.enable() if enabled else output_quantizer.disable()
+
+
+def set_step_scales(qmodel: QuantizedModel, enabled: bool) -> None:
+    """Let the torch model use its per-step activation ranges (the onnxruntime graph's) or the
+    static ones (the TensorRT graph's); nothing for a model quantized without step_scales."""
+    if qmodel.step_scales is not None:
+        qmodel.module.per_step = qmodel.step_scales if enabled else None
 
 
 def layer_modules(module: StepModel) -> dict[str, nn.Module]:

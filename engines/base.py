@@ -11,7 +11,7 @@ from torch import Tensor
 
 from flowpress.errors import FlowpressError
 from flowpress.export import ort_session
-from flowpress.models import StepModel
+from flowpress.models import StepModel, run_by_step
 from flowpress.sampling import Cond, Sampler
 
 
@@ -111,6 +111,9 @@ class OrtEngine:
 
     def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
+        if feeds["step"].size > 1 and feeds["step"].min() != feeds["step"].max():
+            # a graph with per-step activation scales takes one step per batch (others: the same result)
+            return run_by_step(self, x, step, cond)
         if not self.io_binding:
             return torch.from_numpy(self.session.run(None, feeds)[0])
         for name, value in feeds.items():

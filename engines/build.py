@@ -13,7 +13,14 @@ from typing import Any
 from torch import Tensor
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_output_quant, set_weight_bits, weight_bits_of
+from flowpress.compress import (
+    PORTABLE_WEIGHT_BITS,
+    QuantizedModel,
+    set_output_quant,
+    set_step_scales,
+    set_weight_bits,
+    weight_bits_of,
+)
 from flowpress.engines.isa import HostIsa
 from flowpress.errors import EngineParityError
 from flowpress.export import (
@@ -75,12 +82,14 @@ def export_checked(
     """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
     export_onnx(qmodel.fp_module, path, ExportConfig(flavour=flavour, opset=opset), qmodel)  # type: ignore[arg-type]
     set_output_quant(qmodel, flavour == "ort-cpu")
+    set_step_scales(qmodel, flavour == "ort-cpu")  # the TensorRT graph's scales are static
     try:
         parity = check_parity(
             path, qmodel.module, parity_feeds(calib), qmodel.fp_module, PARITY_MAX_NOISE_RATIO, levels=levels
         )
     finally:
         set_output_quant(qmodel, True)
+        set_step_scales(qmodel, True)
     bits = weight_bits_of(qmodel) if qmodel.config.precision == "int8" else None
     return ExportedGraph(Path(path), flavour, qdq_types(path), bits, levels, tuple(parity), float_weight_ops(path))
 

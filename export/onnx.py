@@ -214,15 +214,18 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         bshape[axis] = -1
         prefix = name
         w_name = f"{prefix}.weight_fp8" if fp8 else f"{prefix}.weight_int8"
-        input_scale = numpy_helper.from_array(
-            np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32), f"{prefix}.input_scale"
-        )
+        if flavour == "ort-cpu" and layer.input_amax_steps is not None:
+            new_nodes.append(_scale_by_step(f"{prefix}.input_scale", layer.input_amax_steps, qmax, new_inits))
+            input_scale = []
+        else:
+            scale = np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32)
+            input_scale = [numpy_helper.from_array(scale, f"{prefix}.input_scale")]
         if (
             layer.weight_int is not None
         ):  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
             new_inits += learned_weight(layer, node, weight.shape, prefix)
             new_inits += [
-                input_scale,
+                *input_scale,
                 numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
             ]
             weight_dq = learned_dequantize(layer, node, prefix)
@@ -232,7 +235,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                     e4m3_initializer(weight / w_scale.reshape(bshape), w_name),
                     numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
                     e4m3_initializer(np.zeros_like(w_scale), f"{prefix}.weight_zero_point"),
-                    input_scale,
+                    *input_scale,
                     e4m3_initializer(np.zeros((), np.float32), f"{prefix}.input_zero_point"),
                 ]
             else:
@@ -241,7 +244,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                     numpy_helper.from_array(w_int8, w_name),
                     numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
                     numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
-                    input_scale,
+                    *input_scale,
                     numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
                 ]
             weight_dq = helper.make_node("DequantizeLinear", [w_name, f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
@@ -282,6 +285,9 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         from flowpress.export.lowrank import shared_initializers
 
         new_inits += shared_initializers()
+    if any(n.op_type == "Gather" and n.input[1] == STEP_INDEX for n in new_nodes):
+        new_nodes, extra = _one_step_per_batch(graph, new_nodes)
+        new_inits += extra
     missing = sorted(set(layers) - found)
     if missing:
         raise FlowpressError(f"export: quantized layers not found in the ONNX graph: {', '.join(missing[:5])}")
@@ -291,6 +297,44 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+
+
+STEP_INDEX = "flowpress.step_index"  # the batch's step (the first row's), scalar: per-step scales gather by it
+
+
+def _scale_by_step(name: str, amax_steps: torch.Tensor, qmax: float, inits: list) -> object:  # noqa: ANN001
+    """The node that gathers a per-step activation scale (amax / qmax per step) into `name`."""
+    from onnx import helper, numpy_helper
+
+    table = (amax_steps.double().clamp_min(1e-12) / qmax).float().numpy()
+    inits.append(numpy_helper.from_array(table, f"{name}s_by_step"))
+    return helper.make_node("Gather", [f"{name}s_by_step", STEP_INDEX], [name], name=f"{name}_by_step", axis=0)
+
+
+def _one_step_per_batch(graph, nodes: list) -> tuple[list, list]:  # noqa: ANN001
+    """Nodes that take the batch's step index from step[0] (first) and add NaN to the output of a
+    batch whose rows hold different steps (last): per-step scales are per tensor, so such a batch
+    must run one step at a time (rows_by_step).  Returns (nodes, their initializers)."""
+    from onnx import helper, numpy_helper
+
+    out = graph.output[0].name
+    unguarded = f"{out}_before_step_check"
+    for node in nodes:
+        node.output[:] = [unguarded if o == out else o for o in node.output]
+    inits = [
+        numpy_helper.from_array(np.array(0, np.int64), "flowpress.zero_index"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "flowpress.zero"),
+        numpy_helper.from_array(np.array(np.nan, np.float32), "flowpress.nan"),
+    ]
+    first = [helper.make_node("Gather", ["step", "flowpress.zero_index"], [STEP_INDEX], name="step_index", axis=0)]
+    check = [
+        helper.make_node("ReduceMin", ["step"], ["flowpress.step_min"], name="step_min", keepdims=0),
+        helper.make_node("ReduceMax", ["step"], ["flowpress.step_max"], name="step_max", keepdims=0),
+        helper.make_node("Equal", ["flowpress.step_min", "flowpress.step_max"], ["flowpress.one_step"], name="one_step"),
+        helper.make_node("Where", ["flowpress.one_step", "flowpress.zero", "flowpress.nan"], ["flowpress.step_guard"], name="step_guard"),
+        helper.make_node("Add", [unguarded, "flowpress.step_guard"], [out], name="one_step_per_batch"),
+    ]  # fmt: skip
+    return first + nodes + check, inits
 
 
 def _act_scale(amax: float) -> float:

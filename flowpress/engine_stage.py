@@ -111,6 +111,8 @@ def build_engines(
             "portable": portable,
             "int8_weights": f"{bits}-bit" if int8 else None,
         }
+        if qmodel.step_scales is not None:
+            manifest["activation_scales"] = "per sampler step, gathered by the step input (one step per batch)"
         if recipe.quantize.precision == "w4a8":
             from flowpress.compress.w4a8 import engine_note
 

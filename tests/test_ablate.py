@@ -167,3 +167,24 @@ def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_mod
     (tmp_path / "bad.yaml").write_text(ablation.replace("modelopt-int4-awq", "modelopt-nvfp4"))
     with pytest.raises(FlowpressError, match="unknown method 'modelopt-nvfp4'"):
         load_ablation_config(tmp_path / "bad.yaml")
+
+
+def test_int8_variants_are_engine_rows_with_their_speed(tiny_model_dir, tmp_path):
+    config = load_ablation_config(DIGITS / "recipes" / "ablation-step-scales.yaml")  # the committed config parses
+    assert set(config.variants) == {"static", "per-step"} and len(config.calibration_seeds) >= 3
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
+    ablation = W4A8_ABLATION.format(recipe=recipe).replace("tiny-ablation-w4a8", "tiny-step-scales")
+    ablation = ablation.replace("nearest: {recon_iters: 0, edge_weight_bits: null}", "static: {step_scales: false}")
+    (tmp_path / "ablation.yaml").write_text(ablation.replace("learned+edge8: {}", "per-step: {step_scales: true}"))
+    out = run_ablation(
+        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
+    )
+    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+    bits = PORTABLE_WEIGHT_BITS if resolve_portable(None, host_isa()) else 8
+    for row in rows.values():  # measured on the parity-checked onnxruntime engine, in this host's weight form
+        assert row["setting"] == "int8" and row["weight_bits"] == bits and row["engine_ms_b8"] > 0
+    # the per-step tables: 4 steps x 4 bytes per step-scaled layer, and the Gathers (measured: +3.2 KB here)
+    assert 1_000 < rows["per-step"]["engine_bytes"] - rows["static"]["engine_bytes"] < 20_000
+    assert rows["per-step"]["final_psnr_db"] != rows["static"]["final_psnr_db"]
+    assert "| unet | int8 | per-step | yes |" in (tmp_path / "results" / "tiny-step-scales.md").read_text()

@@ -93,10 +93,11 @@ ROW_FIELDS = (
 class AblationConfig:
     """recipes: quantize recipes, one per architecture (model, sampler, guidance, evaluator,
     engine.portable); budget: calibration inputs per row; trajectories: FP trajectories
-    captured per calibration seed to draw them from; variants: W4A8 / W4A4 rows (setting `w4a8`
-    / `w4a4`, the recipe's precision), each a name and the keys it changes in its recipe's
-    `quantize:` section, e.g. {nearest: {recon_iters: 0}}, measured on the torch fake-quant model;
-    a W4A4 row also builds its onnxruntime engine (parity-checked) and records its bytes."""
+    captured per calibration seed to draw them from; variants: int8 / W4A8 / W4A4 rows (setting
+    the recipe's precision), each a name and the keys it changes in its recipe's `quantize:`
+    section, e.g. {nearest: {recon_iters: 0}}; W4A8 / W4A4 rows are measured on the torch
+    fake-quant model, a W4A4 row also builds its onnxruntime engine (parity-checked) and records
+    its bytes; an int8 row is measured on its onnxruntime engine (the recipe's ort-cpu form)."""
 
     name: str = "ablation"
     recipes: tuple[str, ...] = ()
@@ -146,15 +147,15 @@ def _summarise(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]
     }
 
 
-def _variant_config(recipe: Recipe, name: str, overrides: dict[str, Any]) -> W4A8Config | W4A4Config:
-    """The recipe's W4A8 / W4A4 quantize section with a variant's keys changed (checked like a recipe)."""
-    if not isinstance(recipe.quantize, W4A8Config | W4A4Config):
+def _variant_config(recipe: Recipe, name: str, overrides: dict[str, Any]) -> Int8Config | W4A8Config | W4A4Config:
+    """The recipe's int8 / W4A8 / W4A4 quantize section with a variant's keys changed (checked like a recipe)."""
+    if not isinstance(recipe.quantize, Int8Config | W4A8Config | W4A4Config):
         raise FlowpressError(
             f"ablation.variants: {recipe.name} quantizes to {recipe.quantize.precision}; "
-            "variants need a w4a8 or w4a4 recipe"
+            "variants need an int8, w4a8 or w4a4 recipe"
         )
     kind = type(recipe.quantize)
-    config: W4A8Config | W4A4Config = from_dict(
+    config: Int8Config | W4A8Config | W4A4Config = from_dict(
         kind, {**to_dict(recipe.quantize), **overrides}, f"ablation.variants.{name}"
     )
     return config
@@ -209,6 +210,14 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                     bits = 4
                 elif method == "ort-quantize-static":
                     engine = ort_static_engine(model, sampler, full, seed, config.budget, workdir, STATIC_OP_TYPES)
+                elif setting == "int8":  # the recipe's own engine (ort-cpu flavour, this host's weight bits)
+                    calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
+                    qmodel = quantize(model, variants[method], calib, sampler)
+                    set_weight_bits(qmodel, weight_bits)
+                    bits = weight_bits
+                    built = workdir / "model.opt.onnx"
+                    build_ort(qmodel, calib, workdir / "model.onnx", built, "ort-cpu", 19, host, method)
+                    engine, size = OrtEngine(built, sampler, method), built.stat().st_size
                 elif setting in ("w4a8", "w4a4"):  # measured on the torch model (the engine passes parity with it)
                     calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
                     qmodel = quantize(model, variants[method], calib, sampler)
@@ -390,9 +399,11 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
             [
                 "Variant rows (setting = the recipe's precision): its quantize section with the named keys changed ("
                 + "; ".join(f"`{name}`: {json.dumps(keys)}" for name, keys in config.variants.items())
-                + f"), calibrated on {config.budget} inputs spread over every step, measured on the torch "
-                "fake-quant model (`make quantize` checks the exported graph against that model); a `w4a4` row's "
-                "engine MB is its parity-checked onnxruntime engine file (median over seeds).",
+                + f"), calibrated on {config.budget} inputs spread over every step; `w4a8` / `w4a4` rows measured "
+                "on the torch fake-quant model (`make quantize` checks the exported graph against that model), a "
+                "`w4a4` row's engine MB is its parity-checked onnxruntime engine file (median over seeds); `int8` "
+                "rows measured on their parity-checked onnxruntime engine (the recipe's ort-cpu form, this host's "
+                "weight bits), engine ms at batch 8 median over seeds.",
             ]
             if config.variants
             else []

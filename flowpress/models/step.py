@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from flowpress.sampling import Cond, Sampler
+
+
+def rows_by_step(step: Tensor) -> list[Tensor]:
+    """The row indices of each distinct step in a batch, in step order (one group when uniform)."""
+    flat = step.reshape(-1)
+    if bool((flat == flat[0]).all()):
+        return [torch.arange(flat.numel())]
+    return [(flat == k).nonzero().flatten() for k in torch.unique(flat)]
+
+
+def run_by_step(fn: Callable[[Tensor, Tensor, Cond], Tensor], x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+    """fn(x, step, cond) on each step's rows (rows_by_step), reassembled in row order."""
+    groups = rows_by_step(step)
+    if len(groups) == 1:
+        return fn(x, step, cond)
+    out: Tensor | None = None
+    for rows in groups:
+        part = fn(x[rows], step[rows], {name: value[rows] for name, value in cond.items()})
+        out = part.new_empty((x.shape[0], *part.shape[1:])) if out is None else out
+        out[rows] = part
+    assert out is not None
+    return out
 
 
 def as_feeds(x: Tensor, step: Tensor, cond: Cond) -> dict[str, Tensor]:
@@ -21,9 +45,14 @@ class StepModel(nn.Module):
     graph takes its inputs) or as one dict; `run(x, step, cond)` takes the dict.  A step outside the
     sampler's evaluations gives NaN for that sample (a negative index would otherwise wrap
     around the tables), so an exported graph refuses it even when fed directly.
+
+    per_step: set on a fake-quant copy whose quantization depends on the step (per-step
+    activation scales): called with a batch's step index before the network runs and with None
+    after; a batch that mixes steps then runs one step at a time.
     """
 
     times: Tensor
+    per_step: Callable[[int | None], None] | None = None
 
     def __init__(self, model: nn.Module, sampler: Sampler):
         super().__init__()
@@ -42,10 +71,23 @@ class StepModel(nn.Module):
         by_name = (
             cond[0] if len(cond) == 1 and isinstance(cond[0], dict) else dict(zip(self.cond_names, cond, strict=True))
         )
-        out = self.evaluate(x, step, by_name)  # type: ignore[arg-type]
+        out = self.evaluate(x, step, by_name) if self.per_step is None else self._by_step(x, step, by_name)  # type: ignore[arg-type]
         valid = ((step >= 0) & (step < self.n_evaluations)).reshape(-1, *([1] * (out.dim() - 1)))
         # out + 0 is out exactly; NaN where the step is off the schedule (shapes stay static in the graph)
         return out + torch.where(valid, 0.0, float("nan"))
+
+    def _by_step(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        per_step = self.per_step
+        assert per_step is not None
+
+        def one_step(x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+            per_step(int(step.reshape(-1)[0]))
+            return self.evaluate(x, step, cond)
+
+        try:
+            return run_by_step(one_step, x, step, cond)
+        finally:
+            per_step(None)
 
     def example_inputs(self, batch: int = 2) -> tuple[Tensor, ...]:
         """(x, step, *cond) of `batch` rows, for tracing an export: zeros, steps 0 and the last."""
