@@ -164,7 +164,7 @@ class W4A4Config(_Common):
     (round to nearest; per output channel, or per group of weight_group_size input channels);
     activations are int4 with one dynamic scale per token and group of activation_group_size
     channels (SVDQuant: 64), computed in the graph.  smooth_alpha 0 turns smoothing off, rank 0
-    the branch.  The `amax` key does not apply (scales are dynamic)."""
+    the branch.  The `amax` key does not apply (scales are dynamic): setting it is an error."""
 
     precision: Literal["w4a4"] = "w4a4"
     activation_bits: Literal[4] = 4
@@ -177,6 +177,11 @@ class W4A4Config(_Common):
         super().__post_init__()
         if self.activation_bits != 4:
             raise FlowpressError(f"quantize.activation_bits is {self.activation_bits} but w4a4 is 4 bits; drop the key")
+        if self.amax != "max":
+            raise FlowpressError(
+                f"quantize.amax: {self.amax} does not apply to w4a4 (its activation scales are computed per token "
+                "and channel group at run time); drop the key"
+            )
         if self.rank < 0:
             raise FlowpressError(f"quantize.rank must be >= 0, got {self.rank}")
         if not 0.0 <= self.smooth_alpha <= 1.0:

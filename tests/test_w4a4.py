@@ -109,3 +109,5 @@ def test_w4a4_config_errors():
         W4A4Config(smooth_alpha=1.5)
     with pytest.raises(FlowpressError, match="w4a4 is 4 bits"):
         W4A4Config(activation_bits=8)  # type: ignore[arg-type]
+    with pytest.raises(FlowpressError, match="amax: perstep-mean does not apply to w4a4"):
+        W4A4Config(amax="perstep-mean")  # its scales are dynamic: the key would be ignored
