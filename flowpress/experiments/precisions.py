@@ -39,6 +39,8 @@ def _row(run: Path) -> dict[str, Any]:
         precision = precision.replace("int8", f"W8A{quantize['activation_bits']}")
     # W4A4's activation scales are computed at run time: the recipe's amax key does not apply
     ranges = "activation scales dynamic" if quantize["precision"] == "w4a4" else f"amax {quantize['amax']}"
+    if quantize.get("step_scales"):
+        ranges += " + per step"
     if report.weight_forms:
         precision += f", {report.weight_forms['shipped']} weights"
     if mixed is not None:
