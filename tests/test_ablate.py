@@ -97,6 +97,18 @@ batch_size: 10
 """
 
 
+def _ablate(tmp_path, recipe_text: str, edit) -> dict[str, dict]:  # noqa: ANN001
+    """Write the tiny recipe, W4A8_ABLATION on it changed by `edit` (text -> text), run it into
+    tmp_path/runs and tmp_path/results; the rows by method."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(recipe_text)
+    (tmp_path / "ablation.yaml").write_text(edit(W4A8_ABLATION.format(recipe=recipe)))
+    out = run_ablation(
+        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
+    )
+    return {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+
+
 def test_w4a8_variants_are_rows_of_their_own_results_file(tiny_model_dir, tmp_path):
     config = load_ablation_config(DIGITS / "recipes" / "ablation-w4a8.yaml")  # the committed config parses
     assert {"nearest", "learned+edge8"} <= set(config.variants) and len(config.calibration_seeds) >= 3
@@ -148,15 +160,14 @@ def test_w4a4_variants_record_their_engine_size_and_only_their_own_paragraphs(ti
 def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_model_dir, tmp_path):
     config = load_ablation_config(DIGITS / "recipes" / "ablation-lowbit-peers.yaml")  # the committed config parses
     assert set(config.peers) == {"modelopt-int4-awq", "modelopt-w4a8-awq"} and len(config.calibration_seeds) >= 3
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
-    ablation = W4A8_ABLATION.format(recipe=recipe).replace("tiny-ablation-w4a8", "tiny-peers")
-    ablation = ablation.replace("peers: []", "peers: [modelopt-int4-awq, modelopt-w4a8-awq]")
-    (tmp_path / "ablation.yaml").write_text(ablation.split("variants:")[0] + "calibration_seeds: [100000]\nbudget: 32\ntrajectories: 8\ncompare_samples: 10\nbatch_size: 10\n")  # fmt: skip
-    out = run_ablation(
-        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
-    )
-    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+
+    def peers(text: str) -> str:
+        text = text.replace("tiny-ablation-w4a8", "tiny-peers").replace(
+            "peers: []", "peers: [modelopt-int4-awq, modelopt-w4a8-awq]"
+        )
+        return text.split("variants:")[0] + "calibration_seeds: [100000]\nbudget: 32\ntrajectories: 8\ncompare_samples: 10\nbatch_size: 10\n"  # fmt: skip
+
+    rows = _ablate(tmp_path, W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR), peers)
     assert {m: r["setting"] for m, r in rows.items()} == {"modelopt-int4-awq": "w4a16", "modelopt-w4a8-awq": "w4a8"}
     # measured on this random-weight UNet, its embeddings and edge layers skipped: int4-awq (W4A16) 33.36,
     # w4a8-awq 31.74 dB
@@ -164,7 +175,9 @@ def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_mod
     assert all(r["engine_ms_b8"] is None for r in rows.values())  # fake-quant
     result = (tmp_path / "results" / "tiny-peers.md").read_text()
     assert "`modelopt-w4a8-awq` = W4A8_AWQ_BETA_CFG (setting w4a8)" in result and "Settings: `w8a8`" not in result
-    (tmp_path / "bad.yaml").write_text(ablation.replace("modelopt-int4-awq", "modelopt-nvfp4"))
+    (tmp_path / "bad.yaml").write_text(
+        (tmp_path / "ablation.yaml").read_text().replace("modelopt-int4-awq", "modelopt-nvfp4")
+    )
     with pytest.raises(FlowpressError, match="unknown method 'modelopt-nvfp4'"):
         load_ablation_config(tmp_path / "bad.yaml")
 
@@ -172,15 +185,14 @@ def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_mod
 def test_int8_variants_are_engine_rows_with_their_speed(tiny_model_dir, tmp_path):
     config = load_ablation_config(DIGITS / "recipes" / "ablation-step-scales.yaml")  # the committed config parses
     assert set(config.variants) == {"static", "per-step"} and len(config.calibration_seeds) >= 3
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR))
-    ablation = W4A8_ABLATION.format(recipe=recipe).replace("tiny-ablation-w4a8", "tiny-step-scales")
-    ablation = ablation.replace("nearest: {recon_iters: 0, edge_weight_bits: null}", "static: {step_scales: false}")
-    (tmp_path / "ablation.yaml").write_text(ablation.replace("learned+edge8: {}", "per-step: {step_scales: true}"))
-    out = run_ablation(
-        load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
-    )
-    rows = {r["method"]: r for r in json.loads((out / "ablation.json").read_text())}
+
+    def variants(text: str) -> str:
+        text = text.replace("tiny-ablation-w4a8", "tiny-step-scales").replace(
+            "learned+edge8: {}", "per-step: {step_scales: true}"
+        )
+        return text.replace("nearest: {recon_iters: 0, edge_weight_bits: null}", "static: {step_scales: false}")
+
+    rows = _ablate(tmp_path, RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR), variants)
     bits = PORTABLE_WEIGHT_BITS if resolve_portable(None, host_isa()) else 8
     for row in rows.values():  # measured on the parity-checked onnxruntime engine, in this host's weight form
         assert row["setting"] == "int8" and row["weight_bits"] == bits and row["engine_ms_b8"] > 0
