@@ -113,6 +113,22 @@ def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, preci
     return float(alphas[int(torch.tensor(errors).argmin())]) * amax
 
 
+@torch.no_grad()
+def weight_mse_amax(weight: Tensor, bits: int, candidates: int = 41, low: float = 0.6) -> Tensor:
+    """Per output channel (dim 0), the clipping range alpha * max|w|, alpha in [low, 1], with the
+    least squared error of the `bits`-bit symmetric weights (round half to even, modelopt's grid)."""
+    flat = weight.detach().flatten(1).float()
+    top = flat.abs().amax(1).clamp_min(1e-12)
+    qmax = 2 ** (bits - 1) - 1
+    best, best_error = top.clone(), torch.full_like(top, float("inf"))
+    for alpha in torch.linspace(low, 1.0, candidates):
+        scale = (top * alpha / qmax)[:, None]
+        error = (torch.clamp(torch.round(flat / scale), -qmax - 1, qmax) * scale - flat).pow(2).sum(1)
+        better = error < best_error
+        best_error, best = torch.where(better, error, best_error), torch.where(better, top * alpha, best)
+    return best
+
+
 def reduce_per_step(values: Tensor, config: QuantConfig) -> float:
     """One range from per-step abs-maxes (S,), by config.amax: perstep-max / -mean / -percentile;
     'max' and 'mse' start from the overall max."""

@@ -86,12 +86,17 @@ class Int8Config(_Common):
     every bias-free Conv and the layers reading x_t: the abs-max of that step's calibration inputs,
     gathered by the engine's step input in the onnxruntime graph (its integer kernels take a
     run-time scale); the other layers, the TensorRT graph and OpenVINO keep the static `amax`
-    scales.  A batch must hold one step."""
+    scales.  A batch must hold one step.
+    weight_clip: the per-channel weight range of the portable 7-bit form (engine.portable): 'max'
+    (the channel's largest weight) or 'mse' (alpha * max, alpha in [0.6, 1], with the least weight
+    error: on a grid twice as coarse, one outlier weight costs the rest of its channel more);
+    8-bit weights keep the max."""
 
     precision: Literal["int8"] = "int8"
     activation_bits: int = 8
     conv_output_quant: bool = True
     step_scales: bool = False
+    weight_clip: Literal["max", "mse"] = "max"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:

@@ -143,16 +143,24 @@ def replace_module(module: nn.Module, name: str, new: nn.Module) -> None:
 def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
     """Quantize the int8 layers' weights to `bits` bits (8, or PORTABLE_WEIGHT_BITS) in the torch
     model and in what the exporter writes: the same per-channel amax, scale amax / (2^(bits-1) - 1),
-    so a 7-bit weight is calibrated as such, not an 8-bit one clipped."""
+    so a 7-bit weight is calibrated as such, not an 8-bit one clipped; with weight_clip 'mse' the
+    7-bit ranges are the per-channel clipping with the least weight error."""
     if qmodel.config.precision != "int8":
         return
     if bits not in (8, PORTABLE_WEIGHT_BITS):
         raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")
+    from flowpress.compress.amax import weight_mse_amax
+
+    clip = bits != 8 and getattr(qmodel.config, "weight_clip", "max") == "mse"
     for name, module in qmodel.module.model.named_modules():
         weight_quantizer: Any = getattr(module, "weight_quantizer", None)
-        if weight_quantizer is not None and name in qmodel.layers:
-            weight_quantizer.num_bits = bits
-    qmodel.layers = {name: replace(layer, weight_bits=bits) for name, layer in qmodel.layers.items()}
+        if weight_quantizer is None or name not in qmodel.layers:
+            continue
+        weight_quantizer.num_bits = bits
+        weight = module.weight.detach()
+        amax = weight_mse_amax(weight, bits) if clip else weight.flatten(1).abs().amax(1)
+        weight_quantizer.amax = amax.reshape(weight_quantizer.amax.shape).to(weight_quantizer.amax.dtype)
+        qmodel.layers[name] = replace(qmodel.layers[name], weight_bits=bits, weight_amax=amax.clone())
 
 
 def weight_bits_of(qmodel: QuantizedModel) -> int:
