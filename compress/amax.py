@@ -116,14 +116,15 @@ def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, preci
 @torch.no_grad()
 def weight_mse_amax(weight: Tensor, bits: int, candidates: int = 41, low: float = 0.6) -> Tensor:
     """Per output channel (dim 0), the clipping range alpha * max|w|, alpha in [low, 1], with the
-    least squared error of the `bits`-bit symmetric weights (round half to even, modelopt's grid)."""
+    least squared error of the `bits`-bit weights in [-qmax, qmax] (round half to even; the narrow
+    range set_weight_bits gives the quantizer)."""
     flat = weight.detach().flatten(1).float()
     top = flat.abs().amax(1).clamp_min(1e-12)
     qmax = 2 ** (bits - 1) - 1
     best, best_error = top.clone(), torch.full_like(top, float("inf"))
     for alpha in torch.linspace(low, 1.0, candidates):
         scale = (top * alpha / qmax)[:, None]
-        error = (torch.clamp(torch.round(flat / scale), -qmax - 1, qmax) * scale - flat).pow(2).sum(1)
+        error = (torch.clamp(torch.round(flat / scale), -qmax, qmax) * scale - flat).pow(2).sum(1)
         better = error < best_error
         best_error, best = torch.where(better, error, best_error), torch.where(better, top * alpha, best)
     return best

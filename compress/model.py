@@ -18,7 +18,7 @@ from flowpress.errors import FlowpressError
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
-PORTABLE_WEIGHT_BITS = 7  # |w| <= 63: u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
+PORTABLE_WEIGHT_BITS = 7  # |w| <= 63 (narrow range): u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
         if weight_quantizer is None or name not in qmodel.layers:
             continue
         weight_quantizer.num_bits = bits
+        weight_quantizer.narrow_range = True  # [-qmax, qmax]: a clipped range never rounds to -2^(bits-1)
         weight = module.weight.detach()
         amax = weight_mse_amax(weight, bits) if clip else weight.flatten(1).abs().amax(1)
         weight_quantizer.amax = amax.reshape(weight_quantizer.amax.shape).to(weight_quantizer.amax.dtype)

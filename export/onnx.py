@@ -239,11 +239,8 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                     e4m3_initializer(np.zeros((), np.float32), f"{prefix}.input_zero_point"),
                 ]
             else:
-                low, high = (
-                    -(2 ** (layer.weight_bits - 1)),
-                    2 ** (layer.weight_bits - 1) - 1,
-                )  # clipped ranges clip here
-                w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), low, high).astype(np.int8)
+                # symmetric, as the torch quantizer (narrow range): a clipped range puts weights beyond it
+                w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -w_qmax, w_qmax).astype(np.int8)
                 new_inits += [
                     numpy_helper.from_array(w_int8, w_name),
                     numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
