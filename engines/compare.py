@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from flowpress.engines.base import Engine
-from flowpress.engines.metrics import cosine, psnr_db, rel_l2, ssim
+from flowpress.engines.metrics import cosine, error_spread, psnr_db, rel_l2, ssim
 from flowpress.errors import FlowpressError
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
@@ -117,6 +117,7 @@ def final_metrics(reference: Tensor, test: Tensor) -> dict[str, float]:
         "psnr_db": psnr_db(reference, test),
         "ssim": ssim(reference, test),
         "rel_l2": float(rel_l2(reference, test).mean()),
+        **error_spread(reference, test),
     }
 
 

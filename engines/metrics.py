@@ -17,6 +17,21 @@ def psnr_db(reference: Tensor, test: Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(DATA_RANGE**2 / mse)
 
 
+def error_spread(reference: Tensor, test: Tensor) -> dict[str, float]:
+    """How the final error is shared among samples (both clamped to [-1, 1]): the median sample's
+    PSNR, and the share of the squared error held by the worst 1% of samples (at least one).  The
+    PSNR of the mean squared error can belong to a few samples whose trajectory tipped to another
+    image; these two say when it does."""
+    mse = (reference.clamp(-1, 1) - test.clamp(-1, 1)).double().pow(2).flatten(1).mean(1)
+    worst = max(1, len(mse) // 100)
+    total = float(mse.sum())
+    median = float(mse.median())
+    return {
+        "psnr_db_median": float("inf") if median == 0 else float(10 * np.log10(DATA_RANGE**2 / median)),
+        "worst_1pct_error_share": 0.0 if total == 0 else float(mse.sort(descending=True).values[:worst].sum()) / total,
+    }
+
+
 def rel_l2(reference: Tensor, test: Tensor) -> Tensor:
     """(B,) ||test - ref|| / ||ref|| per sample."""
     ref = reference.flatten(1).double()

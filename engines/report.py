@@ -206,7 +206,14 @@ def report_markdown(report: Report, title: str) -> str:
         ]
     lines += [
         "",
-        f"Final sample vs FP: PSNR {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, relative L2 {final['rel_l2']:.4f}.",
+        f"Final sample vs FP: PSNR {final['psnr_db']:.2f} dB, SSIM {final['ssim']:.4f}, relative L2 {final['rel_l2']:.4f}."
+        + (
+            f" The PSNR is of the mean squared error; the median sample's is {final['psnr_db_median']:.2f} dB, and the "
+            f"worst 1% of samples hold {100 * final['worst_1pct_error_share']:.0f}% of the error (a large share: a few "
+            "trajectories tipped to another image, and the mean moves with how many)."
+            if "psnr_db_median" in final
+            else ""
+        ),
         "",
         "## Latency (ms per model forward, median)",
         "",

@@ -52,6 +52,8 @@ def test_quantize_writes_the_run_directory_contract(run):
     # AVX2 host; 39.3 dB with 8-bit); the bounds only catch a broken engine
     assert 0 < report["per_step"][-1]["rel_l2"] < 0.5 and report["final"]["psnr_db"] > 20
     assert 0.9 < report["final"]["ssim"] <= 1.0
+    assert 0 < report["final"]["worst_1pct_error_share"] <= 1 and report["final"]["psnr_db_median"] > 20
+    assert "the median sample's is" in (run_dir / "report.md").read_text()
     for key in ("classifier_acc", "fd"):
         assert key in report["quality"]["reference"] and key in report["quality"]["engine"]
     for runtime in ("torch_fp32", "ort_fp32", "engine"):
@@ -135,3 +137,17 @@ def test_precisions_table_reads_finished_runs_and_names_the_missing(run, capsys)
     md = (out / "precisions.md").read_text()
     assert f"| tiny-int8 | {row['precision']} | {row['calibration']} | {row['final_psnr_db']:.2f} |" in md
     assert "Not run yet: tiny-fp8" in md
+
+
+def test_error_spread_says_when_a_few_samples_own_the_error():
+    from flowpress.engines.metrics import error_spread, psnr_db
+
+    reference = torch.zeros(100, 1, 4, 4)
+    test = reference + 0.01
+    test[0] = 1.0  # one trajectory that tipped to another image
+    spread = error_spread(reference, test)
+    # 99 samples off by 0.01: the median's PSNR is 10 log10(4 / 1e-4) = 46.02 dB; the tipped one holds
+    # 1 / (1 + 99e-4) of the squared error, and the PSNR of the mean (25.98 dB) is its
+    assert spread["psnr_db_median"] == pytest.approx(46.02, abs=0.01)
+    assert spread["worst_1pct_error_share"] == pytest.approx(1 / (1 + 99e-4), rel=1e-9)
+    assert psnr_db(reference, test) == pytest.approx(25.98, abs=0.01)
