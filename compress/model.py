@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from flowpress.calibration import CachedStepModel, discover_temporal
 from flowpress.calibration.temporal import half_tables
-from flowpress.compress.config import QuantConfig
+from flowpress.compress.config import Int8Config, QuantConfig
 from flowpress.compress.shortcut import split_shortcuts
 from flowpress.errors import FlowpressError
 from flowpress.models import DiffusersDenoiser, StepModel
@@ -151,7 +151,7 @@ def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
         raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")
     from flowpress.compress.amax import weight_mse_amax
 
-    clip = bits != 8 and getattr(qmodel.config, "weight_clip", "max") == "mse"
+    clip = bits != 8 and isinstance(qmodel.config, Int8Config) and qmodel.config.weight_clip == "mse"
     for name, module in qmodel.module.model.named_modules():
         weight_quantizer: Any = getattr(module, "weight_quantizer", None)
         if weight_quantizer is None or name not in qmodel.layers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from flowpress.errors import FlowpressError
 from flowpress.export.learned import learned_dequantize, learned_weight
 from flowpress.files import staged_file
 from flowpress.models import StepModel
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 Flavour = Literal["ort-cpu", "tensorrt"]
 WRAPPED = "model"  # StepModel's attribute holding the denoiser: layer names are relative to it
@@ -303,7 +306,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
 STEP_INDEX = "flowpress.step_index"  # the batch's step (the first row's), scalar: per-step scales gather by it
 
 
-def _scale_by_step(name: str, amax_steps: torch.Tensor, qmax: float, inits: list) -> object:  # noqa: ANN001
+def _scale_by_step(name: str, amax_steps: torch.Tensor, qmax: float, inits: list) -> NodeProto:
     """The node that gathers a per-step activation scale (amax / qmax per step) into `name`."""
     from onnx import helper, numpy_helper
 

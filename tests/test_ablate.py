@@ -97,12 +97,15 @@ batch_size: 10
 """
 
 
-def _ablate(tmp_path, recipe_text: str, edit) -> dict[str, dict]:  # noqa: ANN001
-    """Write the tiny recipe, W4A8_ABLATION on it changed by `edit` (text -> text), run it into
-    tmp_path/runs and tmp_path/results; the rows by method."""
+def _ablate(tmp_path, recipe_text: str, edits: dict[str, str]) -> dict[str, dict]:
+    """Write the tiny recipe, W4A8_ABLATION on it with each `edits` key replaced by its value, run it
+    into tmp_path/runs and tmp_path/results; the rows by method."""
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(recipe_text)
-    (tmp_path / "ablation.yaml").write_text(edit(W4A8_ABLATION.format(recipe=recipe)))
+    text = W4A8_ABLATION.format(recipe=recipe)
+    for old, new in edits.items():
+        text = text.replace(old, new)
+    (tmp_path / "ablation.yaml").write_text(text)
     out = run_ablation(
         load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", False, results_dir=tmp_path / "results"
     )
@@ -161,12 +164,11 @@ def test_modelopt_lowbit_peers_are_fake_quant_rows_in_their_own_setting(tiny_mod
     config = load_ablation_config(DIGITS / "recipes" / "ablation-lowbit-peers.yaml")  # the committed config parses
     assert set(config.peers) == {"modelopt-int4-awq", "modelopt-w4a8-awq"} and len(config.calibration_seeds) >= 3
 
-    def peers(text: str) -> str:
-        text = text.replace("tiny-ablation-w4a8", "tiny-peers").replace(
-            "peers: []", "peers: [modelopt-int4-awq, modelopt-w4a8-awq]"
-        )
-        return text.split("variants:")[0] + "calibration_seeds: [100000]\nbudget: 32\ntrajectories: 8\ncompare_samples: 10\nbatch_size: 10\n"  # fmt: skip
-
+    peers = {
+        "tiny-ablation-w4a8": "tiny-peers",
+        "peers: []": "peers: [modelopt-int4-awq, modelopt-w4a8-awq]",
+        "variants:\n  nearest: {recon_iters: 0, edge_weight_bits: null}\n  learned+edge8: {}\n": "",
+    }
     rows = _ablate(tmp_path, W4A8_RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR), peers)
     assert {m: r["setting"] for m, r in rows.items()} == {"modelopt-int4-awq": "w4a16", "modelopt-w4a8-awq": "w4a8"}
     # measured on this random-weight UNet, its embeddings and edge layers skipped: int4-awq (W4A16) 33.36,
@@ -186,12 +188,11 @@ def test_int8_variants_are_engine_rows_with_their_speed(tiny_model_dir, tmp_path
     config = load_ablation_config(DIGITS / "recipes" / "ablation-step-scales.yaml")  # the committed config parses
     assert set(config.variants) == {"static", "per-step"} and len(config.calibration_seeds) >= 3
 
-    def variants(text: str) -> str:
-        text = text.replace("tiny-ablation-w4a8", "tiny-step-scales").replace(
-            "learned+edge8: {}", "per-step: {step_scales: true}"
-        )
-        return text.replace("nearest: {recon_iters: 0, edge_weight_bits: null}", "static: {step_scales: false}")
-
+    variants = {
+        "tiny-ablation-w4a8": "tiny-step-scales",
+        "nearest: {recon_iters: 0, edge_weight_bits: null}": "static: {step_scales: false}",
+        "learned+edge8: {}": "per-step: {step_scales: true}",
+    }
     rows = _ablate(tmp_path, RECIPE.format(model=tiny_model_dir, evaluator=EVALUATOR), variants)
     bits = PORTABLE_WEIGHT_BITS if resolve_portable(None, host_isa()) else 8
     for row in rows.values():  # measured on the parity-checked onnxruntime engine, in this host's weight form
