@@ -19,6 +19,8 @@ from flowpress.compress.model import (
     set_step_scales,
     set_weight_bits,
     weight_bits_of,
+    weight_form_name,
+    weight_form_of,
 )
 from flowpress.compress.quantize import quantize
 from flowpress.compress.sensitivity import (
@@ -54,4 +56,6 @@ __all__ = [
     "set_weight_bits",
     "split_shortcuts",
     "weight_bits_of",
+    "weight_form_name",
+    "weight_form_of",
 ]

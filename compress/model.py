@@ -19,6 +19,7 @@ from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Sampler
 
 PORTABLE_WEIGHT_BITS = 7  # |w| <= 63 (narrow range): u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
+UNSIGNED_ZERO_POINT = 128  # 8-bit weights stored as uint8 (w + 128): onnxruntime's exact U8U8 kernels
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class LayerQuant:
     input_amax_steps (int8 with step_scales): (S,) input abs-max per sampler step, which the
     onnxruntime graph gathers by its step input; input_amax stays the static range (the TensorRT
     graph's).
+    weight_unsigned (8-bit int8 weights): the onnxruntime graph stores them as uint8 with zero point
+    UNSIGNED_ZERO_POINT, the same values, so onnxruntime multiplies with its U8U8 kernels (exact on
+    every host, engines/isa.py); the TensorRT graph keeps int8.
     """
 
     kind: Literal["conv", "linear"]
@@ -54,6 +58,7 @@ class LayerQuant:
     lowrank: tuple[Tensor, Tensor] | None = None
     activation_group: int | None = None
     input_amax_steps: Tensor | None = None
+    weight_unsigned: bool = False
 
 
 @dataclass
@@ -140,15 +145,18 @@ def replace_module(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
 
 
-def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
+def set_weight_bits(qmodel: QuantizedModel, bits: int, unsigned: bool = False) -> None:
     """Quantize the int8 layers' weights to `bits` bits (8, or PORTABLE_WEIGHT_BITS) in the torch
     model and in what the exporter writes: the same per-channel amax, scale amax / (2^(bits-1) - 1),
     so a 7-bit weight is calibrated as such, not an 8-bit one clipped; with weight_clip 'mse' the
-    7-bit ranges are the per-channel clipping with the least weight error."""
+    7-bit ranges are the per-channel clipping with the least weight error.  unsigned (8 bits
+    only): the onnxruntime graph stores the same weights as uint8 (LayerQuant.weight_unsigned)."""
     if qmodel.config.precision != "int8":
         return
     if bits not in (8, PORTABLE_WEIGHT_BITS):
         raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")
+    if unsigned and bits != 8:
+        raise FlowpressError(f"quantize: unsigned (U8U8) int8 weights have 8 bits, got {bits}")
     from flowpress.compress.amax import weight_mse_amax
 
     clip = bits != 8 and isinstance(qmodel.config, Int8Config) and qmodel.config.weight_clip == "mse"
@@ -161,12 +169,24 @@ def set_weight_bits(qmodel: QuantizedModel, bits: int) -> None:
         weight = module.weight.detach()
         amax = weight_mse_amax(weight, bits) if clip else weight.flatten(1).abs().amax(1)
         weight_quantizer.amax = amax.reshape(weight_quantizer.amax.shape).to(weight_quantizer.amax.dtype)
-        qmodel.layers[name] = replace(qmodel.layers[name], weight_bits=bits, weight_amax=amax.clone())
+        qmodel.layers[name] = replace(
+            qmodel.layers[name], weight_bits=bits, weight_amax=amax.clone(), weight_unsigned=unsigned
+        )
 
 
 def weight_bits_of(qmodel: QuantizedModel) -> int:
     """The weight bits of the int8 layers (8 or PORTABLE_WEIGHT_BITS)."""
     return min((layer.weight_bits for layer in qmodel.layers.values()), default=8)
+
+
+def weight_form_of(qmodel: QuantizedModel) -> tuple[int, bool]:
+    """(bits, unsigned) of the int8 layers' weights, as set_weight_bits takes them."""
+    return weight_bits_of(qmodel), any(layer.weight_unsigned for layer in qmodel.layers.values())
+
+
+def weight_form_name(bits: int, unsigned: bool) -> str:
+    """How reports and engine.json name an int8 weight form: '7-bit', '8-bit', '8-bit u8u8'."""
+    return f"{bits}-bit u8u8" if unsigned else f"{bits}-bit"
 
 
 def set_output_quant(qmodel: QuantizedModel, enabled: bool) -> None:

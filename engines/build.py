@@ -20,6 +20,7 @@ from flowpress.compress import (
     set_step_scales,
     set_weight_bits,
     weight_bits_of,
+    weight_form_of,
 )
 from flowpress.engines.isa import HostIsa
 from flowpress.errors import EngineParityError
@@ -119,13 +120,13 @@ def parity_failure(
     """The one-line reason an exported graph fails its parity check here, and what passes instead."""
     results: tuple[Parity, ...] = err.results  # type: ignore[assignment]
     measured = "; ".join(f"{p.optimization}: {p.noise_ratio:.3f}" for p in results if p.noise_ratio is not None)
-    bits = weight_bits_of(qmodel)
+    bits, unsigned = weight_form_of(qmodel)
     if results[-1].optimization == "disabled":
         return EngineParityError(
             f"{name}: the Q/DQ graph disagrees with the fake-quant model even on float kernels ({err}); "
             "an export defect, not this host: report it with the recipe"
         )
-    if qmodel.config.precision == "int8" and bits == 8 and host.int8_saturates:
+    if qmodel.config.precision == "int8" and bits == 8 and not unsigned and host.int8_saturates:
         with tempfile.TemporaryDirectory(prefix="flowpress-portable-") as tmp:
             set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS)
             try:
@@ -138,7 +139,8 @@ def parity_failure(
         return EngineParityError(
             f"{name}: onnxruntime's int8 kernels on this {host.isa_class} host (no VNNI) saturate 8-bit weights "
             f"(noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {alternative}: set "
-            "engine.portable: true (or remove engine.portable: false), or use engine.runtime: openvino"
+            "engine.portable: true (or remove engine.portable: false; engine.portable_weights: u8u8 keeps "
+            "8-bit weights, exact in onnxruntime's slower U8U8 kernels), or use engine.runtime: openvino"
         )
     fix = (
         "set quantize.edge_weight_bits: 7 (8-bit edge layers saturate where int8 kernels have no VNNI)"

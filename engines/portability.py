@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowpress.compress.model import PORTABLE_WEIGHT_BITS
 from flowpress.engines.base import Engine
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.errors import EngineParityError
@@ -26,6 +27,15 @@ FLOAT_ENGINE_ERROR = 1e-4  # below this recorded error an engine runs float kern
 def resolve_portable(setting: bool | None, host: HostIsa) -> bool:
     """engine.portable: True / False as set, None = portable exactly where 8-bit weights saturate."""
     return host.int8_saturates if setting is None else bool(setting)
+
+
+def int8_weight_form(portable: bool | None, portable_weights: str, host: HostIsa) -> tuple[int, bool]:
+    """(bits, unsigned) of the onnxruntime engine's int8 weights on `host` (engine.portable and
+    engine.portable_weights of the recipe): 8-bit where not portable; where portable 7-bit, or
+    8-bit stored unsigned for onnxruntime's U8U8 kernels ('u8u8')."""
+    if not resolve_portable(portable, host):
+        return 8, False
+    return (8, True) if portable_weights == "u8u8" else (PORTABLE_WEIGHT_BITS, False)
 
 
 def host_record(host: HostIsa | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from flowpress.compress import LayerQuant, QuantizedModel
+from flowpress.compress.model import UNSIGNED_ZERO_POINT
 from flowpress.errors import FlowpressError
 from flowpress.export.learned import learned_dequantize, learned_weight
 from flowpress.files import staged_file
@@ -33,7 +34,8 @@ EXPORTER_NOTICES = (
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """flavour: 'ort-cpu' (uint8 activations, zero-point 128; int8 per-channel weights; Conv
+    """flavour: 'ort-cpu' (uint8 activations, zero-point 128; int8 per-channel weights, or uint8
+    with zero-point 128 where the layer says weight_unsigned; Conv
     outputs quantized so onnxruntime fuses QLinearConv) or 'tensorrt' (all int8, zero-point 0;
     or, for a model quantized with precision 'fp8', all FLOAT8E4M3FN with zero-point 0, opset >= 19)."""
 
@@ -243,11 +245,15 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                 ]
             else:
                 # symmetric, as the torch quantizer (narrow range): a clipped range puts weights beyond it
-                w_int8 = np.clip(np.round(weight / w_scale.reshape(bshape)), -w_qmax, w_qmax).astype(np.int8)
+                w_int = np.clip(np.round(weight / w_scale.reshape(bshape)), -w_qmax, w_qmax)
+                w_zp = np.zeros_like(w_scale, dtype=np.int8)
+                if flavour == "ort-cpu" and layer.weight_unsigned:  # the same values, U8U8 kernels
+                    w_int = w_int + UNSIGNED_ZERO_POINT
+                    w_zp = np.full(w_scale.shape, UNSIGNED_ZERO_POINT, np.uint8)
                 new_inits += [
-                    numpy_helper.from_array(w_int8, w_name),
+                    numpy_helper.from_array(w_int.astype(w_zp.dtype), w_name),
                     numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-                    numpy_helper.from_array(np.zeros_like(w_scale, dtype=np.int8), f"{prefix}.weight_zero_point"),
+                    numpy_helper.from_array(w_zp, f"{prefix}.weight_zero_point"),
                     *input_scale,
                     numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
                 ]

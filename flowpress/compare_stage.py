@@ -33,7 +33,11 @@ from flowpress.engines.report import Report, write_report
 # the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
 # forwards per runtime (engines/timing.py says why rounds must be long)
 LATENCY_BLOCK, LATENCY_SETTLE = 10, 3
-EXACT_ON = {"8-bit": "x86 with VNNI or AMX, ARM with dot-product", "7-bit": "every x86 host"}
+EXACT_ON = {
+    "8-bit": "x86 with VNNI or AMX, ARM with dot-product",
+    "7-bit": "every x86 host",
+    "8-bit u8u8": "every host (onnxruntime's U8U8 kernels)",
+}
 
 
 def _weight_forms(

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits, weight_bits_of
+from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits, weight_form_name, weight_form_of
 from flowpress.context import RunContext
 from flowpress.engines import Engine, OrtEngine
 from flowpress.engines.build import build_ort, export_checked, parity_feeds
 from flowpress.engines.openvino import OpenVinoEngine
-from flowpress.engines.portability import host_figures, host_record, resolve_portable
+from flowpress.engines.portability import host_figures, host_record, int8_weight_form, resolve_portable
 from flowpress.export import check_parity, export_onnx
 from flowpress.export.openvino import export_openvino, overflow_fix
 from flowpress.rundir import write_json
@@ -49,9 +49,9 @@ def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path
 
 
 def weight_form(ctx: RunContext, qmodel: QuantizedModel) -> None:
-    """Set the int8 weights to the form the CPU engines ship on this host (7-bit where portable)."""
-    portable = resolve_portable(ctx.recipe.engine.portable, ctx.host)
-    set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if portable else 8)
+    """Set the int8 weights to the form the CPU engines ship on this host (7-bit or U8U8 where portable)."""
+    engine = ctx.recipe.engine
+    set_weight_bits(qmodel, *int8_weight_form(engine.portable, engine.portable_weights, ctx.host))
 
 
 def build_engines(
@@ -60,13 +60,14 @@ def build_engines(
     """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
     (exports, engine manifest).  Rebuilding into the same run overwrites the files.
 
-    The CPU engines take the run's int8 weight bits (7 where portable); the tensorrt graph for
-    GPUs keeps 8 and is checked on float kernels only where this host's int8 kernels saturate.
-    The int8 form not shipped is exported as model.w<bits>.onnx for the report's comparison."""
+    The CPU engines take the run's int8 weight form (7-bit or U8U8 where portable); the tensorrt
+    graph for GPUs keeps signed 8-bit and is checked on float kernels only where this host's int8
+    kernels saturate.  The other weight range (8 where 7 ships, else 7) is exported as
+    model.w<bits>.onnx for the report's comparison."""
     recipe, timer, host = ctx.recipe, ctx.timer, ctx.host
     portable = resolve_portable(recipe.engine.portable, host)
     int8 = recipe.quantize.precision == "int8"
-    bits = weight_bits_of(qmodel)
+    bits, unsigned = weight_form_of(qmodel)
     flavour, opset = recipe.export.flavour, recipe.export.opset
     with timer.stage("export"):
         export_onnx(ctx.fp, run / "fp32.onnx")
@@ -88,7 +89,7 @@ def build_engines(
                     export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
                 )
             finally:
-                set_weight_bits(qmodel, bits)
+                set_weight_bits(qmodel, bits, unsigned)
         if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
             alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
             set_weight_bits(qmodel, alternative)
@@ -96,7 +97,7 @@ def build_engines(
                 path = run / f"model.w{alternative}.onnx"
                 exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
             finally:
-                set_weight_bits(qmodel, bits)
+                set_weight_bits(qmodel, bits, unsigned)
     with timer.stage("engine"):
         manifest: dict[str, Any] = {
             "runtime": "onnxruntime",
@@ -109,7 +110,7 @@ def build_engines(
             "schedule": ctx.sampler.as_dict(),
             "onnxruntime": metadata.version("onnxruntime"),
             "portable": portable,
-            "int8_weights": f"{bits}-bit" if int8 else None,
+            "int8_weights": weight_form_name(bits, unsigned) if int8 else None,
         }
         if qmodel.step_scales is not None:
             manifest["activation_scales"] = "per sampler step, gathered by the step input (one step per batch)"

@@ -90,12 +90,17 @@ class EngineSection:
     same seeds and gate, and recommend the one to ship in the report.
     portable: int8 engines exact on every x86 host — 7-bit weights in onnxruntime, NNCF's
     overflow fix in OpenVINO (engines/isa.py says why); null (default) = portable exactly where
-    this host's int8 kernels would saturate 8-bit weights (x86 without VNNI)."""
+    this host's int8 kernels would saturate 8-bit weights (x86 without VNNI).
+    portable_weights: how the portable onnxruntime engine stays exact — '7-bit' weights (u8 x s8
+    kernels, the fastest) or 'u8u8': the 8-bit weights stored as uint8, which onnxruntime
+    multiplies with its U8U8 kernels (the 8-bit form's fidelity; slower integer kernels on hosts
+    without VNNI, docs/engines.md)."""
 
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
     candidates: bool = True
     portable: bool | None = None
+    portable_weights: Literal["7-bit", "u8u8"] = "7-bit"
 
 
 @dataclass(frozen=True)

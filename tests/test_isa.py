@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from flowpress.engines.isa import ISA_CLASSES, classify, host_isa, ort_int8_saturates
-from flowpress.engines.portability import resolve_portable
+from flowpress.engines.portability import int8_weight_form, resolve_portable
 from flowpress.errors import FlowpressError
 
 C_IN, C_OUT, KERNEL, SIZE = 64, 64, 3, 6
@@ -52,11 +52,14 @@ def test_vpmaddubsw_saturates_8_bit_weights_and_not_7_bit():
     assert 2 * 255 * 63 <= 32767 < 2 * 255 * 127
 
 
-def qlinear_conv(x: np.ndarray, w: np.ndarray, y_scale: float) -> np.ndarray:
+def qlinear_conv(x: np.ndarray, w: np.ndarray, y_scale: float, unsigned: bool = False) -> np.ndarray:
     """onnxruntime's QLinearConv (the ort-cpu engines' conv) of the operands, scales 1 in, `y_scale`
-    out, zero points 128: (positions, C_out) uint8 as int64."""
+    out, activation zero points 128; with `unsigned` the weights go in as uint8 w + 128 with zero
+    point 128 (the u8u8 form: the same values): (positions, C_out) uint8 as int64."""
+    w_zero_point = np.array(128, np.uint8) if unsigned else np.array(0, np.int8)
+    w = (w.astype(np.int16) + 128).astype(np.uint8) if unsigned else w
     constants = {"x_scale": np.array(1.0, np.float32), "x_zero_point": np.array(128, np.uint8), "w": w,
-                 "w_scale": np.array(1.0, np.float32), "w_zero_point": np.array(0, np.int8),
+                 "w_scale": np.array(1.0, np.float32), "w_zero_point": w_zero_point,
                  "y_scale": np.array(y_scale, np.float32), "y_zero_point": np.array(128, np.uint8)}  # fmt: skip
     graph = helper.make_graph(
         [helper.make_node("QLinearConv", ["x", *constants], ["y"])],
@@ -70,13 +73,13 @@ def qlinear_conv(x: np.ndarray, w: np.ndarray, y_scale: float) -> np.ndarray:
     return session.run(None, {"x": x})[0][0].reshape(C_OUT, -1).T.astype(np.int64)
 
 
-def lsb_errors(weight_max: int) -> np.ndarray:
+def lsb_errors(weight_max: int, unsigned: bool = False) -> np.ndarray:
     """|onnxruntime's QLinearConv - the exact conv requantized| in output LSBs."""
     x, w = conv_operands(weight_max)
     acc = exact_conv(x, w)
     y_scale = float(np.abs(acc).max()) / 127
     exact = np.clip(np.round(acc / y_scale) + 128, 0, 255)
-    return np.abs(qlinear_conv(x, w, y_scale) - exact)
+    return np.abs(qlinear_conv(x, w, y_scale, unsigned) - exact)
 
 
 def test_this_hosts_integer_conv_is_exact_with_7_bit_weights_and_the_probe_predicts_8_bit():
@@ -84,6 +87,13 @@ def test_this_hosts_integer_conv_is_exact_with_7_bit_weights_and_the_probe_predi
     assert lsb_errors(63).max() <= 1
     full_range_exact = bool(lsb_errors(127).max() <= 1)
     assert full_range_exact is not ort_int8_saturates()
+
+
+def test_u8u8_weights_are_exact_at_full_range_on_this_host():
+    # onnxruntime's U8U8 kernels widen both operands to int16 before the pair sums (VPMADDWD into
+    # int32 where VNNI is missing): 2 * 255 * 255 never saturates, on any host class.  Measured on
+    # x86-avx2: max 1 LSB (float requantization) where the same weights signed were 11 off.
+    assert lsb_errors(127, unsigned=True).max() <= 1
 
 
 @pytest.mark.parametrize(
@@ -108,8 +118,12 @@ def test_the_emulated_class_decides_the_portable_form(monkeypatch):
     host = host_isa()
     assert host.emulated and host.int8_saturates and resolve_portable(None, host)
     assert not resolve_portable(False, host)
+    assert int8_weight_form(None, "7-bit", host) == (7, False) and int8_weight_form(None, "u8u8", host) == (8, True)
+    assert int8_weight_form(False, "u8u8", host) == (8, False)
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx512-vnni")
     assert not resolve_portable(None, host_isa()) and resolve_portable(True, host_isa())
+    assert int8_weight_form(None, "u8u8", host_isa()) == (8, False)
+    assert int8_weight_form(True, "u8u8", host_isa()) == (8, True)
     monkeypatch.setenv("FLOWPRESS_ISA", "pentium")
     with pytest.raises(FlowpressError, match="not an ISA class"):
         host_isa()

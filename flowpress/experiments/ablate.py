@@ -22,7 +22,6 @@ from torch import Tensor
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture, select
 from flowpress.calibration.capture import Strategy
 from flowpress.compress import (
-    PORTABLE_WEIGHT_BITS,
     Int8Config,
     QuantizedModel,
     W4A4Config,
@@ -34,7 +33,7 @@ from flowpress.compress.config import Amax
 from flowpress.engines import Engine, Evaluator, OrtEngine, TorchEngine, median_step_ms, psnr_db, rel_l2
 from flowpress.engines.build import build_ort
 from flowpress.engines.isa import HostIsa, host_isa
-from flowpress.engines.portability import resolve_portable
+from flowpress.engines.portability import int8_weight_form
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
 from flowpress.experiments.ablate_peers import (
@@ -179,7 +178,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     metrics = list(evaluator.metrics) if evaluator is not None else []
     sampler, guidance, null = recipe.sampling.schedule(), recipe.sampling.guidance, model.null_condition()
     host = host_isa()
-    weight_bits = PORTABLE_WEIGHT_BITS if resolve_portable(recipe.engine.portable, host) else 8
+    weight_form = int8_weight_form(recipe.engine.portable, recipe.engine.portable_weights, host)
     fp = StepModel(model, sampler).eval()
     ref = fp_reference(model, sampler, guidance, config.compare_samples, config.batch_size)
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
@@ -213,8 +212,8 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                 elif setting == "int8":  # the recipe's own engine (ort-cpu flavour, this host's weight bits)
                     calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
                     qmodel = quantize(model, variants[method], calib, sampler)
-                    set_weight_bits(qmodel, weight_bits)
-                    bits = weight_bits
+                    set_weight_bits(qmodel, *weight_form)
+                    bits = weight_form[0]  # U8U8 holds the same 8-bit values
                     built = workdir / "model.opt.onnx"
                     build_ort(qmodel, calib, workdir / "model.onnx", built, "ort-cpu", 19, host, method)
                     engine, size = OrtEngine(built, sampler, method), built.stat().st_size
@@ -240,8 +239,8 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                         conv_output_quant=False,
                     )
                     qmodel = quantize(model, qconfig, calib, sampler)
-                    set_weight_bits(qmodel, weight_bits)
-                    bits = weight_bits
+                    set_weight_bits(qmodel, *weight_form)
+                    bits = weight_form[0]  # U8U8 holds the same 8-bit values
                     # 8-bit rows run in onnxruntime; no runtime executes 6-bit activations, so
                     # the hard setting runs the torch fake-quant model.
                     engine = (

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits
+from flowpress.compress import QuantizedModel, set_weight_bits
 from flowpress.engines import Engine, TorchEngine
 from flowpress.engines.isa import HostIsa
-from flowpress.engines.portability import resolve_portable
+from flowpress.engines.portability import int8_weight_form, resolve_portable
 from flowpress.models import DiffusersDenoiser, StepModel, as_feeds
 from flowpress.recipe import Recipe
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
@@ -90,8 +90,8 @@ def ort_quantize_static(fp32: Path, calib: CalibrationSet, out: Path, op_types: 
 
 
 def int8_form(qmodel: QuantizedModel, recipe: Recipe, host: HostIsa) -> bool:
-    """Give `qmodel` the int8 weight bits `make quantize` gives it on `host` (7 where portable,
-    a no-op for fp8 / w4a8); returns whether the recipe's engines are portable there."""
-    portable = resolve_portable(recipe.engine.portable, host)
-    set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS if portable else 8)
-    return portable
+    """Give `qmodel` the int8 weight form `make quantize` gives it on `host` (7-bit or U8U8 where
+    portable, a no-op for fp8 / w4a8); returns whether the recipe's engines are portable there."""
+    engine = recipe.engine
+    set_weight_bits(qmodel, *int8_weight_form(engine.portable, engine.portable_weights, host))
+    return resolve_portable(engine.portable, host)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture
-from flowpress.compress import QuantizedModel, quantize, weight_bits_of
+from flowpress.compress import QuantizedModel, quantize, weight_form_name, weight_form_of
 from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import build_ort
 from flowpress.engines.isa import HostIsa, host_isa
@@ -157,7 +157,7 @@ def build_variants(
             "isa_class": host.isa_class,
             "emulated": host.emulated,
             "portable": portable,
-            "int8_weights": f"{weight_bits_of(qmodel)}-bit" if int8 else None,
+            "int8_weights": weight_form_name(*weight_form_of(qmodel)) if int8 else None,
             "overflow_fix": overflow_fix(portable),
         },
     }
