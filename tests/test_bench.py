@@ -100,6 +100,7 @@ def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path, monkeypatch):
         fp8_recipe=str(paths["fp8"]),
         w4a8_recipe=str(paths["w4a8"]),
         student_recipe=str(paths["student"]),
+        portable_weights="u8u8",  # the entry's override of the recipe's 7-bit default
     )
     config = BenchConfig(
         models=(spec,),
@@ -120,10 +121,10 @@ def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path, monkeypatch):
         assert row["ms_per_step_median"] == pytest.approx(float(np.median(row["ms_per_step_passes"])))
         assert 0 < row["ms_per_step_median"] <= row["ms_per_step_p90"]
         assert row["images_per_s"] > 0 and row["size_bytes"] > 0 and row["peak_rss_mb"] > 0
-    # built as `make quantize` builds them on an AVX2 host: 7-bit weights, NNCF's overflow fix;
-    # the peers as a user builds them, and fp8 / W4A8 have no int8 weights
+    # built as `make quantize` builds them on an AVX2 host: portable (here the entry's U8U8 8-bit
+    # weights), NNCF's overflow fix; the peers as a user builds them, and fp8 / W4A8 have no int8 weights
     assert (result["isa_class"], result["emulated"], result["portable"]) == ("x86-avx2", True, True)
-    assert result["int8_weights"] == "7-bit" and result["overflow_fix"] == "enable"
+    assert result["int8_weights"] == "8-bit u8u8" and result["overflow_fix"] == "enable"
     portable = {v: rows[(v, 8)]["portable"] for v in variants}
     assert portable == {
         "torch-fp32": None,
@@ -188,6 +189,7 @@ def test_the_bench_recipe_carries_the_bars_and_passes():
     config = load_bench_config(ROOT / "recipes" / "bench.yaml")
     assert config.passes == 3 and config.bars == BenchBars()  # the recipe's thresholds are the defaults
     assert config.bars.int8_peak_fraction.model == "speed-dit" and config.bars.int8_peak_fraction.min == 0.75
+    assert {m.name: m.portable_weights for m in config.models}["speed-dit"] == "7-bit"  # its fastest exact form
     assert config.bars.ov_int8_vs_nncf.min_psnr_gain_db == 1.0
     assert config.bars.ort_int8_vs_quantize_static.min_speedup == 1.1
     models = [{"name": "speed-dit", "recipe": "examples/digits/recipes/digits-dit-int8.yaml"}]

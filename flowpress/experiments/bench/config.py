@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from flowpress.errors import FlowpressError
 from flowpress.recipe import load_recipe
@@ -61,6 +62,7 @@ class BenchModel:
     fp8_recipe: str | None = None  # flowpress-fp8 / flowpress-w4a8 quantize with these recipes'
     w4a8_recipe: str | None = None  # settings; a model without one has no such row
     student_recipe: str | None = None  # the distilled student of this model (its own sampler)
+    portable_weights: Literal["7-bit", "u8u8"] | None = None  # the recipe's engine.portable_weights, overridden
 
     def __post_init__(self) -> None:
         for key, precision in (("fp8_recipe", "fp8"), ("w4a8_recipe", "w4a8")):

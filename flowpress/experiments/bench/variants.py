@@ -76,6 +76,10 @@ def build_variants(
     as a user builds them: NNCF's and quantize_static's defaults, never portable."""
     host = host or host_isa()
     recipe = load_recipe(spec.recipe)
+    if spec.portable_weights is not None:
+        recipe = dataclasses.replace(
+            recipe, engine=dataclasses.replace(recipe.engine, portable_weights=spec.portable_weights)
+        )
     calib = calibrate(model, schedule, recipe.calibration, guidance)
     # the peers calibrate on the same inputs, shuffled (every step equally often, as random-t
     # draws would): the rows then differ only in what each method does with them
