@@ -90,13 +90,17 @@ class Int8Config(_Common):
     weight_clip: the per-channel weight range of the portable 7-bit form (engine.portable): 'max'
     (the channel's largest weight) or 'mse' (alpha * max, alpha in [0.6, 1], with the least weight
     error: on a grid twice as coarse, one outlier weight costs the rest of its channel more);
-    8-bit weights keep the max."""
+    8-bit weights keep the max.
+    bias_correction: add to each quantized layer's bias the mean of (FP - quantized) output per
+    channel over the calibration inputs, measured for the weight form the engine ships (it
+    corrects the mean shift that clipping and rounding of the weights leave; compress/bias.py)."""
 
     precision: Literal["int8"] = "int8"
     activation_bits: int = 8
     conv_output_quant: bool = True
     step_scales: bool = False
     weight_clip: Literal["max", "mse"] = "max"
+    bias_correction: bool = False
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
 
     def __post_init__(self) -> None:
@@ -105,6 +109,10 @@ class Int8Config(_Common):
             raise FlowpressError(f"quantize.activation_bits must be in 2..8, got {self.activation_bits}")
         if self.step_scales and self.mixed_precision.enabled:
             raise FlowpressError("quantize: step_scales and mixed_precision together are not supported; turn one off")
+        if self.bias_correction and self.mixed_precision.enabled:
+            raise FlowpressError(
+                "quantize: bias_correction and mixed_precision together are not supported; turn one off"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
-from flowpress.calibration import CachedStepModel, discover_temporal
+from flowpress.calibration import CachedStepModel, CalibrationSet, discover_temporal
 from flowpress.calibration.temporal import half_tables
 from flowpress.compress.config import Int8Config, QuantConfig
 from flowpress.compress.shortcut import split_shortcuts
@@ -42,6 +43,8 @@ class LayerQuant:
     weight_unsigned (8-bit int8 weights): the onnxruntime graph stores them as uint8 with zero point
     UNSIGNED_ZERO_POINT, the same values, so onnxruntime multiplies with its U8U8 kernels (exact on
     every host, engines/isa.py); the TensorRT graph keeps int8.
+    bias_shift (int8 with bias_correction): (C_out,) added to the layer's bias, in the torch model
+    and in every exported graph, for the weight bits set now (compress/bias.py).
     """
 
     kind: Literal["conv", "linear"]
@@ -59,6 +62,7 @@ class LayerQuant:
     activation_group: int | None = None
     input_amax_steps: Tensor | None = None
     weight_unsigned: bool = False
+    bias_shift: Tensor | None = None
 
 
 @dataclass
@@ -69,7 +73,9 @@ class QuantizedModel:
     'net.down_blocks.0.resnets.0.conv1'; reconstruction (w4a8): per block, its output error
     over the reconstruction inputs with nearest and with learned rounding, and which it kept;
     step_scales (int8 with step_scales): what switches `module`'s quantizers to a step's ranges
-    (set as module.per_step while on, set_step_scales)."""
+    (set as module.per_step while on, set_step_scales); bias_calibration (int8 with
+    bias_correction): the inputs correct_biases measures each weight form's shifts over, and
+    bias_shifts those shifts by weight bits."""
 
     module: StepModel
     fp_module: StepModel
@@ -78,6 +84,8 @@ class QuantizedModel:
     temporal_modules: list[str]
     reconstruction: dict[str, dict[str, float | str]] = field(default_factory=dict)
     step_scales: StepScales | None = None
+    bias_calibration: CalibrationSet | None = None
+    bias_shifts: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class StepScales:
@@ -172,6 +180,32 @@ def set_weight_bits(qmodel: QuantizedModel, bits: int, unsigned: bool = False) -
         qmodel.layers[name] = replace(
             qmodel.layers[name], weight_bits=bits, weight_amax=amax.clone(), weight_unsigned=unsigned
         )
+    correct_biases(qmodel)
+
+
+@torch.no_grad()
+def correct_biases(qmodel: QuantizedModel) -> None:
+    """Give every quantized layer with a bias the shift compress/bias.py measures over
+    qmodel.bias_calibration for the weight bits set now (measured once per bits): the torch
+    model's bias becomes the FP bias plus that shift, and the layer record carries it for the
+    exporter.  Without bias_calibration (bias_correction off) a no-op."""
+    if qmodel.bias_calibration is None:
+        return
+    from flowpress.compress.bias import bias_shifts
+
+    modules: dict[str, Any] = layer_modules(qmodel.module)
+    fp_modules: dict[str, Any] = layer_modules(qmodel.fp_module)
+    for name, layer in qmodel.layers.items():  # back to the FP biases before measuring
+        if layer.bias_shift is not None:
+            modules[name].bias.copy_(fp_modules[name].bias)
+    bits = weight_bits_of(qmodel)
+    if bits not in qmodel.bias_shifts:
+        qmodel.bias_shifts[bits] = bias_shifts(qmodel.module, list(qmodel.layers), qmodel.bias_calibration)
+    for name, shift in qmodel.bias_shifts[bits].items():
+        if name in qmodel.layers:
+            modules[name].bias.copy_(fp_modules[name].bias + shift)
+    for name in qmodel.layers:
+        qmodel.layers[name] = replace(qmodel.layers[name], bias_shift=qmodel.bias_shifts[bits].get(name))
 
 
 def weight_bits_of(qmodel: QuantizedModel) -> int:

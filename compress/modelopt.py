@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.amax import activation_amax, per_step_absmax
 from flowpress.compress.config import Fp8Config, Int8Config
-from flowpress.compress.model import LayerQuant, QuantizedModel, StepScales, excluded_patterns, is_excluded
+from flowpress.compress.model import (
+    LayerQuant,
+    QuantizedModel,
+    StepScales,
+    correct_biases,
+    excluded_patterns,
+    is_excluded,
+)
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel
 from flowpress.sampling import Sampler
@@ -101,6 +108,9 @@ def quantize_modelopt(
     qmodel = QuantizedModel(qmodule, fp_module, layers, config, temporal)
     if isinstance(config, Int8Config) and config.step_scales:
         add_step_scales(qmodel, calib)
+    if isinstance(config, Int8Config) and config.bias_correction:
+        qmodel.bias_calibration = calib
+        correct_biases(qmodel)
     return qmodel
 
 

@@ -176,6 +176,33 @@ def _check_fp8(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> bool: 
     return True
 
 
+def _shifted_bias(node, shift, inits, consumers, rewired, prefix: str):  # noqa: ANN001, ANN202
+    """The layer's bias plus its bias-correction shift as a new initializer `<prefix>.bias`, wired
+    in place of the bias it replaces: a Conv's / Gemm's third input, a MatMul's following Add."""
+    from onnx import numpy_helper
+
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+        owner, index = node, 2
+    else:
+        adds = [
+            (n, i)
+            for n in consumers.get(node.output[0], [])
+            if n.op_type == "Add"
+            for i, name in enumerate(n.input)
+            if name in inits and numpy_helper.to_array(inits[name]).shape == tuple(shift.shape)
+        ]
+        if node.op_type != "MatMul" or len(adds) != 1:
+            raise FlowpressError(f"export: no bias found for {node.name} to apply its bias correction to")
+        owner, index = adds[0]
+    bias = numpy_helper.to_array(inits[owner.input[index]]).astype(np.float32) + shift.numpy().astype(np.float32)
+    name = f"{prefix}.bias"
+    if owner is node:
+        node.input[index] = name  # the rewritten node copies node.input[2:]
+    else:
+        rewired[id(owner)] = (index, name)
+    return numpy_helper.from_array(bias.astype(np.float32), name)
+
+
 def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None:  # noqa: ANN001
     """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(W) and Q/DQ(x): int8 W
     (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x."""
@@ -191,6 +218,11 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
     new_nodes = []
     new_inits = []
     found: set[str] = set()
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewired: dict[int, tuple[int, str]] = {}  # id(node) -> (input index, corrected bias) for a MatMul's bias Add
     for node in graph.node:
         name = _module_of(node.name)
         layer = layers.get(name)
@@ -267,6 +299,8 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         out = node.output[0]
         quant_out = flavour == "ort-cpu" and layer.output_amax is not None
         y = f"{prefix}.output_float" if quant_out else out
+        if layer.bias_shift is not None:
+            new_inits.append(_shifted_bias(node, layer.bias_shift, inits, consumers, rewired, prefix))
         if node.op_type == "Gemm":
             bias = list(node.input[2:3])
             mm_out = f"{prefix}.matmul_out" if bias else y
@@ -291,6 +325,10 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
                 helper.make_node("QuantizeLinear", [y, f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [f"{prefix}.output_q"], name=f"{prefix}.output_Q"),
                 helper.make_node("DequantizeLinear", [f"{prefix}.output_q", f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [out], name=f"{prefix}.output_DQ"),
             ]  # fmt: skip
+    for node in new_nodes:
+        if id(node) in rewired:
+            index, name = rewired[id(node)]
+            node.input[index] = name
     if any(layer.precision == "w4a4" for layer in layers.values()):
         from flowpress.export.lowrank import shared_initializers
 
