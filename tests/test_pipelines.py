@@ -1,6 +1,7 @@
 """What users bring: diffusers pipelines of every supported family (tiny random configs), run
 through `flowpress quantize --model`, sampled by their own schedulers, dropped back in."""
 
+import functools
 import json
 import shutil
 
@@ -11,7 +12,9 @@ import torch
 from onnx import numpy_helper
 
 import flowpress
+from flowpress import defaults
 from flowpress.cli import main
+from flowpress.compress import W4A8Config
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel, load_source
 from flowpress.sampling import noise_for_seeds, sample
@@ -144,11 +147,14 @@ def test_a_bare_denoiser_must_be_told_its_scheduler(pipes, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_w4a8_without_a_recipe_keeps_its_linear_edge_exact_on_every_host(pipes, tmp_path, capsys):
+def test_w4a8_without_a_recipe_keeps_its_linear_edge_exact_on_every_host(pipes, tmp_path, capsys, monkeypatch):
     # PixArt's output layer is a Linear: with 8-bit weights onnxruntime runs it as MatMulIntegerToFloat,
-    # which saturated on an AVX2 host (noise ratio 4.10, exit 3); the default 7-bit edges are exact there
+    # which saturated on an AVX2 host (noise ratio 4.10, exit 3); the default 7-bit edges are exact there.
+    # The edges' form does not depend on learned rounding: 20 iterations per block instead of 500
+    fewer = functools.partial(W4A8Config, recon_iters=20)
+    monkeypatch.setattr(defaults, "PRECISIONS", {**defaults.PRECISIONS, "w4a8": fewer})
     code, _, err = quantize_model(pipes["pixart"], tmp_path / "run", capsys, "--precision", "w4a8", "--no-openvino")
-    assert code in (0, 1), err  # random tiny weights: measured 23.9 dB, below the default gate
+    assert code in (0, 1), err  # random tiny weights: measured 24.4 dB, below the default gate
     graph = onnx.load(str(tmp_path / "run" / "model.onnx")).graph
     edges = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight_int8")}
     assert len(edges) == 2 and all(np.abs(w).max() <= 63 for w in edges.values()), sorted(edges)
