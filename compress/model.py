@@ -75,7 +75,7 @@ class QuantizedModel:
     step_scales (int8 with step_scales): what switches `module`'s quantizers to a step's ranges
     (set as module.per_step while on, set_step_scales); bias_calibration (int8 with
     bias_correction): the inputs correct_biases measures each weight form's shifts over, and
-    bias_shifts those shifts by weight bits."""
+    bias_shifts_by_bits those shifts by weight bits."""
 
     module: StepModel
     fp_module: StepModel
@@ -85,7 +85,7 @@ class QuantizedModel:
     reconstruction: dict[str, dict[str, float | str]] = field(default_factory=dict)
     step_scales: StepScales | None = None
     bias_calibration: CalibrationSet | None = None
-    bias_shifts: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    bias_shifts_by_bits: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class StepScales:
@@ -199,13 +199,13 @@ def correct_biases(qmodel: QuantizedModel) -> None:
         if layer.bias_shift is not None:
             modules[name].bias.copy_(fp_modules[name].bias)
     bits = weight_bits_of(qmodel)
-    if bits not in qmodel.bias_shifts:
-        qmodel.bias_shifts[bits] = bias_shifts(qmodel.module, list(qmodel.layers), qmodel.bias_calibration)
-    for name, shift in qmodel.bias_shifts[bits].items():
+    if bits not in qmodel.bias_shifts_by_bits:
+        qmodel.bias_shifts_by_bits[bits] = bias_shifts(qmodel.module, list(qmodel.layers), qmodel.bias_calibration)
+    for name, shift in qmodel.bias_shifts_by_bits[bits].items():
         if name in qmodel.layers:
             modules[name].bias.copy_(fp_modules[name].bias + shift)
     for name in qmodel.layers:
-        qmodel.layers[name] = replace(qmodel.layers[name], bias_shift=qmodel.bias_shifts[bits].get(name))
+        qmodel.layers[name] = replace(qmodel.layers[name], bias_shift=qmodel.bias_shifts_by_bits[bits].get(name))
 
 
 def weight_bits_of(qmodel: QuantizedModel) -> int:
