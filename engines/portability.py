@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,9 +19,6 @@ from flowpress.compress.model import PORTABLE_WEIGHT_BITS
 from flowpress.engines.base import Engine
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.errors import EngineParityError
-
-if TYPE_CHECKING:
-    from flowpress.recipe import EngineSection
 
 HOST_DRIFT_LIMIT = 1.5  # error here / error where validated; same host: 1.0 exactly
 FLOAT_ENGINE_ERROR = 1e-4  # below this recorded error an engine runs float kernels: nothing to re-check
@@ -32,13 +29,13 @@ def resolve_portable(setting: bool | None, host: HostIsa) -> bool:
     return host.int8_saturates if setting is None else bool(setting)
 
 
-def int8_weight_form(engine: EngineSection, host: HostIsa) -> tuple[int, bool]:
-    """(bits, unsigned) of the onnxruntime engine's int8 weights on `host` by a recipe's engine
-    section: 8-bit where not portable; where portable 7-bit, or 8-bit stored unsigned for
-    onnxruntime's U8U8 kernels (portable_weights 'u8u8')."""
-    if not resolve_portable(engine.portable, host):
+def int8_weight_form(portable: bool | None, portable_weights: str, host: HostIsa) -> tuple[int, bool]:
+    """(bits, unsigned) of the onnxruntime engine's int8 weights on `host` (engine.portable and
+    engine.portable_weights of the recipe): 8-bit where not portable; where portable 7-bit, or
+    8-bit stored unsigned for onnxruntime's U8U8 kernels ('u8u8')."""
+    if not resolve_portable(portable, host):
         return 8, False
-    return (8, True) if engine.portable_weights == "u8u8" else (PORTABLE_WEIGHT_BITS, False)
+    return (8, True) if portable_weights == "u8u8" else (PORTABLE_WEIGHT_BITS, False)
 
 
 def host_record(host: HostIsa | None = None) -> dict[str, Any]:

@@ -50,7 +50,8 @@ def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path
 
 def weight_form(ctx: RunContext, qmodel: QuantizedModel) -> None:
     """Set the int8 weights to the form the CPU engines ship on this host (7-bit or U8U8 where portable)."""
-    set_weight_bits(qmodel, *int8_weight_form(ctx.recipe.engine, ctx.host))
+    engine = ctx.recipe.engine
+    set_weight_bits(qmodel, *int8_weight_form(engine.portable, engine.portable_weights, ctx.host))
 
 
 def build_engines(

@@ -8,7 +8,6 @@ from onnx import TensorProto, helper, numpy_helper
 from flowpress.engines.isa import ISA_CLASSES, classify, host_isa, ort_int8_saturates
 from flowpress.engines.portability import int8_weight_form, resolve_portable
 from flowpress.errors import FlowpressError
-from flowpress.recipe import EngineSection
 
 C_IN, C_OUT, KERNEL, SIZE = 64, 64, 3, 6
 
@@ -119,13 +118,12 @@ def test_the_emulated_class_decides_the_portable_form(monkeypatch):
     host = host_isa()
     assert host.emulated and host.int8_saturates and resolve_portable(None, host)
     assert not resolve_portable(False, host)
-    assert int8_weight_form(EngineSection(), host) == (7, False)
-    assert int8_weight_form(EngineSection(portable_weights="u8u8"), host) == (8, True)
-    assert int8_weight_form(EngineSection(portable=False, portable_weights="u8u8"), host) == (8, False)
+    assert int8_weight_form(None, "7-bit", host) == (7, False) and int8_weight_form(None, "u8u8", host) == (8, True)
+    assert int8_weight_form(False, "u8u8", host) == (8, False)
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx512-vnni")
     assert not resolve_portable(None, host_isa()) and resolve_portable(True, host_isa())
-    assert int8_weight_form(EngineSection(portable_weights="u8u8"), host_isa()) == (8, False)
-    assert int8_weight_form(EngineSection(portable=True, portable_weights="u8u8"), host_isa()) == (8, True)
+    assert int8_weight_form(None, "u8u8", host_isa()) == (8, False)
+    assert int8_weight_form(True, "u8u8", host_isa()) == (8, True)
     monkeypatch.setenv("FLOWPRESS_ISA", "pentium")
     with pytest.raises(FlowpressError, match="not an ISA class"):
         host_isa()

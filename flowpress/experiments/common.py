@@ -92,5 +92,6 @@ def ort_quantize_static(fp32: Path, calib: CalibrationSet, out: Path, op_types: 
 def int8_form(qmodel: QuantizedModel, recipe: Recipe, host: HostIsa) -> bool:
     """Give `qmodel` the int8 weight form `make quantize` gives it on `host` (7-bit or U8U8 where
     portable, a no-op for fp8 / w4a8); returns whether the recipe's engines are portable there."""
-    set_weight_bits(qmodel, *int8_weight_form(recipe.engine, host))
-    return resolve_portable(recipe.engine.portable, host)
+    engine = recipe.engine
+    set_weight_bits(qmodel, *int8_weight_form(engine.portable, engine.portable_weights, host))
+    return resolve_portable(engine.portable, host)
