@@ -369,10 +369,11 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
             [
                 "Peers (w8a8 only), built as their users build them (8-bit weights, no parity check): "
                 "`modelopt-default` = INT8_DEFAULT_CFG calibrated by running the whole sampler, exported with Q/DQ on "
-                "inputs and weights (where this host's int8 kernels saturate 8-bit weights, x86 without VNNI, its PSNR is "
-                "its torch fake-quant model's and its ms its onnxruntime engine's: that engine there measured 38.9 dB "
-                "on the digits DiT, its fake-quant model 45.5); `ort-quantize-static` = onnxruntime quantize_static, MinMax, QDQ U8S8, per "
-                "channel, on Conv / MatMul / Gemm, the same number of inputs drawn at random steps."
+                "inputs and weights (where this host's int8 kernels saturate 8-bit weights, x86 without VNNI, its "
+                "PSNR is its torch fake-quant model's, since its onnxruntime engine there is wrong rather than "
+                "miscalibrated, and its ms its onnxruntime engine's); `ort-quantize-static` = onnxruntime "
+                "quantize_static, MinMax, QDQ U8S8, per channel, on Conv / MatMul / Gemm, the same number of inputs "
+                "drawn at random steps."
             ]
             if set(config.peers) & set(W8A8_PEERS) and "w8a8" in config.settings
             else []
