@@ -38,12 +38,29 @@ def test_tables_hold_each_steps_range_and_the_torch_model_uses_them(stepped):
     assert layer.input_amax_steps is not None and layer.input_amax_steps.shape == (SCHEDULE.n_evaluations,)
     # the static range is the mean of the per-step ones ('perstep-mean'): the same measurement
     assert float(layer.input_amax_steps.mean()) == pytest.approx(static.layers[name].input_amax, rel=1e-5)
-    fp = TorchEngine(by_step.fp_module, SCHEDULE, "fp")
     feeds = feeds_of(calib)
+    cond = {k: v for k, v in feeds.items() if k not in ("x", "step")}
+    # at each step the per-step model is the static one with that step's ranges: the same output
+    tables = by_step.step_scales.tables
+    quantizers = {n: m.input_quantizer for n, m in static.module.model.named_modules() if n in tables}
+    kept = {n: q.amax.clone() for n, q in quantizers.items()}
+    got = by_step.module.run(feeds["x"], feeds["step"], cond)
+    try:
+        for s in range(SCHEDULE.n_evaluations):
+            rows = feeds["step"] == s
+            for n, q in quantizers.items():
+                q.amax = tables[n][s]
+            want = static.module.run(feeds["x"][rows], feeds["step"][rows], {k: v[rows] for k, v in cond.items()})
+            assert torch.allclose(got[rows], want, atol=1e-6), s
+    finally:
+        for n, q in quantizers.items():
+            q.amax = kept[n]
+    # which of the two is closer to FP on this random tiny UNet depends on the weight form (7-bit:
+    # 0.0509 static, 0.0498 per step; 8-bit: 0.0476, 0.0484); the gain on trained models is in
+    # results/ablation-step-scales.md.  Switched off, the per-step model is the static one exactly.
+    fp = TorchEngine(by_step.fp_module, SCHEDULE, "fp")
     err_static = _error(TorchEngine(static.module, SCHEDULE), fp, feeds)
-    err_steps = _error(TorchEngine(by_step.module, SCHEDULE), fp, feeds)
-    # measured on the tiny UNet (random weights, 4 steps): 0.0509 static, 0.0498 per step
-    assert err_steps < err_static
+    assert _error(TorchEngine(by_step.module, SCHEDULE), fp, feeds) != pytest.approx(err_static, rel=1e-3)
     set_step_scales(by_step, False)
     assert _error(TorchEngine(by_step.module, SCHEDULE), fp, feeds) == pytest.approx(err_static, rel=1e-6)
     set_step_scales(by_step, True)

@@ -14,7 +14,23 @@ from flowpress.recipe import load_recipe
 from flowpress.schema import from_dict, load_yaml
 
 PEERS = ("torch-fp32", "ort-fp32", "ort-quantize-static", "ov-bf16", "ov-nncf-default")
-OURS = ("flowpress-ort-int8", "flowpress-ov-int8", "flowpress-ov-bf16", "flowpress-fp8", "flowpress-w4a8", "student")
+OURS = (
+    "flowpress-ort-int8",
+    "flowpress-ov-int8",
+    "flowpress-ov-bf16",
+    "flowpress-fp8",
+    "flowpress-w4a8",
+    "student",
+    "flowpress-ort-int8-portable",
+    "flowpress-ov-int8-portable",
+)
+# the int8 engines' portable form beside the full-range one, built only on hosts whose int8
+# kernels are exact with 8-bit weights (elsewhere flowpress's int8 engines are portable already):
+# what exactness on every x86 host costs in speed and fidelity there
+PORTABLE_TWINS = {
+    "flowpress-ort-int8-portable": "flowpress-ort-int8",
+    "flowpress-ov-int8-portable": "flowpress-ov-int8",
+}
 # a different (one-step) network: its rows show what distillation buys, not what an engine of the
 # same network runs at, so it is left out of the per-step int8-peak bar
 NOT_THE_SAME_NETWORK = ("student",)
@@ -31,6 +47,8 @@ ARITHMETIC = {
     "flowpress-fp8": "fp32",  # emulated on CPU: fp8 Q/DQ around float Conv / MatMul
     "flowpress-w4a8": "fp32",  # int4 weights dequantized into float Conv / MatMul on CPU
     "student": "int8",
+    "flowpress-ort-int8-portable": "int8",
+    "flowpress-ov-int8-portable": "int8",
 }
 
 

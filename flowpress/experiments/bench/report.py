@@ -7,6 +7,7 @@ from typing import Any
 
 from flowpress.engines.isa import ISA_ENV
 from flowpress.experiments.bench.bars import find_row
+from flowpress.experiments.bench.config import PORTABLE_TWINS
 from flowpress.experiments.bench.profile import GRAPH_OPS
 
 
@@ -105,6 +106,7 @@ def bench_markdown(bench: dict[str, Any]) -> str:
                 f"{student['images_per_s'] / teacher['images_per_s']:.0f}x; its final PSNR is against the teacher's "
                 "trajectory (another network: it is left out of the int8-peak bar).",
             ]
+        lines += portable_cost(bench["rows"], name)
         lines += ["", "Top operators per engine (batch 8, share of the engine's operator time):", ""]
         for variant, ops in info["profiles"].items():
             lines.append(f"- {variant}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops))
@@ -143,6 +145,21 @@ def bench_markdown(bench: dict[str, Any]) -> str:
             )
     lines.append("")
     return "\n".join(lines)
+
+
+def portable_cost(rows: list[dict[str, Any]], model: str, batch: int = 8) -> list[str]:
+    """A sentence per portable twin: what the form exact on every x86 host costs on this host."""
+    out = []
+    for twin, full in PORTABLE_TWINS.items():
+        a, b = find_row(rows, model, twin, batch), find_row(rows, model, full, batch)
+        if a and b:
+            out.append(
+                f"{twin} (the form exact on every x86 host) against {full} (8-bit weights, exact here) at batch "
+                f"{batch}: {a['ms_per_step_median']:.2f} vs {b['ms_per_step_median']:.2f} ms per step "
+                f"({a['ms_per_step_median'] / b['ms_per_step_median']:.2f}x the time), final PSNR "
+                f"{_fmt(a['final_psnr_db'], '.2f')} vs {_fmt(b['final_psnr_db'], '.2f')} dB."
+            )
+    return ["", *out] if out else []
 
 
 def results_body(bench: dict[str, Any], run_dir: Path) -> str:

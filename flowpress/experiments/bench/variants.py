@@ -121,6 +121,19 @@ def build_variants(
         if int8:
             portable_of["flowpress-ort-int8"] = portable
         loaders["flowpress-ort-int8"] = lambda: Built(OrtEngine(opt, schedule, "flowpress-ort-int8", threads), [opt])
+    # the portable twins: the same calibration and quantizer, the form that is exact on every x86 host
+    twins = int8 and not portable
+    portable_recipe = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, portable=True))
+    if twins and "flowpress-ort-int8-portable" in want:
+        int8_form(qmodel, portable_recipe, host)
+        twin = ours_ort(
+            qmodel, portable_recipe, calib, workdir, "portable", host, f"bench {spec.name}: flowpress-ort-int8-portable"
+        )
+        int8_form(qmodel, recipe, host)
+        portable_of["flowpress-ort-int8-portable"] = True
+        loaders["flowpress-ort-int8-portable"] = functools.partial(
+            _ort_built, twin, schedule, "flowpress-ort-int8-portable", threads
+        )
     for variant, other_recipe in (("flowpress-fp8", spec.fp8_recipe), ("flowpress-w4a8", spec.w4a8_recipe)):
         if variant in want and other_recipe:
             other = load_recipe(other_recipe)
@@ -139,14 +152,12 @@ def build_variants(
             spec.student_recipe, model, threads, workdir / "student", host
         )
         student_flops = {b: forward_flops(student, b) for b in config.batches}
-    if "flowpress-ov-int8" in want:
-        ov_int8 = dataclasses.replace(recipe.engine.openvino, precision="int8")
-        ours = export_openvino(prepared, workdir / "ov-int8" / "model.xml", ov_int8, calib, portable=portable)
-        portable_of["flowpress-ov-int8"] = portable
-        hint = ov_int8.inference_hint
-        loaders["flowpress-ov-int8"] = lambda: Built(
-            OpenVinoEngine(ours, schedule, hint, "flowpress-ov-int8", threads), ir_files(ours)
-        )
+    ov_int8 = dataclasses.replace(recipe.engine.openvino, precision="int8")
+    for variant, ov_portable in (("flowpress-ov-int8", portable), ("flowpress-ov-int8-portable", True)):
+        if variant in want and (variant == "flowpress-ov-int8" or twins):
+            xml = export_openvino(prepared, workdir / variant / "model.xml", ov_int8, calib, portable=ov_portable)
+            portable_of[variant] = ov_portable
+            loaders[variant] = functools.partial(_ov_built, xml, schedule, ov_int8.inference_hint, variant, threads)
     if "flowpress-ov-bf16" in want:
         ours_bf16 = export_openvino(prepared, workdir / "ov-bf16" / "model.xml", OpenVinoConfig("bf16"))
         loaders["flowpress-ov-bf16"] = lambda: Built(
@@ -199,3 +210,7 @@ def build_student(
 
 def _ort_built(path: Path, schedule: Sampler, name: str, threads: int) -> Built:
     return Built(OrtEngine(path, schedule, name, threads), [path])
+
+
+def _ov_built(xml: Path, schedule: Sampler, hint: str | None, name: str, threads: int) -> Built:
+    return Built(OpenVinoEngine(xml, schedule, hint, name, threads), ir_files(xml))
