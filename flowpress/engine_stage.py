@@ -139,6 +139,7 @@ def build_engines(
                     if precision == "int8"
                     else None,
                     "overflow_fix": overflow_fix(portable) if precision == "int8" else None,
+                    "smooth_quant": ov_config.smooth_quant if precision == "int8" else None,
                     "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
                     if precision == "int8"
                     else "the FP graph with temporal tables",

@@ -49,3 +49,21 @@ def test_nncf_int8_on_the_calibration_set_stays_near_fp(prepared, tmp_path):
     # measured 0.064 on this tiny random-weight UNet (int8 really ran: a float graph gives ~1e-7);
     # a graph quantized with wrong ranges lands near 1
     assert 1e-4 < rel < 0.2
+
+
+def test_smooth_quant_is_the_recipes_to_turn_off(prepared, tmp_path):
+    # NNCF's SmoothQuant rescales MatMul inputs into their weights: model-dependent (results of the
+    # digits SD recipe, which turns it off); off, the int8 IR is another graph, still near FP
+    model, fp_module, calib, onnx_path = prepared
+    x, step, cond = calib.feeds(32)
+    expected = TorchEngine(fp_module, SCHEDULE)(x, step, cond)
+    got = {}
+    for alpha in (0.95, None):
+        config = OpenVinoConfig(precision="int8", smooth_quant=alpha)
+        xml = export_openvino(onnx_path, tmp_path / str(alpha) / "model.xml", config, calib)
+        got[alpha] = OpenVinoEngine(xml, SCHEDULE, "f32")(x, step, cond)
+        # measured 0.030 either way on this tiny random-weight UNet (Zen 4); wrong ranges land near 1
+        assert float((got[alpha] - expected).norm() / expected.norm()) < 0.2, alpha
+    assert not torch.allclose(got[0.95], got[None], atol=1e-4)
+    with pytest.raises(FlowpressError, match=r"openvino.smooth_quant must be in \(0, 1\] or null"):
+        OpenVinoConfig(precision="int8", smooth_quant=1.5)

@@ -71,8 +71,9 @@ def test_the_drop_in_pipeline_draws_the_run_engines_samples(pipes, tmp_path, cap
     (peer,) = report["peers"]  # modelopt's default recipe, judged on the same seeds
     assert peer["final_psnr_db"] > 15 and "modelopt INT8_DEFAULT_CFG" in peer["peer"]
     assert peer["margin_db"] == pytest.approx(report["final"]["psnr_db"] - peer["final_psnr_db"])
-    e2e = report["end_to_end_ms_per_image"]  # text encoder + loop + VAE decode, both ways
-    assert set(e2e) == {"torch_fp32", "engine"} and all(v > 0 for v in e2e.values())
+    e2e = report["end_to_end_ms_per_image"]  # text encoder + loop + VAE decode, each way
+    recommended = {report["recommendation"]["engine"]} - {None, report["engine"]}
+    assert set(e2e) == {"torch_fp32", "ort_fp32", "engine", *recommended} and all(v > 0 for v in e2e.values())
     assert "peer modelopt" in out and "end to end ms / image" in out
     samples = np.load(tmp_path / "run" / "samples.npz")
     pipe = flowpress.load_pipeline(tmp_path / "run", "ort-int8")
