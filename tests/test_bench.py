@@ -69,6 +69,21 @@ def test_interleaved_timing_rotates_the_engines_and_times_runs_each():
     assert [s for n, s in calls if n == "a"][:5] == [0, 1, 2, 0, 1]  # steps cycle through the schedule
 
 
+def _tiny_bench(spec: BenchModel, variants: tuple[str, ...], tmp_path, **timing):
+    """bench_model on one tiny model with few timed runs; returns (its config, its result)."""
+    config = BenchConfig(
+        models=(spec,),
+        variants=variants,
+        runs=30,
+        loops=1,
+        sample_batch=10,
+        bars=BenchBars(int8_peak_fraction=Int8PeakBar(model="tiny")),
+        **timing,
+    )
+    (tmp_path / "work").mkdir()
+    return config, bench_model(spec, config, tmp_path / "work", progress=False)
+
+
 def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path, monkeypatch):
     # an AVX2 host whatever this one is: flowpress's int8 engines take the portable form there
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx2")
@@ -103,18 +118,7 @@ def test_bench_rows_on_the_tiny_unet(tiny_model_dir, tmp_path, monkeypatch):
         student_recipe=str(paths["student"]),
         portable_weights="u8u8",  # the entry's override of the recipe's 7-bit default
     )
-    config = BenchConfig(
-        models=(spec,),
-        variants=variants,
-        runs=30,
-        passes=2,
-        loops=1,
-        sample_batch=10,
-        profile_runs=2,
-        bars=BenchBars(int8_peak_fraction=Int8PeakBar(model="tiny")),
-    )
-    (tmp_path / "work").mkdir()
-    result = bench_model(config.models[0], config, tmp_path / "work", progress=False)
+    config, result = _tiny_bench(spec, variants, tmp_path, passes=2, profile_runs=2)
     rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
     assert sorted(rows) == sorted((v, b) for v in variants for b in (1, 8))
     for row in rows.values():
@@ -174,19 +178,8 @@ def test_portable_twins_only_where_int8_kernels_are_exact(isa, tiny_model_dir, t
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE.format(model=tiny_model_dir, steps=4, guidance=2.0, quantize="amax: max", export=""))
     variants = ("ort-fp32", "flowpress-ort-int8-portable", "flowpress-ov-int8-portable")
-    config = BenchConfig(
-        models=(BenchModel(name="tiny", recipe=str(recipe), n_samples=10),),
-        variants=variants,
-        batches=(8,),
-        runs=30,
-        passes=1,
-        loops=1,
-        sample_batch=10,
-        profile_runs=1,
-        bars=BenchBars(int8_peak_fraction=Int8PeakBar(model="tiny")),
-    )
-    (tmp_path / "work").mkdir()
-    result = bench_model(config.models[0], config, tmp_path / "work", progress=False)
+    spec = BenchModel(name="tiny", recipe=str(recipe), n_samples=10)
+    _, result = _tiny_bench(spec, variants, tmp_path, passes=1, profile_runs=1, batches=(8,))
     rows = {r["variant"]: r for r in result["rows"]}
     if isa == "x86-avx2":
         assert sorted(rows) == ["ort-fp32"] and result["portable"] is True
