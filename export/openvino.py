@@ -32,7 +32,8 @@ class OpenVinoConfig:
     smooth_quant: the SmoothQuant strength NNCF migrates from MatMul inputs into their weights
     (NNCF's TRANSFORMER default 0.95), or None for none.  Model-dependent, measured (NNCF int8 of
     the FP graph, 100 samples, final PSNR vs FP, AMD Zen 4): digits UNet 49.16 with 0.95, 47.69
-    without; digits SD (text cross-attention) 28.27 with, 34.08 without."""
+    without; digits DiT 47.17 with, 42.47 without; digits SD (text cross-attention) 28.27 with,
+    34.08 without."""
 
     precision: OvPrecision = "int8"
     transformer: bool = True
