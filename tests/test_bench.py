@@ -199,7 +199,7 @@ def test_portable_twins_only_where_int8_kernels_are_exact(isa, tiny_model_dir, t
         assert 20 < rows[variant]["final_psnr_db"] < 80, variant
 
 
-def test_theportable_cost_sentence_compares_each_twin_with_its_full_range_engine():
+def test_the_portable_cost_sentence_compares_each_twin_with_its_full_range_engine():
     rows = [
         _row("m", "flowpress-ort-int8", 10.0, 50.0),
         _row("m", "flowpress-ort-int8-portable", 12.5, 48.0),

@@ -123,8 +123,8 @@ def build_variants(
         loaders["flowpress-ort-int8"] = lambda: Built(OrtEngine(opt, schedule, "flowpress-ort-int8", threads), [opt])
     # the portable twins: the same calibration and quantizer, the form that is exact on every x86 host
     twins = int8 and not portable
-    portable_recipe = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, portable=True))
     if twins and "flowpress-ort-int8-portable" in want:
+        portable_recipe = dataclasses.replace(recipe, engine=dataclasses.replace(recipe.engine, portable=True))
         int8_form(qmodel, portable_recipe, host)
         twin = ours_ort(
             qmodel, portable_recipe, calib, workdir, "portable", host, f"bench {spec.name}: flowpress-ort-int8-portable"
@@ -153,8 +153,9 @@ def build_variants(
         )
         student_flops = {b: forward_flops(student, b) for b in config.batches}
     ov_int8 = dataclasses.replace(recipe.engine.openvino, precision="int8")
-    for variant, ov_portable in (("flowpress-ov-int8", portable), ("flowpress-ov-int8-portable", True)):
-        if variant in want and (variant == "flowpress-ov-int8" or twins):
+    ov_forms = {"flowpress-ov-int8": portable, **({"flowpress-ov-int8-portable": True} if twins else {})}
+    for variant, ov_portable in ov_forms.items():
+        if variant in want:
             xml = export_openvino(prepared, workdir / variant / "model.xml", ov_int8, calib, portable=ov_portable)
             portable_of[variant] = ov_portable
             loaders[variant] = functools.partial(_ov_built, xml, schedule, ov_int8.inference_hint, variant, threads)
