@@ -29,12 +29,13 @@ from flowpress.compress import (
     set_weight_bits,
 )
 from flowpress.compress.config import Amax
+from flowpress.context import RunContext
 from flowpress.engines import Engine, Evaluator, OrtEngine, TorchEngine, median_step_ms, psnr_db, rel_l2
 from flowpress.engines.build import build_ort
-from flowpress.engines.isa import HostIsa, host_isa
+from flowpress.engines.compare import Decode
+from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import int8_weight_form
 from flowpress.errors import FlowpressError
-from flowpress.evaluator import load_evaluator
 from flowpress.experiments.ablate_peers import (
     LOWBIT_PEERS,
     modelopt_default,
@@ -43,7 +44,6 @@ from flowpress.experiments.ablate_peers import (
     ort_static_engine,
 )
 from flowpress.experiments.common import Reference, fp_reference, sample_engine
-from flowpress.models import StepModel, load_model
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
@@ -120,10 +120,13 @@ class AblationConfig:
             raise FlowpressError("ablation: list at least one quantize recipe (recipes) and one calibration seed")
 
 
-def _row_metrics(xs: Tensor, ref: Reference, evaluator: Evaluator | None) -> dict[str, Any]:
+def _row_metrics(xs: Tensor, ref: Reference, evaluator: Evaluator | None, decode: Decode | None) -> dict[str, Any]:
+    """Final PSNR and the evaluator's scores on images (a latent model's decoded by its VAE, as
+    `make quantize` judges them); the error at each step on the sampler's own state."""
+    final_ref, final = (ref.xs[-1], xs[-1]) if decode is None else (decode(ref.xs[-1]), decode(xs[-1]))
     return {
-        "final_psnr_db": psnr_db(ref.xs[-1], xs[-1]),
-        **(evaluator.score(xs[-1], ref.cond) if evaluator is not None else {}),
+        "final_psnr_db": psnr_db(final_ref, final),
+        **(evaluator.score(final, ref.described()) if evaluator is not None else {}),
         "per_step_rel_l2": [float(rel_l2(ref.xs[k], xs[k]).mean()) for k in range(1, len(xs))],
     }
 
@@ -165,14 +168,20 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     """All rows for one model (architecture)."""
     from tqdm import tqdm
 
-    model = load_model(recipe.model.path, recipe.model.time_scale)
-    evaluator = load_evaluator(recipe.evaluator)
+    ctx = RunContext.load(recipe)  # the model as `make quantize` loads it: its own scheduler, conditioning, VAE
+    model, sampler, fp, evaluator, host, null = ctx.model, ctx.sampler, ctx.fp, ctx.evaluator, ctx.host, ctx.null
     metrics = list(evaluator.metrics) if evaluator is not None else []
-    sampler, guidance, null = recipe.sampling.schedule(), recipe.sampling.guidance, model.null_condition()
-    host = host_isa()
+    guidance = recipe.sampling.guidance
     weight_form = int8_weight_form(recipe.engine.portable, recipe.engine.portable_weights, host)
-    fp = StepModel(model, sampler).eval()
-    ref = fp_reference(model, sampler, guidance, config.compare_samples, config.batch_size)
+    ref = fp_reference(
+        model,
+        sampler,
+        guidance,
+        config.compare_samples,
+        config.batch_size,
+        ctx.conditions(config.compare_samples),
+        null,
+    )
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
     jobs += [("w8a8", p, False) for p in config.peers if p in W8A8_PEERS and "w8a8" in config.settings]
     jobs += [(LOWBIT_PEERS[p][1], p, False) for p in config.peers if p in LOWBIT_PEERS]
@@ -184,7 +193,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     )
     for seed in config.calibration_seeds:
         capture_cfg = CalibrationConfig(n_samples=config.trajectories, seed_base=seed)
-        cond = model.cycling_condition(config.trajectories)
+        cond = ctx.calibration_cond(config.trajectories)
         full = capture(fp, sampler, model.sample_shape, cond, capture_cfg, guidance, null)
         for setting, method, cache in jobs:
             with tempfile.TemporaryDirectory(prefix="flowpress-ablate-") as tmp, torch.no_grad():
@@ -194,13 +203,15 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                 bits: int | None = 8  # the peers' weights: 8-bit, as their users get them
                 size = None
                 if method == "modelopt-default":
-                    qmodel = modelopt_default(model, sampler, guidance, seed, config.budget)
+                    qmodel = modelopt_default(model, sampler, guidance, seed, config.budget, ctx.calibration_cond, null)
                     engine = modelopt_engine(qmodel, sampler, workdir)
                     if host.int8_saturates:  # its 8-bit weights saturate this host's int8 kernels: its
                         # fidelity is its fake-quant model's, its speed its onnxruntime engine's
                         timed, engine = engine, TorchEngine(qmodel.module, sampler, "fake-quant")
                 elif method in LOWBIT_PEERS:  # fake-quant: no CPU runtime runs these formats
-                    fake = modelopt_lowbit(model, sampler, guidance, seed, config.budget, method)
+                    fake = modelopt_lowbit(
+                        model, sampler, guidance, seed, config.budget, method, ctx.calibration_cond, null
+                    )
                     engine = TorchEngine(fake, sampler, "fake-quant")
                     bits = 4
                 elif method == "ort-quantize-static":
@@ -245,7 +256,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                         else TorchEngine(qmodel.module, sampler, "fake-quant")
                     )
                 xs = sample_engine(engine, ref, guidance, null, config.batch_size)
-                row = _row_metrics(xs, ref, evaluator)
+                row = _row_metrics(xs, ref, evaluator, ctx.source.decode)
                 row["weight_bits"] = bits
                 row["engine_bytes"] = size
                 timed = timed or engine

@@ -4,6 +4,7 @@ by running the whole sampler, onnxruntime's quantize_static; modelopt's low-bit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from flowpress.engines import OrtEngine
 from flowpress.experiments.common import ort_quantize_static
 from flowpress.export import ExportConfig, build_ort_engine, export_onnx
 from flowpress.models import DiffusersDenoiser, StepModel
-from flowpress.sampling import Sampler
+from flowpress.sampling import Cond, Sampler
 
 # modelopt's low-bit configs that run on a CPU (fake-quant), by peer name: (mtq config, setting).
 # NVFP4 (NVFP4_DEFAULT_CFG, NVFP4_SVDQUANT_DEFAULT_CFG) needs CUDA in modelopt 0.47 ("amax must be a
@@ -40,18 +41,32 @@ def _trajectories(
 
 
 def modelopt_default(
-    model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int
+    model: DiffusersDenoiser,
+    sampler: Sampler,
+    guidance: float,
+    seed: int,
+    budget: int,
+    conditions: Callable[[int], Cond],
+    null: Cond,
 ) -> QuantizedModel:
     """modelopt's own recipe (compress.modelopt.modelopt_default) on as many whole-sampler
-    trajectories as the input budget allows."""
+    trajectories as the input budget allows; conditions(n): the conditioning of n trajectories
+    (classes or calibration prompts cycling), null: guidance's."""
     from flowpress.compress.modelopt import modelopt_default as run_modelopt
 
     fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
-    return run_modelopt(fp, sampler, model.cycling_condition(len(seeds)), model.null_condition(), guidance, seeds)
+    return run_modelopt(fp, sampler, conditions(len(seeds)), null, guidance, seeds)
 
 
 def modelopt_lowbit(
-    model: DiffusersDenoiser, sampler: Sampler, guidance: float, seed: int, budget: int, peer: str
+    model: DiffusersDenoiser,
+    sampler: Sampler,
+    guidance: float,
+    seed: int,
+    budget: int,
+    peer: str,
+    conditions: Callable[[int], Cond],
+    null: Cond,
 ) -> StepModel:
     """The fake-quant model of one of modelopt's low-bit configs (LOWBIT_PEERS), calibrated the
     way modelopt_default is, with the layers modelopt's diffusers example skips left in full
@@ -59,8 +74,9 @@ def modelopt_lowbit(
     from flowpress.compress.modelopt import modelopt_fake_quant
 
     fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
-    cond, null = model.cycling_condition(len(seeds)), model.null_condition()
-    return modelopt_fake_quant(fp, sampler, cond, null, guidance, seeds, LOWBIT_PEERS[peer][0], MODELOPT_DIFFUSERS_SKIP)
+    return modelopt_fake_quant(
+        fp, sampler, conditions(len(seeds)), null, guidance, seeds, LOWBIT_PEERS[peer][0], MODELOPT_DIFFUSERS_SKIP
+    )
 
 
 def modelopt_engine(

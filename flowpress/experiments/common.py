@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,35 +17,51 @@ from flowpress.compress import QuantizedModel, set_weight_bits
 from flowpress.engines import Engine, TorchEngine
 from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import int8_weight_form, resolve_portable
-from flowpress.models import DiffusersDenoiser, StepModel, as_feeds
+from flowpress.models import Conditions, DiffusersDenoiser, StepModel, as_feeds
 from flowpress.recipe import Recipe
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
 
 @dataclass
 class Reference:
-    """FP trajectories of seeds 0..N-1: xs (n+1, N, C, H, W), their conditioning (N rows) and noise."""
+    """FP trajectories of seeds 0..N-1: xs (n+1, N, C, H, W), their conditioning (N rows), noise,
+    and the prompts behind the conditioning of a text model (None otherwise)."""
 
     xs: Tensor
     cond: Cond
     noise: Tensor
+    prompts: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
 
+    def described(self) -> dict[str, Any]:
+        """The conditioning as an evaluator receives it (with the prompts of a text model)."""
+        return Conditions(self.cond, self.prompts).described()
+
 
 @torch.no_grad()
-def fp_reference(model: DiffusersDenoiser, sampler: Sampler, guidance: float, n: int, batch: int) -> Reference:
-    """FP (torch) trajectories of seeds 0..n-1, classes cycling, in chunks of `batch`."""
+def fp_reference(
+    model: DiffusersDenoiser,
+    sampler: Sampler,
+    guidance: float,
+    n: int,
+    batch: int,
+    conditions: Conditions | None = None,
+    null: Cond | None = None,
+) -> Reference:
+    """FP (torch) trajectories of seeds 0..n-1 in chunks of `batch`, conditioned by `conditions`
+    and guided against `null` (by default the model's classes cycling and its null class)."""
     reference = TorchEngine(StepModel(model, sampler), sampler, "torch-fp32")
-    cond = model.cycling_condition(n)
+    conditions = conditions or Conditions(model.cycling_condition(n))
+    cond = conditions.model
     noise = noise_for_seeds(range(n), model.sample_shape)
-    null = model.null_condition()
+    null = model.null_condition() if null is None else null
     chunks = [
         sample(sampler, reference, noise[s : s + batch], batch_cond(cond, slice(s, s + batch)), guidance, null).xs
         for s in range(0, n, batch)
     ]
-    return Reference(torch.cat(chunks, dim=1), cond, noise)
+    return Reference(torch.cat(chunks, dim=1), cond, noise, conditions.prompts)
 
 
 @torch.no_grad()
