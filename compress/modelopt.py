@@ -169,6 +169,15 @@ def step_scales_layers(fp_module: StepModel, names: list[str], calib: Calibratio
     ]
 
 
+# modelopt's diffusers example (examples/diffusers/quantization, filter_func_default): the layers it
+# leaves unquantized in every format — the input / output layers, the shortcut convs and the time /
+# class embeddings
+MODELOPT_DIFFUSERS_SKIP = (
+    r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|"
+    r"time_text_embed|context_embedder|norm_out|x_embedder).*"
+)
+
+
 @torch.no_grad()
 def modelopt_fake_quant(
     fp: StepModel,

@@ -254,13 +254,17 @@ def test_a_pipeline_directory_is_ablated_as_make_quantize_loads_it(tmp_path, mon
 
     from .pipelines import sd_pipeline
 
+    config = load_ablation_config(DIGITS / "recipes" / "ablation-pipelines.yaml")  # the committed config parses
+    assert set(config.peers) == {"modelopt-default", "modelopt-int8-example"} and len(config.calibration_seeds) >= 3
+    assert all((ROOT / path).is_file() for path in config.recipes)
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx2")  # the peer's row: its fake-quant model on every host
     recipe = tmp_path / "sd.yaml"
     recipe.write_text(
         f"name: tiny-sd\nmodel: {{path: {sd_pipeline(tmp_path / 'sd')}}}\nsampling: {{steps: 4, guidance: 2.0}}\n"
     )
     text = ABLATION.format(recipe=recipe).replace("methods: [uniform]", "methods: []").replace("[w8a8, hard]", "[w8a8]")
-    (tmp_path / "ablation.yaml").write_text(text + "peers: [modelopt-default]\nvariants: {shipped: {}}\n")
+    peers = "peers: [modelopt-default, modelopt-int8-example]\nvariants: {shipped: {}}\n"
+    (tmp_path / "ablation.yaml").write_text(text + peers)
     out = run_ablation(load_ablation_config(tmp_path / "ablation.yaml"), tmp_path / "runs", progress=False)
     rows = {row["method"]: row for row in json.loads((out / "ablation.json").read_text())}
 
@@ -271,7 +275,11 @@ def test_a_pipeline_directory_is_ablated_as_make_quantize_loads_it(tmp_path, mon
     with torch.no_grad():
         xs = sample_engine(TorchEngine(peer.module, ctx.sampler, "fake-quant"), ref, guidance, ctx.null, 10)
         by_hand = psnr_db(decode(ref.xs[-1]), decode(xs[-1]))
-    assert set(rows) == {"modelopt-default", "shipped"} and ref.prompts is not None
+    assert set(rows) == {"modelopt-default", "modelopt-int8-example", "shipped"} and ref.prompts is not None
     assert rows["modelopt-default"]["final_psnr_db"] == pytest.approx(by_hand, abs=1e-6)
     # its own int8 engine, on decoded images: measured 41.4 dB on this random pipeline (peer 44.3)
     assert rows["shipped"]["setting"] == "int8" and 30.0 < rows["shipped"]["final_psnr_db"] < 60.0
+    example = rows["modelopt-int8-example"]  # INT8_DEFAULT_CFG with the example's skips, fake-quant
+    assert example["setting"] == "w8a8" and example["weight_bits"] == 8 and example["engine_ms_b8"] is None
+    # its skipped layers (conv_in / conv_out, time embedding, shortcuts ...) stay FP: measured 49.0 dB vs 44.3
+    assert example["final_psnr_db"] > rows["modelopt-default"]["final_psnr_db"] + 2.0

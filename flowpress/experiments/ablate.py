@@ -37,10 +37,10 @@ from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import int8_weight_form
 from flowpress.errors import FlowpressError
 from flowpress.experiments.ablate_peers import (
-    LOWBIT_PEERS,
+    EXAMPLE_PEERS,
     modelopt_default,
     modelopt_engine,
-    modelopt_lowbit,
+    modelopt_example,
     ort_static_engine,
 )
 from flowpress.experiments.common import Reference, fp_reference, sample_engine
@@ -76,7 +76,7 @@ METHODS: dict[str, tuple[Strategy, Amax]] = {
     "perstep-percentile": ("all", "perstep-percentile"),
 }
 W8A8_PEERS = ("modelopt-default", "ort-quantize-static")
-PEERS = (*W8A8_PEERS, *LOWBIT_PEERS)
+PEERS = (*W8A8_PEERS, *EXAMPLE_PEERS)
 # quantize_static's op types: the layers every other row quantizes (its default also takes the
 # step model's bounds check, whose NaN branch its calibrator cannot range)
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -184,7 +184,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
     )
     jobs = [(s, m, c) for s in config.settings for m in config.methods for c in (True, False)]
     jobs += [("w8a8", p, False) for p in config.peers if p in W8A8_PEERS and "w8a8" in config.settings]
-    jobs += [(LOWBIT_PEERS[p][1], p, False) for p in config.peers if p in LOWBIT_PEERS]
+    jobs += [(EXAMPLE_PEERS[p][1], p, False) for p in config.peers if p in EXAMPLE_PEERS]
     variants = {v: _variant_config(recipe, v, o) for v, o in config.variants.items()}
     jobs += [(c.precision, v, c.temporal == "cache") for v, c in variants.items()]
     per_job: dict[tuple[str, str, bool], list[dict[str, Any]]] = {job: [] for job in jobs}
@@ -208,12 +208,12 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                     if host.int8_saturates:  # its 8-bit weights saturate this host's int8 kernels: its
                         # fidelity is its fake-quant model's, its speed its onnxruntime engine's
                         timed, engine = engine, TorchEngine(qmodel.module, sampler, "fake-quant")
-                elif method in LOWBIT_PEERS:  # fake-quant: no CPU runtime runs these formats
-                    fake = modelopt_lowbit(
+                elif method in EXAMPLE_PEERS:  # fake-quant, as modelopt's example leaves them
+                    fake = modelopt_example(
                         model, sampler, guidance, seed, config.budget, method, ctx.calibration_cond, null
                     )
                     engine = TorchEngine(fake, sampler, "fake-quant")
-                    bits = 4
+                    bits = 8 if setting == "w8a8" else 4
                 elif method == "ort-quantize-static":
                     engine = ort_static_engine(model, sampler, full, seed, config.budget, workdir, STATIC_OP_TYPES)
                 elif setting == "int8":  # the recipe's own engine (ort-cpu flavour, this host's weight bits)
@@ -391,18 +391,18 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
         ),
         *(
             [
-                "Low-bit peers, modelopt's own configs calibrated as `modelopt-default` is (whole-sampler "
+                "Peers as modelopt's diffusers example runs its configs: calibrated as `modelopt-default` is (whole-sampler "
                 "trajectories from the calibration seed, as many as the budget allows), with the layers its "
                 "diffusers example skips (filter_func_default: conv_in / conv_out, time and class embeddings, "
                 "pos_embed, norm_out ...) left in full precision, measured on the torch fake-quant model: "
                 + "; ".join(
-                    f"`{p}` = {LOWBIT_PEERS[p][0]} (setting {LOWBIT_PEERS[p][1]})"
+                    f"`{p}` = {EXAMPLE_PEERS[p][0]} (setting {EXAMPLE_PEERS[p][1]})"
                     for p in config.peers
-                    if p in LOWBIT_PEERS
+                    if p in EXAMPLE_PEERS
                 )
                 + ". NVFP4 needs CUDA in modelopt 0.47 (a GPU host's row)."
             ]
-            if set(config.peers) & set(LOWBIT_PEERS)
+            if set(config.peers) & set(EXAMPLE_PEERS)
             else []
         ),
         *(

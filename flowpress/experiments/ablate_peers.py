@@ -1,6 +1,7 @@
 """The ablation's peers, built as their users build them: modelopt's INT8_DEFAULT_CFG calibrated
-by running the whole sampler, onnxruntime's quantize_static; modelopt's low-bit configs
-(LOWBIT_PEERS) the same way, measured on the fake-quant model."""
+by running the whole sampler, onnxruntime's quantize_static; modelopt's configs as its diffusers
+example runs them (EXAMPLE_PEERS: the same calibration, its skipped layers in full precision),
+measured on the fake-quant model."""
 
 from __future__ import annotations
 
@@ -17,19 +18,14 @@ from flowpress.export import ExportConfig, build_ort_engine, export_onnx
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Cond, Sampler
 
-# modelopt's low-bit configs that run on a CPU (fake-quant), by peer name: (mtq config, setting).
-# NVFP4 (NVFP4_DEFAULT_CFG, NVFP4_SVDQUANT_DEFAULT_CFG) needs CUDA in modelopt 0.47 ("amax must be a
-# CUDA tensor for dynamic block quantization"): a row for a GPU host.
-LOWBIT_PEERS = {
+# modelopt's configs as its diffusers example runs them on a CPU (fake-quant), by peer name: (mtq
+# config, setting).  NVFP4 (NVFP4_DEFAULT_CFG, NVFP4_SVDQUANT_DEFAULT_CFG) needs CUDA in modelopt 0.47
+# ("amax must be a CUDA tensor for dynamic block quantization"): a row for a GPU host.
+EXAMPLE_PEERS = {
+    "modelopt-int8-example": ("INT8_DEFAULT_CFG", "w8a8"),
     "modelopt-int4-awq": ("INT4_AWQ_CFG", "w4a16"),
     "modelopt-w4a8-awq": ("W4A8_AWQ_BETA_CFG", "w4a8"),
 }
-# modelopt's diffusers example (examples/diffusers/quantization, filter_func_default): the layers it
-# leaves unquantized in every format — the input / output layers and the time / class embeddings
-MODELOPT_DIFFUSERS_SKIP = (
-    r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|"
-    r"time_text_embed|context_embedder|norm_out|x_embedder).*"
-)
 
 
 def _trajectories(
@@ -58,7 +54,7 @@ def modelopt_default(
     return run_modelopt(fp, sampler, conditions(len(seeds)), null, guidance, seeds)
 
 
-def modelopt_lowbit(
+def modelopt_example(
     model: DiffusersDenoiser,
     sampler: Sampler,
     guidance: float,
@@ -68,14 +64,14 @@ def modelopt_lowbit(
     conditions: Callable[[int], Cond],
     null: Cond,
 ) -> StepModel:
-    """The fake-quant model of one of modelopt's low-bit configs (LOWBIT_PEERS), calibrated the
-    way modelopt_default is, with the layers modelopt's diffusers example skips left in full
-    precision (as flowpress's low-bit recipes leave or widen the input and output layers)."""
-    from flowpress.compress.modelopt import modelopt_fake_quant
+    """The fake-quant model of one of modelopt's configs (EXAMPLE_PEERS), calibrated the way
+    modelopt_default is, with the layers modelopt's diffusers example skips left in full precision
+    (as flowpress's low-bit recipes leave or widen the input and output layers)."""
+    from flowpress.compress.modelopt import MODELOPT_DIFFUSERS_SKIP, modelopt_fake_quant
 
     fp, seeds = _trajectories(model, sampler, guidance, seed, budget)
     return modelopt_fake_quant(
-        fp, sampler, conditions(len(seeds)), null, guidance, seeds, LOWBIT_PEERS[peer][0], MODELOPT_DIFFUSERS_SKIP
+        fp, sampler, conditions(len(seeds)), null, guidance, seeds, EXAMPLE_PEERS[peer][0], MODELOPT_DIFFUSERS_SKIP
     )
 
 
