@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flowpress.calibration import CalibrationSet
+from flowpress.compress.model import is_excluded
 from flowpress.errors import FlowpressError
 from flowpress.files import staged_dir
 from flowpress.models import as_feeds
@@ -75,16 +76,34 @@ def overflow_fix(portable: bool) -> str:
     return "enable" if portable else "first_layer_only"
 
 
+def float_ops(model: Any, exclude: tuple[str, ...]) -> list[str]:
+    """The Convolution / MatMul ops of an IR read from flowpress's ONNX export whose layer matches
+    `exclude` (quantize.exclude's module-name patterns): the exporter names an op after its module's
+    path, '/model/net/up_blocks.0/resnets.1/conv_shortcut/Conv/WithoutBiases' for the layer
+    'net.up_blocks.0.resnets.1.conv_shortcut'."""
+    names = []
+    for op in model.get_ops():
+        parts = op.get_friendly_name().split("/")
+        if op.get_type_name() not in ("Convolution", "MatMul") or parts[:2] != ["", "model"]:
+            continue
+        ends = [i for i, part in enumerate(parts) if part.split("_")[0] in ("Conv", "Gemm", "MatMul")]
+        if ends and is_excluded(".".join(parts[2 : ends[0]]), exclude):
+            names.append(op.get_friendly_name())
+    return names
+
+
 def export_openvino(
     onnx_path: str | Path,
     out_xml: str | Path,
     config: OpenVinoConfig,
     calib: CalibrationSet | None = None,
     portable: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> Path:
     """Read the FP ONNX graph (x, step, *cond) -> v, quantize it with NNCF when
-    config.precision is int8 (weights in half range when `portable`), and save IR (xml + bin)
-    into a fresh directory atomically."""
+    config.precision is int8 (weights in half range when `portable`; the layers matching
+    `exclude`, quantize.exclude's patterns, left in float as flowpress's own engine leaves them),
+    and save IR (xml + bin) into a fresh directory atomically."""
     import openvino as ov
 
     out_xml = Path(out_xml)
@@ -92,7 +111,17 @@ def export_openvino(
     if config.precision == "int8":
         if calib is None:
             raise FlowpressError("openvino int8: needs the calibration set (run the calibrate stage first)")
+        import logging
+
         import nncf
+
+        nncf.set_log_level(logging.WARNING)  # it lists every op of an ignored scope at INFO
+        kept = float_ops(model, exclude)
+        if exclude and not kept:
+            raise FlowpressError(
+                f"openvino int8: quantize.exclude {list(exclude)} names no Conv / Linear layer of {onnx_path}; "
+                "check the patterns against the model's module names"
+            )
 
         items = []
         for start in range(0, len(calib), config.calib_batch_size):
@@ -104,6 +133,7 @@ def export_openvino(
             nncf.Dataset(items),
             subset_size=len(items),  # NNCF counts dataset items (batches here)
             model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
+            ignored_scope=nncf.IgnoredScope(names=kept) if kept else None,
             advanced_parameters=nncf.AdvancedQuantizationParameters(
                 overflow_fix=nncf.OverflowFix(overflow_fix(portable)),
                 smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(

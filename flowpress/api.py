@@ -8,7 +8,6 @@ engine = run.engine()              # the recommended CPU engine, (x, step, cond)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +46,14 @@ class Run:
 
     def engine(self, name: str | None = None) -> Engine:
         """A CPU engine of the run (default: the one the report recommends, else the gate's)."""
-        from flowpress.engines.openvino import OpenVinoEngine
+        from flowpress.engine_stage import ov_engine
 
         name = name or self.report.recommendation.get("engine") or self.report.engine
         if name not in self.engines:
             raise FlowpressError(f"{self.dir}: no engine {name!r}; this run has {', '.join(self.engines)}")
         sampler = schedule_from_dict(self.schedule)
         if name.startswith("openvino-"):
-            precision = name.removeprefix("openvino-")
-            hint = dataclasses.replace(self.recipe.engine.openvino, precision=precision).inference_hint  # type: ignore[arg-type]
-            return OpenVinoEngine(self.dir / "engine" / name / "model.xml", sampler, hint, name)
+            return ov_engine(self.dir, name.removeprefix("openvino-"), self.recipe.engine.openvino, sampler)
         return OrtEngine(self.dir / "engine" / "model.opt.onnx", sampler, name)
 
 

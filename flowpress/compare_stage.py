@@ -77,27 +77,37 @@ MODELOPT_SEEDS = 32  # modelopt's diffusers example calibrates on 32-64 prompts
 E2E_BATCH = 4
 
 
-def _modelopt_peer(ctx: RunContext, comparison: Comparison, main_psnr: float) -> dict[str, Any]:
-    """modelopt's default int8 recipe on this model, schedule and seeds, judged like every engine."""
-    from flowpress.compress.modelopt import modelopt_default
+def _modelopt_peers(ctx: RunContext, comparison: Comparison, main_psnr: float) -> list[dict[str, Any]]:
+    """modelopt's default int8 recipe on this model, schedule and seeds, judged like every engine:
+    INT8_DEFAULT_CFG on every layer, and as modelopt's diffusers example runs it (the layers its
+    filter skips in full precision: input / output layers, shortcut convs, time embedding)."""
+    from flowpress.compress.modelopt import MODELOPT_DIFFUSERS_SKIP, modelopt_fake_quant
 
     recipe = ctx.recipe
     seeds = list(range(recipe.calibration.seed_base, recipe.calibration.seed_base + MODELOPT_SEEDS))
-    qmodel = modelopt_default(
-        ctx.fp, ctx.sampler, ctx.calibration_cond(MODELOPT_SEEDS), ctx.null, recipe.sampling.guidance, seeds
-    )
-    peer = TorchEngine(qmodel.module, ctx.sampler, "modelopt-default")
-    judged = judge(
-        comparison, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
-    )
-    return {
-        "peer": "modelopt INT8_DEFAULT_CFG, whole-sampler calibration on 32 seeds, fake-quant (torch)",
-        "final_psnr_db": judged["final"]["psnr_db"],
-        "final_ssim": judged["final"]["ssim"],
-        "quality": judged["quality"],
-        "gate_passed": judged["gate"]["passed"],
-        "margin_db": main_psnr - judged["final"]["psnr_db"],
-    }
+    cond, guidance = ctx.calibration_cond(MODELOPT_SEEDS), recipe.sampling.guidance
+    calibration = f"INT8_DEFAULT_CFG, whole-sampler calibration on {MODELOPT_SEEDS} seeds, fake-quant (torch)"
+    peers = []
+    for name, skip in (
+        (f"modelopt {calibration}", None),
+        (f"modelopt {calibration}, its diffusers example's skipped layers in full precision", MODELOPT_DIFFUSERS_SKIP),
+    ):
+        qmodule = modelopt_fake_quant(ctx.fp, ctx.sampler, cond, ctx.null, guidance, seeds, skip=skip)
+        peer = TorchEngine(qmodule, ctx.sampler, "modelopt-default")
+        judged = judge(
+            comparison, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
+        )
+        peers.append(
+            {
+                "peer": name,
+                "final_psnr_db": judged["final"]["psnr_db"],
+                "final_ssim": judged["final"]["ssim"],
+                "quality": judged["quality"],
+                "gate_passed": judged["gate"]["passed"],
+                "margin_db": main_psnr - judged["final"]["psnr_db"],
+            }
+        )
+    return peers
 
 
 @torch.no_grad()
@@ -197,7 +207,7 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
                 }
             )
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
-        peers = [_modelopt_peer(ctx, comparison, comparison.final["psnr_db"])] if recipe.compare.modelopt_peer else []
+        peers = _modelopt_peers(ctx, comparison, comparison.final["psnr_db"]) if recipe.compare.modelopt_peer else []
     recommendation = recommend(engines)
     end_to_end = None
     if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included

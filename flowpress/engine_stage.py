@@ -16,8 +16,13 @@ from flowpress.engines.build import build_ort, export_checked, parity_feeds
 from flowpress.engines.openvino import OpenVinoEngine
 from flowpress.engines.portability import host_figures, host_record, int8_weight_form, resolve_portable
 from flowpress.export import check_parity, export_onnx
-from flowpress.export.openvino import export_openvino, overflow_fix
+from flowpress.export.openvino import OpenVinoConfig, OvPrecision, export_openvino, overflow_fix
 from flowpress.rundir import write_json
+from flowpress.sampling import Sampler
+
+# openvino-qdq: OpenVINO running flowpress's own Q/DQ graph (the TensorRT placement: inputs and
+# weights, static ranges), where openvino-int8 is NNCF's quantization of the FP graph
+QDQ = "qdq"
 
 
 def ov_xml(run: Path, precision: str) -> Path:
@@ -39,13 +44,20 @@ def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path
     opt = run / "engine" / "model.opt.onnx"
     name = ort_name(ctx)
     found: dict[str, tuple[Engine, list[Path]]] = {name: (OrtEngine(opt, ctx.sampler, name), [opt])}
-    for precision in ("int8", "bf16", "f32"):
+    for precision in ("int8", "bf16", "f32", QDQ):
         xml = ov_xml(run, precision)
         if xml.is_file():
-            hint = dataclasses.replace(ctx.recipe.engine.openvino, precision=precision).inference_hint
-            engine = OpenVinoEngine(xml, ctx.sampler, hint, f"openvino-{precision}")
+            engine = ov_engine(run, precision, ctx.recipe.engine.openvino, ctx.sampler)
             found[f"openvino-{precision}"] = (engine, [xml, xml.with_suffix(".bin")])
     return found
+
+
+def ov_engine(run: Path, precision: str, config: OpenVinoConfig, sampler: Sampler) -> OpenVinoEngine:
+    """The run's openvino-<precision> engine, compiled with its precision hint (openvino-qdq runs
+    int8 kernels, its float parts as an int8 IR's)."""
+    runs_as: OvPrecision = "int8" if precision == QDQ else precision  # type: ignore[assignment]
+    hint = dataclasses.replace(config, precision=runs_as).inference_hint
+    return OpenVinoEngine(ov_xml(run, precision), sampler, hint, f"openvino-{precision}")
 
 
 def weight_form(ctx: RunContext, qmodel: QuantizedModel) -> None:
@@ -130,7 +142,7 @@ def build_engines(
             prepared = export_onnx(qmodel.fp_module, run / "engine" / "prepared_fp32.onnx")
             for precision in precisions:
                 ov_config = dataclasses.replace(ov_main, precision=precision)
-                export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable)
+                export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable, recipe.quantize.exclude)
                 manifest[f"openvino-{precision}"] = {
                     "version": metadata.version("openvino"),
                     "precision": precision,
@@ -140,12 +152,25 @@ def build_engines(
                     else None,
                     "overflow_fix": overflow_fix(portable) if precision == "int8" else None,
                     "smooth_quant": ov_config.smooth_quant if precision == "int8" else None,
+                    "float_layers": list(recipe.quantize.exclude) if precision == "int8" else None,
                     "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
                     if precision == "int8"
                     else "the FP graph with temporal tables",
                     "static_batch": "compiled per batch size at load",
                 }
             prepared.unlink()
+        qdq = run / ("model.onnx" if flavour == "tensorrt" else "model.tensorrt.onnx")
+        if int8 and recipe.engine.candidates and qdq.is_file() and not host.int8_saturates:
+            # its weights are signed 8-bit: exact only where the int8 kernels do not saturate (VNNI, AMX)
+            export_openvino(qdq, ov_xml(run, QDQ), dataclasses.replace(ov_main, precision="f32"))
+            manifest[f"openvino-{QDQ}"] = {
+                "version": metadata.version("openvino"),
+                "precision": "int8",
+                "inference_precision_hint": dataclasses.replace(ov_main, precision="int8").inference_hint,
+                "source": f"{qdq.name}: flowpress's own Q/DQ graph (inputs and 8-bit weights, static ranges), "
+                "run on OpenVINO's int8 kernels",
+                "static_batch": "compiled per batch size at load",
+            }
         manifest["validated_on"] = host_record(host)
         engines = {name: engine for name, (engine, _) in cpu_engines(ctx, run).items()}
         fp = OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32", optimization="disabled")

@@ -69,3 +69,32 @@ def test_smooth_quant_is_the_recipes_to_turn_off(prepared, tmp_path):
     assert not torch.allclose(got[0.95], got[None], atol=1e-4)
     with pytest.raises(FlowpressError, match=r"openvino.smooth_quant must be in \(0, 1\] or null"):
         OpenVinoConfig(precision="int8", smooth_quant=1.5)
+
+
+def test_the_recipes_excluded_layers_stay_float_in_the_int8_ir(prepared, tmp_path):
+    """quantize.exclude holds for the OpenVINO int8 engine too: NNCF leaves those layers' inputs
+    and weights in float (before, it quantized every layer whatever the recipe kept)."""
+    import openvino as ov
+
+    from flowpress.export.openvino import float_ops
+
+    _, _, calib, onnx_path = prepared
+    exclude = ("*conv_in", "*conv_out")
+    config = OpenVinoConfig(precision="int8")
+    xml = export_openvino(onnx_path, tmp_path / "ir" / "model.xml", config, calib, exclude=exclude)
+    kept = float_ops(ov.Core().read_model(str(onnx_path)), exclude)
+    assert sorted(name.split("/")[3] for name in kept) == ["conv_in", "conv_out"]
+
+    def fed_by_fake_quantize(op) -> bool:  # noqa: ANN001 - an openvino Node
+        return any(node.get_source_output().get_node().get_type_name() == "FakeQuantize" for node in op.inputs())
+
+    convs = {
+        op.get_friendly_name(): op
+        for op in ov.Core().read_model(str(xml)).get_ops()
+        if op.get_type_name() == "Convolution"
+    }
+    assert all(not fed_by_fake_quantize(convs[name]) for name in kept)
+    # every other conv stays int8 (measured: 27 of this UNet's 29)
+    assert sum(fed_by_fake_quantize(op) for op in convs.values()) == len(convs) - len(kept)
+    with pytest.raises(FlowpressError, match=r"quantize.exclude \['\*no_such_layer'\] names no Conv / Linear layer"):
+        export_openvino(onnx_path, tmp_path / "bad" / "model.xml", config, calib, exclude=("*no_such_layer",))
