@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from flowpress.calibration import CalibrationConfig
@@ -14,6 +15,10 @@ from flowpress.recipe import CompareSection, EngineSection, ModelSection, Prompt
 
 # classifier-free guidance the pipelines of each conditioning use by default
 GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
+# what an int8 first try of a scheduler-driven UNet keeps in full precision, as modelopt's diffusers
+# example does: on the ε-prediction demos int8 there cost 9.1 dB (DDPM) and 2.9 dB (SD) over three
+# calibration seeds (results/ablation-pipelines.md)
+UNET_FLOAT_LAYERS = ("*conv_in", "*conv_out", "*conv_shortcut")
 
 
 def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
@@ -29,6 +34,12 @@ def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
     out = Path(args.out) if args.out else Path(args.runs) / path.resolve().name
     precision = args.precision or "int8"
     quantize = PRECISIONS[precision]()
+    if (
+        precision == "int8"
+        and denoiser.architecture in ("unet", "unet-cond")
+        and not source.kind.startswith("flowpress")
+    ):
+        quantize = replace(quantize, exclude=UNET_FLOAT_LAYERS)
     export = ExportConfig(
         flavour="tensorrt" if precision == "fp8" else "ort-cpu",
         opset={"w4a8": 21, "w4a4": 21, "fp8": 19}.get(precision, 20),

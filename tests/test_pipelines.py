@@ -59,6 +59,10 @@ def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, cap
     assert samples["fp"].shape == ((4, 3, 16, 16) if latent else (4, 1, 8, 8))  # decoded by the pipeline's VAE
     assert ("prompts" in samples) is (family in ("sd", "sd3", "pixart"))
     assert f"model: {report['model']}" in out
+    # a scheduler-driven UNet's first try keeps the layers modelopt's diffusers example keeps in full precision
+    recipe = json.loads((tmp_path / "run" / "manifest.json").read_text())["recipe"]
+    unet = family in ("ddpm", "sd")
+    assert tuple(recipe["quantize"]["exclude"]) == (defaults.UNET_FLOAT_LAYERS if unet else ())
 
 
 @pytest.mark.slow
