@@ -283,3 +283,22 @@ def test_a_pipeline_directory_is_ablated_as_make_quantize_loads_it(tmp_path, mon
     assert example["setting"] == "w8a8" and example["weight_bits"] == 8 and example["engine_ms_b8"] is None
     # its skipped layers (conv_in / conv_out, time embedding, shortcuts ...) stay FP: measured 49.0 dB vs 44.3
     assert example["final_psnr_db"] > rows["modelopt-default"]["final_psnr_db"] + 2.0
+
+
+def test_one_table_holds_recipes_whose_evaluators_measure_different_things():
+    """The DDPM demo's evaluator scores classifier_confidence, the SD demo's classifier_acc: one
+    ablation of both (ablation-pipelines.yaml) lost 22 minutes of rows to a KeyError here."""
+    from flowpress.experiments.ablate import AblationConfig, ablation_markdown
+
+    def row(architecture: str, **scores: float) -> dict:
+        return {
+            "method": "shipped", "architecture": architecture, "setting": "int8", "temporal_cache": True,
+            "model": architecture, "weight_bits": 8, "final_psnr_db": 40.0, "final_psnr_db_std": 0.5,
+            "final_psnr_db_per_seed": [40.0], "per_step_rel_l2": [0.01], "engine_ms_b8": 10.0,
+            "engine_bytes": None, "n_seeds": 1, **scores,
+        }  # fmt: skip
+
+    rows = [row("unet", classifier_confidence=0.97), row("unet-cond", classifier_acc=1.0)]
+    table = ablation_markdown(rows, AblationConfig(recipes=("a.yaml",), peers=(), methods=(), settings=()))
+    assert "| classifier_confidence | classifier_acc | engine ms b8 |" in table
+    assert "| 40.00 ± 0.50 | 0.970 | — | 10.00 |" in table and "| 40.00 ± 0.50 | — | 1.000 | 10.00 |" in table

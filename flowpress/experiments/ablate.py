@@ -324,8 +324,9 @@ def best_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
 
 
 def quality_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    """The evaluator metrics the rows carry, in their order."""
-    return [k for k in (rows[0] if rows else {}) if k not in ROW_FIELDS]
+    """The evaluator metrics the rows carry, in their order (the union: each recipe's evaluator
+    may measure others)."""
+    return list(dict.fromkeys(k for row in rows for k in row if k not in ROW_FIELDS))
 
 
 def plot_error(rows: list[dict[str, Any]], path: Path) -> None:
@@ -427,7 +428,7 @@ def ablation_markdown(rows: list[dict[str, Any]], config: AblationConfig) -> str
     for row in sorted(rows, key=lambda r: (r["architecture"], r["setting"], -r["final_psnr_db"])):
         ms = f"{row['engine_ms_b8']:.2f}" if row["engine_ms_b8"] is not None else "—"
         size = f"{row['engine_bytes'] / 1e6:.3f}" if row.get("engine_bytes") is not None else "—"
-        scores = "".join(f"{row[m]:.3f} | " for m in metrics)
+        scores = "".join(f"{row[m]:.3f} | " if m in row else "— | " for m in metrics)
         lines.append(
             f"| {row['architecture']} | {row['setting']} | {row['method']} | {'yes' if row['temporal_cache'] else 'no'} | "
             f"{row['weight_bits']} | {row['final_psnr_db']:.2f} ± {row['final_psnr_db_std']:.2f} | {scores}{ms} | {size} |"
