@@ -88,12 +88,16 @@ def _modelopt_peers(ctx: RunContext, comparison: Comparison, main_psnr: float) -
     cond, guidance = ctx.calibration_cond(MODELOPT_SEEDS), recipe.sampling.guidance
     calibration = f"INT8_DEFAULT_CFG, whole-sampler calibration on {MODELOPT_SEEDS} seeds, fake-quant (torch)"
     peers = []
-    for name, skip in (
-        (f"modelopt {calibration}", None),
-        (f"modelopt {calibration}, its diffusers example's skipped layers in full precision", MODELOPT_DIFFUSERS_SKIP),
+    for engine, name, skip in (
+        ("modelopt-default", f"modelopt {calibration}", None),
+        (
+            "modelopt-int8-example",
+            f"modelopt {calibration}, its diffusers example's skipped layers in full precision",
+            MODELOPT_DIFFUSERS_SKIP,
+        ),
     ):
         qmodule = modelopt_fake_quant(ctx.fp, ctx.sampler, cond, ctx.null, guidance, seeds, skip=skip)
-        peer = TorchEngine(qmodule, ctx.sampler, "modelopt-default")
+        peer = TorchEngine(qmodule, ctx.sampler, engine)
         judged = judge(
             comparison, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
         )

@@ -16,7 +16,7 @@ from flowpress.recipe import CompareSection, EngineSection, ModelSection, Prompt
 # classifier-free guidance the pipelines of each conditioning use by default
 GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
 # what an int8 first try of a scheduler-driven UNet keeps in full precision, as modelopt's diffusers
-# example does: on the ε-prediction demos int8 there cost 9.1 dB (DDPM) and 2.9 dB (SD) over three
+# example does: on the ε-prediction demos int8 there cost 9.1 dB (DDPM) and 2.3 dB (SD) over three
 # calibration seeds (results/ablation-pipelines.md)
 UNET_FLOAT_LAYERS = ("*conv_in", "*conv_out", "*conv_shortcut")
 
