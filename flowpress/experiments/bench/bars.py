@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowpress.experiments.bench.config import NOT_THE_SAME_NETWORK, BenchBars
+from flowpress.experiments.bench.profile import weight_kernel_share
 
 
 def find_row(rows: list[dict[str, Any]], model: str, variant: str, batch: int) -> dict[str, Any] | None:
@@ -16,9 +17,13 @@ def bars(
     thresholds: BenchBars | None = None,
     peaks: dict[str, Any] | None = None,
     batch: int = 8,
+    profiles: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> list[dict[str, Any]]:
     """The bench's bars on this run's rows at `batch` against `thresholds` (default: BenchBars());
-    the int8-peak bar needs the host's GEMM peaks (matmul_peaks)."""
+    the int8-peak bar needs the host's GEMM peaks (matmul_peaks).  With the engines' operator
+    profiles at `batch` (model -> variant -> top_ops), the int8-peak entry also says where the
+    fastest engine's time goes: its weight-GEMM kernels' share and rate, and what time the bar
+    leaves the rest (attention, norms, activations, layout) at that rate."""
     thresholds = thresholds or BenchBars()
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -44,6 +49,15 @@ def bars(
                 "fraction_of_int8_peak": achieved / peaks["int8"],
                 "passed": achieved / peaks["int8"] >= need if need else None,
             }
+            ops = (profiles or {}).get(model, {}).get(best["variant"])
+            share = weight_kernel_share(ops) if ops else 0.0
+            if share > 0:
+                ms = best["ms_per_step_median"]
+                entry["weight_gemm_time_share"] = share
+                entry["weight_gemm_gop_per_s"] = best["linear_gop_per_forward"] / (share * ms / 1000)
+                entry["rest_ms"] = (1 - share) * ms
+                if need:  # the rest may take this long for the bar to pass, the weight GEMMs as they run
+                    entry["rest_ms_allowed"] = 1000 * best["gop_per_forward"] / (need * peaks["int8"]) - share * ms
             fp = find_row(rows, model, "ort-fp32", batch)
             if fp:
                 entry["speedup_vs_ort_fp32"] = fp["ms_per_step_median"] / best["ms_per_step_median"]

@@ -17,6 +17,7 @@ PEERS = ("torch-fp32", "ort-fp32", "ort-quantize-static", "ov-bf16", "ov-nncf-de
 OURS = (
     "flowpress-ort-int8",
     "flowpress-ov-int8",
+    "flowpress-ov-qdq",
     "flowpress-ov-bf16",
     "flowpress-fp8",
     "flowpress-w4a8",
@@ -43,6 +44,7 @@ ARITHMETIC = {
     "ov-nncf-default": "int8",
     "flowpress-ort-int8": "int8",
     "flowpress-ov-int8": "int8",
+    "flowpress-ov-qdq": "int8",
     "flowpress-ov-bf16": "bf16",
     "flowpress-fp8": "fp32",  # emulated on CPU: fp8 Q/DQ around float Conv / MatMul
     "flowpress-w4a8": "fp32",  # int4 weights dequantized into float Conv / MatMul on CPU

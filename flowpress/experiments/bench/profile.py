@@ -50,9 +50,9 @@ def reset_peak_rss() -> bool:
 
 
 def top_ops(
-    engine: Engine, batch: int, shape: tuple[int, ...], condition: ConditionFn, runs: int, n: int = 6
+    engine: Engine, batch: int, shape: tuple[int, ...], condition: ConditionFn, runs: int
 ) -> list[dict[str, Any]]:
-    """The engine's most expensive operator types over `runs` forwards: [{op, ms, share}]."""
+    """The engine's operator types over `runs` forwards, most expensive first: [{op, ms, share}]."""
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     step = torch.zeros(batch, dtype=torch.int64)
     cond = condition(batch)
@@ -95,8 +95,32 @@ def top_ops(
             if event.key.startswith("aten::") and event.key not in ("aten::empty", "aten::to"):
                 totals[event.key] = event.self_cpu_time_total / 1000 / runs
     whole = sum(totals.values()) or 1.0
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     return [{"op": op, "ms": round(ms, 4), "share": round(ms / whole, 4)} for op, ms in ranked]
+
+
+# kernels that multiply by a layer's weight (Linear / Conv), by runtime: OpenVINO node types,
+# onnxruntime ops that only weight GEMMs become in flowpress's engines (a plain MatMul may be
+# attention), torch's aten ops; the rest of an engine's time is attention, norms, activations, layout
+WEIGHT_KERNELS = (
+    "FullyConnected",
+    "FullyConnectedQuantizedLegacy",
+    "Convolution",
+    "GroupConvolution",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QLinearConv",
+    "ConvInteger",
+    "FusedConv",
+    "aten::addmm",
+    "aten::mm",
+    "aten::mkldnn_convolution",
+)
+
+
+def weight_kernel_share(ops: list[dict[str, Any]]) -> float:
+    """The share of an engine's operator time (top_ops) spent in weight-GEMM kernels."""
+    return sum(o["share"] for o in ops if o["op"].split(" (")[0] in WEIGHT_KERNELS)
 
 
 def ort_graph_ops(path: Path) -> dict[str, int]:

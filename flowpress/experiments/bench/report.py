@@ -109,7 +109,7 @@ def bench_markdown(bench: dict[str, Any]) -> str:
         lines += portable_cost(bench["rows"], name)
         lines += ["", "Top operators per engine (batch 8, share of the engine's operator time):", ""]
         for variant, ops in info["profiles"].items():
-            lines.append(f"- {variant}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops))
+            lines.append(f"- {variant}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops[:6]))
         for variant, ops in info["graph_ops"].items():
             compute = {k: v for k, v in ops.items() if k in GRAPH_OPS}
             lines.append(
@@ -127,6 +127,14 @@ def bench_markdown(bench: dict[str, Any]) -> str:
                 + (f"; {bar['speedup_vs_ort_fp32']:.2f}x ort-fp32" if "speedup_vs_ort_fp32" in bar else "")
                 + ")"
             )
+            if "weight_gemm_time_share" in bar:
+                measured += (
+                    f"; its weight-GEMM kernels (Linear / Conv, with their fused post-ops) "
+                    f"{100 * bar['weight_gemm_time_share']:.0f}% of its time at {bar['weight_gemm_gop_per_s']:.0f} GOP/s "
+                    f"({100 * bar['weight_gemm_gop_per_s'] / bar['int8_peak_gop_per_s']:.0f}% of peak), the rest "
+                    f"(attention, norms, activations, layout) {bar['rest_ms']:.1f} ms"
+                    + (f", where the bar leaves it {bar['rest_ms_allowed']:.1f} ms" if "rest_ms_allowed" in bar else "")
+                )
         else:
             measured = f"{bar['speedup']:.2f}x, PSNR {bar['psnr_gain_db']:+.2f} dB"
         lines.append(f"- {bar['model']}: {bar['bar']}: {measured}: {status}")

@@ -144,7 +144,8 @@ def bench_model(
                     "model_batch_in_loop": model_batch(batch, own_guidance, condition(batch)),
                     "threads": config.threads,
                     "arithmetic": ARITHMETIC[variant],
-                    "gop_per_forward": (student_flops if variant == "student" else flops)[batch] / 1e9,
+                    "gop_per_forward": (student_flops if variant == "student" else flops)[batch]["total"] / 1e9,
+                    "linear_gop_per_forward": (student_flops if variant == "student" else flops)[batch]["linear"] / 1e9,
                     **facts[variant],
                 }
             )
@@ -247,7 +248,9 @@ def run_bench(
         "models": [{k: v for k, v in r.items() if k != "rows"} for r in results],
         "python_overhead": overhead,
     }
-    bench["bars"] = bars(bench["rows"], config.bars, peaks)
+    # the profiles run at the largest batch: they explain the bars' batch-8 times only at that batch
+    profiles = {r["model"]: r["profiles"] for r in results} if max(config.batches) == 8 else None
+    bench["bars"] = bars(bench["rows"], config.bars, peaks, profiles=profiles)
     with run_lock(final), staged_run(final) as out:
         (out / "bench.json").write_text(json.dumps(bench, indent=2, default=_json_default) + "\n")
         plot_frontier(bench["rows"], out / "frontier.png")

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture
-from flowpress.compress import QuantizedModel, quantize, weight_form_name, weight_form_of
+from flowpress.compress import QuantizedModel, quantize, set_weight_bits, weight_form_name, weight_form_of
 from flowpress.engines import Engine, OrtEngine, TorchEngine
-from flowpress.engines.build import build_ort
+from flowpress.engines.build import build_ort, export_checked
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.engines.openvino import OpenVinoEngine
 from flowpress.errors import FlowpressError
@@ -159,6 +159,23 @@ def build_variants(
             xml = export_openvino(prepared, workdir / variant / "model.xml", ov_int8, calib, portable=ov_portable)
             portable_of[variant] = ov_portable
             loaders[variant] = functools.partial(_ov_built, xml, schedule, ov_int8.inference_hint, variant, threads)
+    if int8 and "flowpress-ov-qdq" in want and not host.int8_saturates:
+        # make quantize's openvino-qdq: OpenVINO on flowpress's own Q/DQ graph, signed 8-bit
+        # weights (exact only where the int8 kernels do not saturate: VNNI, AMX)
+        bits, unsigned = weight_form_of(qmodel)
+        set_weight_bits(qmodel, 8)
+        try:
+            qdq = workdir / "model.tensorrt.onnx"
+            export_checked(qmodel, qdq, calib, "tensorrt", recipe.export.opset, ("disabled", "all"))
+        finally:
+            set_weight_bits(qmodel, bits, unsigned)
+        xml = export_openvino(
+            qdq, workdir / "flowpress-ov-qdq" / "model.xml", dataclasses.replace(ov_int8, precision="f32")
+        )
+        portable_of["flowpress-ov-qdq"] = False
+        loaders["flowpress-ov-qdq"] = functools.partial(
+            _ov_built, xml, schedule, ov_int8.inference_hint, "flowpress-ov-qdq", threads
+        )
     if "flowpress-ov-bf16" in want:
         ours_bf16 = export_openvino(prepared, workdir / "ov-bf16" / "model.xml", OpenVinoConfig("bf16"))
         loaders["flowpress-ov-bf16"] = lambda: Built(
