@@ -21,6 +21,7 @@ from flowpress.compress.model import (
     weight_bits_of,
     weight_form_name,
     weight_form_of,
+    weights_in,
 )
 from flowpress.compress.quantize import quantize
 from flowpress.compress.sensitivity import (
@@ -58,4 +59,5 @@ __all__ = [
     "weight_bits_of",
     "weight_form_name",
     "weight_form_of",
+    "weights_in",
 ]

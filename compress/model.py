@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -216,6 +218,21 @@ def weight_bits_of(qmodel: QuantizedModel) -> int:
 def weight_form_of(qmodel: QuantizedModel) -> tuple[int, bool]:
     """(bits, unsigned) of the int8 layers' weights, as set_weight_bits takes them."""
     return weight_bits_of(qmodel), any(layer.weight_unsigned for layer in qmodel.layers.values())
+
+
+@contextmanager
+def weights_in(qmodel: QuantizedModel, bits: int, unsigned: bool = False) -> Iterator[None]:
+    """The int8 layers' weights in (bits, unsigned) inside the block (set_weight_bits), back in
+    the form they had after it, also when the block raises."""
+    before = weight_form_of(qmodel)
+    if (bits, unsigned) == before:
+        yield
+        return
+    set_weight_bits(qmodel, bits, unsigned)
+    try:
+        yield
+    finally:
+        set_weight_bits(qmodel, *before)
 
 
 def weight_form_name(bits: int, unsigned: bool) -> str:

@@ -18,9 +18,9 @@ from flowpress.compress import (
     QuantizedModel,
     set_output_quant,
     set_step_scales,
-    set_weight_bits,
     weight_bits_of,
     weight_form_of,
+    weights_in,
 )
 from flowpress.engines.isa import HostIsa
 from flowpress.errors import EngineParityError
@@ -128,14 +128,12 @@ def parity_failure(
         )
     if qmodel.config.precision == "int8" and bits == 8 and not unsigned and host.int8_saturates:
         with tempfile.TemporaryDirectory(prefix="flowpress-portable-") as tmp:
-            set_weight_bits(qmodel, PORTABLE_WEIGHT_BITS)
             try:
-                portable = export_checked(qmodel, Path(tmp) / "m.onnx", calib, "ort-cpu")
+                with weights_in(qmodel, PORTABLE_WEIGHT_BITS):
+                    portable = export_checked(qmodel, Path(tmp) / "m.onnx", calib, "ort-cpu")
                 alternative = f"7-bit weights measured noise ratio {portable.parity[-1].noise_ratio:.3f} here"
             except EngineParityError:
                 alternative = "7-bit weights failed too"
-            finally:
-                set_weight_bits(qmodel, bits)
         return EngineParityError(
             f"{name}: onnxruntime's int8 kernels on this {host.isa_class} host (no VNNI) saturate 8-bit weights "
             f"(noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {alternative}: set "

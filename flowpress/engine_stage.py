@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from flowpress.calibration import CalibrationSet
-from flowpress.compress import PORTABLE_WEIGHT_BITS, QuantizedModel, set_weight_bits, weight_form_name, weight_form_of
+from flowpress.compress import (
+    PORTABLE_WEIGHT_BITS,
+    QuantizedModel,
+    set_weight_bits,
+    weight_form_name,
+    weight_form_of,
+    weights_in,
+)
 from flowpress.context import RunContext
 from flowpress.engines import Engine, OrtEngine
 from flowpress.engines.build import build_ort, export_checked, parity_feeds
@@ -94,22 +101,15 @@ def build_engines(
         if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
             other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
             levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
-            if other == "tensorrt":
-                set_weight_bits(qmodel, 8)
-            try:
+            with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
                 exports.append(
                     export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
                 )
-            finally:
-                set_weight_bits(qmodel, bits, unsigned)
         if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
             alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
-            set_weight_bits(qmodel, alternative)
-            try:
+            with weights_in(qmodel, alternative):
                 path = run / f"model.w{alternative}.onnx"
                 exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
-            finally:
-                set_weight_bits(qmodel, bits, unsigned)
     with timer.stage("engine"):
         manifest: dict[str, Any] = {
             "runtime": "onnxruntime",

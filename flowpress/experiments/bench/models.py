@@ -36,7 +36,7 @@ def forward_flops(model: DiffusersDenoiser, batch: int) -> dict[str, float]:
         return int(sdpa_flop_count(query, key, value))
 
     # torch's counter has no entry for the CPU attention kernel: without one a DiT's attention
-    # counted 0 FLOPs (4.0 of 76.7 GFLOP on the bench's speed-dit at batch 8)
+    # counted 0 FLOPs (8.1 of 80.8 GFLOP on the bench's speed-dit at batch 8)
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
     x = torch.zeros(batch, *model.sample_shape)
     t = torch.full((batch,), 0.5)

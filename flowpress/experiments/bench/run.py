@@ -125,6 +125,7 @@ def bench_model(
         for variant, built in engines.items():
             steps_in_loop = built.engine.schedule.n_steps
             own_guidance = guidance if built.guidance is None else built.guidance
+            counted = student_flops if variant == "student" else flops
             medians = [float(np.median(times[variant])) for times in passes]
             every = np.concatenate([times[variant] for times in passes])
             rows.append(
@@ -144,8 +145,8 @@ def bench_model(
                     "model_batch_in_loop": model_batch(batch, own_guidance, condition(batch)),
                     "threads": config.threads,
                     "arithmetic": ARITHMETIC[variant],
-                    "gop_per_forward": (student_flops if variant == "student" else flops)[batch]["total"] / 1e9,
-                    "linear_gop_per_forward": (student_flops if variant == "student" else flops)[batch]["linear"] / 1e9,
+                    "gop_per_forward": counted[batch]["total"] / 1e9,
+                    "linear_gop_per_forward": counted[batch]["linear"] / 1e9,
                     **facts[variant],
                 }
             )

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture
-from flowpress.compress import QuantizedModel, quantize, set_weight_bits, weight_form_name, weight_form_of
+from flowpress.compress import QuantizedModel, quantize, weight_form_name, weight_form_of, weights_in
 from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import build_ort, export_checked
 from flowpress.engines.isa import HostIsa, host_isa
@@ -162,13 +162,9 @@ def build_variants(
     if int8 and "flowpress-ov-qdq" in want and not host.int8_saturates:
         # make quantize's openvino-qdq: OpenVINO on flowpress's own Q/DQ graph, signed 8-bit
         # weights (exact only where the int8 kernels do not saturate: VNNI, AMX)
-        bits, unsigned = weight_form_of(qmodel)
-        set_weight_bits(qmodel, 8)
-        try:
-            qdq = workdir / "model.tensorrt.onnx"
+        qdq = workdir / "model.tensorrt.onnx"
+        with weights_in(qmodel, 8):
             export_checked(qmodel, qdq, calib, "tensorrt", recipe.export.opset, ("disabled", "all"))
-        finally:
-            set_weight_bits(qmodel, bits, unsigned)
         xml = export_openvino(
             qdq, workdir / "flowpress-ov-qdq" / "model.xml", dataclasses.replace(ov_int8, precision="f32")
         )
