@@ -31,8 +31,9 @@ def e4m3_initializer(values: np.ndarray, name: str) -> Any:
     return numpy_helper.from_array(clipped.astype(ml_dtypes.float8_e4m3fn), name)
 
 
-def to_fp8(model: Any) -> Any:
-    """A copy of `model` (tensorrt-flavour int8 Q/DQ ModelProto) with every Q/DQ in FP8 E4M3."""
+def to_fp8(model: Any, base: str = "") -> Any:
+    """A copy of `model` (tensorrt-flavour int8 Q/DQ ModelProto; its external data relative to
+    `base`) with every Q/DQ in FP8 E4M3."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -58,7 +59,7 @@ def to_fp8(model: Any) -> Any:
         raise FlowpressError("fp8: the graph has no Q/DQ nodes; export it with a quantized model")
     replaced = {}
     for name in weights:
-        w_q = numpy_helper.to_array(inits[name]).astype(np.float32)
+        w_q = numpy_helper.to_array(inits[name], base).astype(np.float32)
         replaced[name] = e4m3_initializer(w_q * (E4M3_MAX / INT8_MAX), name)
     for name in scales:
         scale = numpy_helper.to_array(inits[name]).astype(np.float32)

@@ -298,13 +298,13 @@ def _check_profile(profile: BatchProfile) -> list[LintIssue]:
 
 def lint_tensorrt(onnx_path_or_proto: str | Path | Any, profile: BatchProfile | None = None) -> list[LintIssue]:
     """Every reason TensorRT would refuse or misread this Q/DQ graph (empty list: clean)."""
-    import onnx
+    from flowpress.export.graphfile import read_graph
 
     model = onnx_path_or_proto
     if isinstance(model, str | Path):
         if not Path(model).is_file():
             raise FlowpressError(f"{model}: ONNX file missing; run `make quantize` first")
-        model = onnx.load(str(model))
+        model = read_graph(model).proto  # the weights stay on disk: lint reads shapes, scales and zero points
     graph = model.graph
     constants = _constants(graph)
     issues = _check_opset(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ import torch
 from flowpress.compress import LayerQuant, QuantizedModel
 from flowpress.compress.model import UNSIGNED_ZERO_POINT
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import Graph, check_graph, read_graph, write_graph
 from flowpress.export.learned import learned_dequantize, learned_weight
-from flowpress.files import staged_file
 from flowpress.models import StepModel
 
 if TYPE_CHECKING:
@@ -59,30 +60,31 @@ def export_onnx(
     Q/DQ nodes are placed from quant.layers (modelopt's calibrated amax values) on the
     full-precision graph, so placement is ours and the same for every backend.
     """
-    import onnx
-
     path = Path(path)
     step_model = model.eval()
     shape = step_model.sample_shape
     example = step_model.example_inputs(2)
     names = ["x", "step", *step_model.cond_names]
-    with staged_file(path) as tmp:
+    # torch writes a graph over 2 GB as one file per tensor beside it: into a scratch folder
+    # beside the target (same file system), consolidated by write_graph
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as scratch:
+        raw = Path(scratch) / "exported.onnx"
         with warnings.catch_warnings():
             for message in EXPORTER_NOTICES:
                 warnings.filterwarnings("ignore", message=message)
             torch.onnx.export(
                 step_model,
                 tuple(example),
-                str(tmp),
+                str(raw),
                 input_names=names,
                 output_names=["v"],
                 dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
                 opset_version=config.opset,
                 dynamo=False,
             )
-        proto = onnx.load(str(tmp))
-        resolve_shape_ifs(proto)
-        for dim, size in zip(proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
+        graph = read_graph(raw)
+        resolve_shape_ifs(graph)
+        for dim, size in zip(graph.proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
             dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
             dim.dim_value = size
         if quant is not None:
@@ -90,13 +92,18 @@ def export_onnx(
                 raise FlowpressError(
                     f"export: int4 weights need ONNX opset >= 21, got export.opset {config.opset}; set it to 21"
                 )
-            insert_qdq(proto, quant.layers, config.flavour)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
+            insert_qdq(graph, quant.layers, config.flavour)
+        written = write_graph(graph, path)
+    try:
+        check_graph(path)
+    except Exception:
+        for file in written:
+            file.unlink(missing_ok=True)
+        raise
     return path
 
 
-def resolve_shape_ifs(proto) -> int:  # noqa: ANN001
+def resolve_shape_ifs(graph: Graph) -> int:
     """Inline the If nodes torch's exporter writes for a squeeze of a dimension it could not size
     (If(Equal(Gather(Shape(t), k), c)) -> Squeeze / Identity; PixArt's output does this): where
     shape inference knows t's dim k, the branch it selects replaces the If.  onnxruntime refuses to
@@ -104,8 +111,8 @@ def resolve_shape_ifs(proto) -> int:  # noqa: ANN001
     import onnx
     from onnx import helper, numpy_helper
 
-    graph = proto.graph
-    ifs = [i for i, n in enumerate(graph.node) if n.op_type == "If"]
+    proto = graph.proto
+    ifs = [i for i, n in enumerate(proto.graph.node) if n.op_type == "If"]
     if not ifs:
         return 0
     inferred = onnx.shape_inference.infer_shapes(proto).graph
@@ -113,14 +120,14 @@ def resolve_shape_ifs(proto) -> int:  # noqa: ANN001
         v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
         for v in [*inferred.value_info, *inferred.input, *inferred.output]
     }
-    producers = {o: n for n in graph.node for o in n.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    constants = graph.constants()
+    for node in proto.graph.node:
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     replaced: dict[int, list] = {}
     for index in ifs:
-        node = graph.node[index]
+        node = proto.graph.node[index]
         equal = producers.get(node.input[0])
         if equal is None or equal.op_type != "Equal" or equal.input[1] not in constants:
             continue
@@ -144,10 +151,10 @@ def resolve_shape_ifs(proto) -> int:  # noqa: ANN001
         replaced[index] = nodes
     if replaced:
         kept = []
-        for i, n in enumerate(graph.node):
+        for i, n in enumerate(proto.graph.node):
             kept.extend(replaced.get(i, [n]))
-        del graph.node[:]
-        graph.node.extend(kept)
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
     return len(replaced)
 
 
@@ -176,7 +183,7 @@ def _check_fp8(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> bool: 
     return True
 
 
-def _shifted_bias(node, shift, inits, consumers, rewired, prefix: str):  # noqa: ANN001, ANN202
+def _shifted_bias(node, shift, graph: Graph, inits, consumers, rewired, prefix: str):  # noqa: ANN001, ANN202
     """The layer's bias plus its bias-correction shift as a new initializer `<prefix>.bias`, wired
     in place of the bias it replaces: a Conv's / Gemm's third input, a MatMul's following Add."""
     from onnx import numpy_helper
@@ -189,12 +196,12 @@ def _shifted_bias(node, shift, inits, consumers, rewired, prefix: str):  # noqa:
             for n in consumers.get(node.output[0], [])
             if n.op_type == "Add"
             for i, name in enumerate(n.input)
-            if name in inits and numpy_helper.to_array(inits[name]).shape == tuple(shift.shape)
+            if name in inits and tuple(inits[name].dims) == tuple(shift.shape)
         ]
         if node.op_type != "MatMul" or len(adds) != 1:
             raise FlowpressError(f"export: no bias found for {node.name} to apply its bias correction to")
         owner, index = adds[0]
-    bias = numpy_helper.to_array(inits[owner.input[index]]).astype(np.float32) + shift.numpy().astype(np.float32)
+    bias = graph.array(inits[owner.input[index]]).astype(np.float32) + shift.numpy().astype(np.float32)
     name = f"{prefix}.bias"
     if owner is node:
         node.input[index] = name  # the rewritten node copies node.input[2:]
@@ -203,14 +210,15 @@ def _shifted_bias(node, shift, inits, consumers, rewired, prefix: str):  # noqa:
     return numpy_helper.from_array(bias.astype(np.float32), name)
 
 
-def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None:  # noqa: ANN001
+def insert_qdq(qdq_graph: Graph, layers: dict[str, LayerQuant], flavour: Flavour) -> None:
     """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(W) and Q/DQ(x): int8 W
-    (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x."""
+    (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x.  Float weights
+    are read one at a time (from the data file when the graph has one)."""
     from onnx import helper, numpy_helper
 
     from flowpress.export.fp8 import E4M3_MAX, e4m3_initializer
 
-    graph = proto.graph
+    proto, graph = qdq_graph.proto, qdq_graph.proto.graph
     inits = {init.name: init for init in graph.initializer}
     fp8 = _check_fp8(proto, layers, flavour)
     act_dtype, act_zp = (np.uint8, 128) if flavour == "ort-cpu" else (np.int8, 0)
@@ -230,7 +238,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
             new_nodes.append(node)
             continue
         found.add(name)
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        weight = qdq_graph.array(inits[node.input[1]]).astype(np.float32)
         if node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
@@ -300,7 +308,7 @@ def insert_qdq(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> None: 
         quant_out = flavour == "ort-cpu" and layer.output_amax is not None
         y = f"{prefix}.output_float" if quant_out else out
         if layer.bias_shift is not None:
-            new_inits.append(_shifted_bias(node, layer.bias_shift, inits, consumers, rewired, prefix))
+            new_inits.append(_shifted_bias(node, layer.bias_shift, qdq_graph, inits, consumers, rewired, prefix))
         if node.op_type == "Gemm":
             bias = list(node.input[2:3])
             mm_out = f"{prefix}.matmul_out" if bias else y

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import read_graph
 from flowpress.export.lint import QDQ_OPS, BatchProfile, check_tensorrt, uses_fp8
 from flowpress.files import sha256_file, staged_file
 from flowpress.sampling import Sampler
@@ -162,13 +163,12 @@ def build_engine(
     calibration_sha256: str | None = None,
 ) -> EngineBuild:
     """Lint, parse and build `onnx_path` into `plan_path` (+ manifest JSON beside it), both atomically."""
-    import onnx
     import tensorrt as trt
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise FlowpressError(f"{onnx_path}: ONNX file missing; run `make quantize` first")
-    proto = onnx.load(str(onnx_path))
+    proto = read_graph(onnx_path).proto  # weights stay on disk; TensorRT's parser reads the file
     check_tensorrt(proto, config.profile, where=str(onnx_path))
     gpu = current_gpu()
     fp8 = uses_fp8(proto)

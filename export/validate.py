@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flowpress.errors import EngineParityError, FlowpressError
+from flowpress.export.graphfile import Graph, beside, engine_data_options, read_graph, write_graph
 from flowpress.models import rows_by_step
 
 OPT_LEVELS = ("disabled", "all")
@@ -53,6 +54,7 @@ def ort_session(  # noqa: ANN201
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+        engine_data_options(read_graph(path), opts, optimized_path)
     disabled = list(FP8_DISABLED_OPTIMIZERS) if protect_fp8 and is_fp8_graph(path) else []
     from flowpress.export.lowrank import W4A4_DISABLED_OPTIMIZER, W4A4_MATMUL_ACCURACY, is_w4a4_graph
 
@@ -113,33 +115,29 @@ def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, o
     non-fp8 QuantizeLinear; then twin quantizers are merged and Linear biases folded into the
     integer matmuls.  Returns the engine manifest's facts: qdq_types (of the engine file), the
     optimizers kept off and the four rewrites' counts."""
-    import onnx
-
     fp8 = is_fp8_graph(source)
-    shapes = onnx.load(str(source))
+    shapes = read_graph(source)
     folded = fold_batch_shapes(shapes)
     bypassed = bypass_concat_slices(shapes)
-    with tempfile.TemporaryDirectory(prefix="flowpress-engine-") as tmp:
-        if folded or bypassed:
-            source = Path(tmp) / "folded.onnx"
-            onnx.save(shapes, str(source))
-        del shapes
+    if folded or bypassed:
+        with beside(shapes, "folded") as folded_graph:
+            ort_session(folded_graph, "extended", optimized_path=str(engine_path))
+    else:
         ort_session(source, "extended", optimized_path=str(engine_path))
+    del shapes
     if fp8:
-        corrupted = non_fp8_quantizers(onnx.load(str(engine_path), load_external_data=False))
+        corrupted = non_fp8_quantizers(read_graph(engine_path).proto)
         if corrupted:
             raise FlowpressError(
                 f"{engine_path}: onnxruntime inserted {len(corrupted)} non-fp8 QuantizeLinear nodes into the fp8 "
                 f"engine (first: {corrupted[0]}); an optimizer besides {', '.join(FP8_DISABLED_OPTIMIZERS) or 'none'} "
                 "rewrites fp8 Q/DQ: add it to export.validate.FP8_DISABLED_OPTIMIZERS"
             )
-    model = onnx.load(str(engine_path))
-    merged = merge_twin_quantizers(model.graph)
-    fused = fuse_integer_matmul_bias(model.graph)
-    if merged or fused:  # written beside, then renamed over: never a half-written engine file
-        staged = Path(engine_path).with_suffix(".rewrite.onnx")
-        onnx.save(model, str(staged))
-        staged.replace(engine_path)
+    engine = read_graph(engine_path)
+    merged = merge_twin_quantizers(engine)
+    fused = fuse_integer_matmul_bias(engine.proto.graph)
+    if merged or fused:  # written aside, then renamed over: never a half-written engine file
+        write_graph(engine, engine_path)
     return {
         "qdq_types": qdq_types(engine_path),
         "disabled_optimizers": list(FP8_DISABLED_OPTIMIZERS) if fp8 else [],
@@ -157,15 +155,15 @@ def _drop_nodes(graph, dropped: set[int]) -> None:  # noqa: ANN001
     graph.node.extend(kept)
 
 
-def merge_twin_quantizers(graph) -> int:  # noqa: ANN001
+def merge_twin_quantizers(engine: Graph) -> int:
     """Merge QuantizeLinear nodes that quantize the same tensor with equal scale and zero point
     (the q / k / v projections of an attention block read one tensor, and their input
     quantizers, calibrated on the same data, agree): the first one's output feeds every
-    consumer.  Rewrites `graph` in place; returns how many were merged."""
+    consumer.  Rewrites the graph in place; returns how many were merged."""
     import onnx
-    from onnx import numpy_helper
 
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    graph = engine.proto.graph
+    constants = engine.constants()
     outputs = {o.name for o in graph.output}
 
     def key(node) -> tuple | None:  # noqa: ANN001
@@ -229,7 +227,7 @@ SHAPE_PROBE_BATCHES = (2, 3, 5)
 MAX_FOLDED_ELEMENTS = 1 << 16
 
 
-def fold_batch_shapes(model) -> int:  # noqa: ANN001
+def fold_batch_shapes(source: Graph) -> int:
     """Replace the shape arithmetic of a batch-dynamic graph with constants.
 
     torch's exporter computes every Reshape target (and the attention scale) from Shape ->
@@ -237,13 +235,14 @@ def fold_batch_shapes(model) -> int:  # noqa: ANN001
     Each tensor computed only from tensor shapes and constants is evaluated at batches
     SHAPE_PROBE_BATCHES: one that never changes becomes a constant; a Reshape target that
     changes only where it equals the batch becomes a constant with 0 or -1 there (see
-    _batch_reshape_target).  Anything else stays computed.  Rewrites `model` in place (dead
+    _batch_reshape_target).  Anything else stays computed.  Rewrites the graph in place (dead
     nodes pruned); returns how many tensors were folded."""
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
+    model = source.proto
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # control flow: its subgraphs read outer shapes; not worth following
@@ -278,7 +277,9 @@ def fold_batch_shapes(model) -> int:  # noqa: ANN001
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with beside(Graph(probe, source.base), "shape-probe") as probe_path:
+        session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
+    del probe
     initializers = {t.name for t in graph.initializer}
     values: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for batch in SHAPE_PROBE_BATCHES:
@@ -316,19 +317,23 @@ def fold_batch_shapes(model) -> int:  # noqa: ANN001
     return len(folded)
 
 
-def bypass_concat_slices(model) -> int:  # noqa: ANN001
+def bypass_concat_slices(source: Graph) -> int:
     """Read each slice of a Concat that is exactly one of its inputs from that input.
 
     Split shortcuts (compress/shortcut.py) slice the decoder's cat[h, skip] back into h and
-    skip; the slices copy what the Concat just copied.  Rewrites `model` in place (the Slice
+    skip; the slices copy what the Concat just copied.  Rewrites the graph in place (the Slice
     nodes pruned when nothing else reads them); returns how many slices were bypassed."""
     import onnx
     from onnx import numpy_helper
 
-    from flowpress.export.lint import _constants
-
+    model = source.proto
     graph = model.graph
-    constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}
+    constants = source.constants()
+    constants |= {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
     inferred = onnx.shape_inference.infer_shapes(model).graph
     dims: dict[str, list[int | None]] = {}
     for value in [*inferred.value_info, *graph.input]:
@@ -482,12 +487,11 @@ def check_parity(
 def float_weight_ops(path: str | Path) -> list[str]:
     """Names of float Conv / MatMul / Gemm nodes whose weight is a constant (or a dequantized
     constant) in the graph onnxruntime runs; activation x activation MatMuls are not counted."""
-    import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "optimized.onnx")
         ort_session(path, "extended", optimized_path=out)
-        graph = onnx.load(out).graph
+        graph = read_graph(out).proto.graph
     constants = {init.name for init in graph.initializer}
     constants |= {
         o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants for o in n.output

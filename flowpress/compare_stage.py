@@ -29,6 +29,7 @@ from flowpress.engines import (
 from flowpress.engines.build import parity_feeds
 from flowpress.engines.portability import check_engine_host, host_record
 from flowpress.engines.report import Report, write_report
+from flowpress.export.graphfile import graph_bytes
 
 # the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
 # forwards per runtime (engines/timing.py says why rounds must be long)
@@ -236,7 +237,7 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
         f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of "
         f"{LATENCY_SETTLE} untimed + {LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads",
         size_bytes={
-            "fp32_onnx": (run / "fp32.onnx").stat().st_size,
+            "fp32_onnx": graph_bytes(run / "fp32.onnx"),
             "engine": sum(f.stat().st_size for f in engine_files),
         },
         cpu_engines=engines,

@@ -23,6 +23,7 @@ from flowpress.engines.build import build_ort, export_checked, parity_feeds
 from flowpress.engines.openvino import OpenVinoEngine
 from flowpress.engines.portability import host_figures, host_record, int8_weight_form, resolve_portable
 from flowpress.export import check_parity, export_onnx
+from flowpress.export.graphfile import graph_files, remove_graph
 from flowpress.export.openvino import OpenVinoConfig, OvPrecision, export_openvino, overflow_fix
 from flowpress.rundir import write_json
 from flowpress.sampling import Sampler
@@ -50,7 +51,7 @@ def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path
     """The run's CPU engines by name (ort-<precision>, openvino-<precision>) with the files they ship as."""
     opt = run / "engine" / "model.opt.onnx"
     name = ort_name(ctx)
-    found: dict[str, tuple[Engine, list[Path]]] = {name: (OrtEngine(opt, ctx.sampler, name), [opt])}
+    found: dict[str, tuple[Engine, list[Path]]] = {name: (OrtEngine(opt, ctx.sampler, name), graph_files(opt))}
     for precision in ("int8", "bf16", "f32", QDQ):
         xml = ov_xml(run, precision)
         if xml.is_file():
@@ -158,7 +159,7 @@ def build_engines(
                     else "the FP graph with temporal tables",
                     "static_batch": "compiled per batch size at load",
                 }
-            prepared.unlink()
+            remove_graph(prepared)
         qdq = run / ("model.onnx" if flavour == "tensorrt" else "model.tensorrt.onnx")
         if int8 and recipe.engine.candidates and qdq.is_file() and not host.int8_saturates:
             # its weights are signed 8-bit: exact only where the int8 kernels do not saturate (VNNI, AMX)

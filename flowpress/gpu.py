@@ -25,6 +25,7 @@ from flowpress.engines import TorchEngine, compare, median_step_ms
 from flowpress.engines.portability import host_record
 from flowpress.engines.report import Report, write_report
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import graph_bytes
 from flowpress.export.lint import BatchProfile, check_tensorrt
 from flowpress.export.tensorrt import FP8_MIN_CAPABILITY, TensorRTConfig, tensorrt_unavailable
 from flowpress.files import sha256_file
@@ -175,7 +176,7 @@ def _build_and_validate(
             latency_ms=latency,
             latency_note="median wall ms of one forward from CPU tensors (host<->device copies included); "
             "`make bench-gpu` measures on-device latency with CUDA events",
-            size_bytes={"fp32_onnx": (run_dir / "fp32.onnx").stat().st_size, "engine": build.plan.stat().st_size},
+            size_bytes={"fp32_onnx": graph_bytes(run_dir / "fp32.onnx"), "engine": build.plan.stat().st_size},
             cpu_engines=[],
             recommendation={
                 "engine": engine.name if comparison.gate["passed"] else None,
@@ -276,11 +277,10 @@ def bench_lines(result: BenchResult) -> list[str]:
 
 
 def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
-    import onnx
-
     from flowpress.engines.tensorrt import OrtGpuEngine, TensorRTEngine
     from flowpress.export import is_fp8_graph
     from flowpress.export.fp8 import to_fp8
+    from flowpress.export.graphfile import Graph, read_graph, write_graph
     from flowpress.export.tensorrt import build_engine, current_gpu
 
     ctx = RunContext.load(recipe)
@@ -314,7 +314,8 @@ def _bench(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
         if gpu.compute_capability >= FP8_MIN_CAPABILITY:
             fp8_path = qdq_graph if fp8_run else Path(tmp) / "model.fp8.onnx"
             if not fp8_run:
-                onnx.save(to_fp8(onnx.load(str(qdq_graph))), str(fp8_path))
+                int8 = read_graph(qdq_graph)
+                write_graph(Graph(to_fp8(int8.proto, str(int8.base)), int8.base), fp8_path)
             sources["tensorrt_fp8"] = (fp8_path, "qdq")
         else:
             rows["tensorrt_fp8"] = {"skipped": f"compute capability {gpu.as_dict()['compute_capability']} < 8.9"}

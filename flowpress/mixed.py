@@ -26,6 +26,7 @@ from flowpress.engines.build import build_ort
 from flowpress.engines.compare import final_metrics
 from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import graph_bytes
 from flowpress.sampling import batch_cond, noise_for_seeds, sample
 
 
@@ -165,7 +166,7 @@ class EngineCheck:
         latency = {f"b{b}": median_step_ms(engine, b, ctx.shape, ctx.condition, runs) for b in (1, 8)}
         return Candidate(
             fallback_layers=fallback,
-            engine_bytes=optimized.stat().st_size,
+            engine_bytes=graph_bytes(optimized),
             latency_ms=latency,
             final_psnr_db=final["psnr_db"],
             checks={c["name"]: c["value"] for c in gate["checks"] if c["name"] != "final_psnr_db"},

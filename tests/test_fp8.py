@@ -25,6 +25,7 @@ from flowpress.export import (
     ort_session,
     qdq_types,
 )
+from flowpress.export.graphfile import read_graph
 from flowpress.export.lint import lint_tensorrt
 from flowpress.models import load_model
 from flowpress.recipe import load_recipe
@@ -119,9 +120,9 @@ def test_fp8_fake_quant_matches_torch_e4m3_cast():
 
 def test_fp8_needs_the_tensorrt_flavour_and_8_bits(fp8, tmp_path):
     _, qmodel, _, path = fp8
-    proto = onnx.load(str(path))
+    graph = read_graph(path)
     with pytest.raises(FlowpressError, match="set export.flavour to 'tensorrt'"):
-        insert_qdq(proto, qmodel.layers, "ort-cpu")
+        insert_qdq(graph, qmodel.layers, "ort-cpu")
     shipped = (DIGITS / "recipes" / "digits-unet-fp8.yaml").read_text()
     bad = tmp_path / "r.yaml"
     bad.write_text(shipped.replace("precision: fp8 ", "precision: fp8\n  activation_bits: 6 "))

@@ -44,6 +44,7 @@ from flowpress.experiments.ablate_peers import (
     ort_static_engine,
 )
 from flowpress.experiments.common import Reference, fp_reference, sample_engine
+from flowpress.export.graphfile import graph_bytes
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
@@ -223,7 +224,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                     bits = weight_form[0]  # U8U8 holds the same 8-bit values
                     built = workdir / "model.opt.onnx"
                     build_ort(qmodel, calib, workdir / "model.onnx", built, "ort-cpu", 19, host, method)
-                    engine, size = OrtEngine(built, sampler, method), built.stat().st_size
+                    engine, size = OrtEngine(built, sampler, method), graph_bytes(built)
                 elif setting in ("fp8", "w4a8", "w4a4"):  # on the torch model (the engine passes parity with it)
                     calib = select(full, replace(capture_cfg, strategy="all", budget=config.budget), sampler.n_steps)
                     qmodel = quantize(model, variants[method], calib, sampler)
@@ -232,7 +233,7 @@ def run_model(recipe: Recipe, config: AblationConfig, progress: bool = True) -> 
                     if setting == "w4a4":  # its size: the parity-checked onnxruntime engine file
                         built = workdir / "model.opt.onnx"
                         build_ort(qmodel, calib, workdir / "model.onnx", built, "ort-cpu", 21, host, method)
-                        size = built.stat().st_size
+                        size = graph_bytes(built)
                 else:
                     strategy, amax = METHODS[method]
                     calib = select(full, replace(capture_cfg, strategy=strategy, budget=config.budget), sampler.n_steps)
