@@ -200,9 +200,8 @@ def write_graph(graph: Graph, path: str | Path, threshold: int | None = None) ->
 
 def graph_files(path: str | Path) -> list[Path]:
     """The graph at `path` and the data files its tensors reference (relative to it)."""
-    from onnx import TensorProto
-
     import onnx
+    from onnx import TensorProto
 
     graph = Graph(onnx.load(str(path), load_external_data=False), Path(path).parent)
     found = {
