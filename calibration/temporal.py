@@ -10,14 +10,13 @@ quantization error.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersDenoiser, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel, copy_sharing_weights
 from flowpress.sampling import Sampler
 
 
@@ -206,7 +205,7 @@ class CachedStepModel(StepModel):
                 "temporal cache: no module depends only on (t, class); set quantize.temporal to 'int8'"
             )
         table = build_table(model, times, names)
-        super().__init__(copy.deepcopy(model), sampler)
+        super().__init__(copy_sharing_weights(model), sampler)
         self.table = table
         self.temporal_modules = names
         self._key = _Key()

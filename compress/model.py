@@ -3,7 +3,6 @@ quantization records, and the switches the engine forms need (weight bits, Conv 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from flowpress.calibration.temporal import half_tables
 from flowpress.compress.config import Int8Config, QuantConfig
 from flowpress.compress.shortcut import split_shortcuts
 from flowpress.errors import FlowpressError
-from flowpress.models import DiffusersDenoiser, StepModel
+from flowpress.models import DiffusersDenoiser, StepModel, copy_sharing_weights
 from flowpress.sampling import Sampler
 
 PORTABLE_WEIGHT_BITS = 7  # |w| <= 63 (narrow range): u8 x s8 pair sums fit int16 on every x86 host (engines/isa.py)
@@ -115,7 +114,7 @@ def prepare(model: DiffusersDenoiser, config: QuantConfig, sampler: Sampler) -> 
     prepared = (
         CachedStepModel(model, sampler, temporal)
         if config.temporal == "cache"
-        else StepModel(copy.deepcopy(model), sampler)
+        else StepModel(copy_sharing_weights(model), sampler)
     )
     if config.split_shortcuts:
         assert isinstance(prepared.model, DiffusersDenoiser)

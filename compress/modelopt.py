@@ -22,7 +22,7 @@ from flowpress.compress.model import (
     is_excluded,
 )
 from flowpress.errors import FlowpressError
-from flowpress.models import StepModel
+from flowpress.models import StepModel, copy_sharing_weights
 from flowpress.sampling import Sampler
 
 
@@ -86,7 +86,7 @@ def quantize_modelopt(
     activation ranges of config.amax when it is not 'max'."""
     mtq = import_modelopt()
     exclude = excluded_patterns(config, temporal)
-    qmodule = copy.deepcopy(fp_module)
+    qmodule = copy_sharing_weights(fp_module)  # max calibration reads the weights, never writes them
 
     def forward_loop(_denoiser: nn.Module) -> None:
         for x, step, cond, _k in calib.batches(config.calib_batch_size):
@@ -198,7 +198,7 @@ def modelopt_fake_quant(
     from flowpress.sampling import noise_for_seeds, sample
 
     mtq = import_modelopt()
-    qmodule = copy.deepcopy(fp)
+    qmodule = copy_sharing_weights(fp)
     noise = noise_for_seeds(seeds, fp.sample_shape)
 
     def forward_loop(_denoiser: nn.Module) -> None:

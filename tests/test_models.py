@@ -93,3 +93,27 @@ def test_committed_teacher_meets_its_bar():
     config = TeacherConfig(eval_samples=200, eval_steps=20, eval_guidance=2.0)
     accuracy = teacher_accuracy(TEACHER, config, str(CLASSIFIER))
     assert accuracy >= 0.95
+
+
+def test_quantizing_shares_the_weights_and_leaves_the_fp_model_as_it_was(tiny_model_dir):
+    from flowpress.compress import Int8Config, quantize
+
+    from .conftest import TINY_SCHEDULE, feeds_of, tiny_calibration
+
+    model = load_model(tiny_model_dir).eval()
+    calib = tiny_calibration(model)
+    feeds = feeds_of(calib)
+    fp = StepModel(model, TINY_SCHEDULE).eval()
+    with torch.no_grad():
+        before = fp(*feeds.values())
+        qmodel = quantize(model, Int8Config(bias_correction=True), calib, TINY_SCHEDULE)
+        qmodel.bias_calibration = calib
+        after = fp(*feeds.values())
+        fake_quant = qmodel.module(*feeds.values())
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    for copy in (qmodel.module, qmodel.fp_module):  # one set of weights for the three models
+        layers = [(n, m) for n, m in copy.model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+        copied = [n for n, m in layers if id(m.weight) not in weights and ".conv_shortcut." not in n]  # split: new
+        assert len(layers) > 20 and copied == []
+    assert torch.equal(before, after)  # calibration and bias correction changed no shared tensor
+    assert 0 < float((fake_quant - before).abs().max()) < float(before.abs().max())

@@ -10,7 +10,7 @@ from flowpress.models.conditioning import (
     read_prompts,
 )
 from flowpress.models.load import LoadedModel, load_source
-from flowpress.models.step import StepModel, as_feeds, rows_by_step, run_by_step
+from flowpress.models.step import StepModel, as_feeds, copy_sharing_weights, rows_by_step, run_by_step
 from flowpress.models.velocity import (
     Denoiser,
     DiffusersDenoiser,
@@ -34,6 +34,7 @@ __all__ = [
     "StepModel",
     "UNetSpec",
     "as_feeds",
+    "copy_sharing_weights",
     "rows_by_step",
     "run_by_step",
     "build_dit",

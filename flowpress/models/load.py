@@ -223,7 +223,7 @@ def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | N
         missing = {n: None for n in absent if params[n].default is inspect.Parameter.empty}
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            path, local_files_only=True, low_cpu_mem_usage=False, **missing
+            path, local_files_only=True, low_cpu_mem_usage=True, **missing
         )
     except Exception as err:  # noqa: BLE001 - diffusers / transformers raise many types for a broken directory
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from flowpress.sampling import Cond, Sampler
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def rows_by_step(step: Tensor) -> list[Tensor]:
@@ -98,3 +102,15 @@ class StepModel(nn.Module):
     def run(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         """forward with the conditioning by name."""
         return self(x, step, *(cond[name] for name in self.cond_names))
+
+
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
+
+
+def copy_sharing_weights(module: M) -> M:
+    """A deep copy of `module` whose Conv / Linear / Embedding weights are the original's own
+    tensors: at 0.6-12B parameters a second copy of the weights is the difference between a run
+    that fits and one the OOM killer ends.  Biases, norms and buffers are copied (bias correction
+    changes a quantized copy's biases); nothing may change a weight of either in place."""
+    shared = {id(m.weight): m.weight for m in module.modules() if isinstance(m, WEIGHT_LAYERS)}
+    return copy.deepcopy(module, shared)

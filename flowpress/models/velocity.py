@@ -165,7 +165,7 @@ def load_net(class_name: str, path: Path, fix: str) -> Any:
     import diffusers
 
     try:
-        net = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        net = getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, low_cpu_mem_usage=True)
     except Exception as err:  # diffusers raises many types for missing / corrupt weights
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FlowpressError(f"{path}: cannot load {class_name} weights ({reason}); {fix}") from None
