@@ -27,7 +27,9 @@ class Report:
     ssim, rel_l2}; quality: {reference, engine} evaluator scores; latency_ms: {runtime: {b1, b8}}
     median ms per forward; size_bytes: {fp32_onnx, engine}; cpu_engines: every CPU engine judged
     on the same seeds [{engine, final_psnr_db, final_ssim, quality, ms_b1, ms_b8, size_bytes,
-    gate_passed}]; recommendation: {engine, reason}; host: {isa, validated_on, revalidated}."""
+    gate_passed}]; recommendation: {engine, reason}; host: {isa, validated_on, revalidated};
+    stages: {stage: {seconds, peak_rss_bytes}} of the run up to the report; peak_rss_bytes: the
+    run's peak resident memory up to the report."""
 
     recipe: str
     precision: str
@@ -52,6 +54,8 @@ class Report:
     end_to_end_ms_per_image: dict[str, float] | None = None
     mixed_precision: dict[str, Any] | None = None
     gpu_bench: dict[str, Any] | None = None
+    stages: dict[str, dict[str, float]] | None = None
+    peak_rss_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -274,6 +278,11 @@ def report_markdown(report: Report, title: str) -> str:
     lines += ["", f"Host: {host['isa']['isa_class']}; engines validated on {host['validated_on']['isa_class']}."]
     lines += ["", "## Size", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in report.size_bytes.items()]
+    if report.stages:
+        lines += ["", "## Time and memory per stage", "", "| stage | seconds | peak resident GB |", "|---|---|---|"]
+        lines += [f"| {k} | {v['seconds']:.1f} | {v['peak_rss_bytes'] / 1e9:.2f} |" for k, v in report.stages.items()]
+        if report.peak_rss_bytes:
+            lines += ["", f"Peak resident memory of the run: {report.peak_rss_bytes / 1e9:.2f} GB."]
     if report.mixed_precision:
         from flowpress.engines.report_mixed import mixed_precision_markdown
 

@@ -10,7 +10,7 @@ from typing import Any
 from flowpress.calibration import capture
 from flowpress.compare_stage import compare_stage
 from flowpress.compress import quantize
-from flowpress.context import RunContext, versions
+from flowpress.context import RunContext, Timer, versions
 from flowpress.engine_stage import build_engines, weight_form
 from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
@@ -33,8 +33,9 @@ REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "traje
 def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, Report]:
     """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code."""
     final_dir = Path(runs_root) / recipe.name
-    ctx = RunContext.load(recipe)
-    timer = ctx.timer
+    timer = Timer()
+    with timer.stage("load"):
+        ctx = RunContext.load(recipe, timer)
     with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
         with timer.stage("calibrate"):
             calib = capture(
@@ -80,6 +81,8 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
             **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
             "inputs": {"model": tree_hashes(Path(recipe.model.path))},
             "stage_seconds": timer.seconds,
+            "stages": timer.as_dict(),
+            "peak_rss_bytes": timer.peak_rss_bytes,
         }
         manifest["outputs"] = tree_hashes(run)
         write_json(run / "manifest.json", manifest)

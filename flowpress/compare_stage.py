@@ -255,6 +255,7 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
     )
     if amend is not None:
         amend(report)
+    report.stages, report.peak_rss_bytes = timer.as_dict(), timer.peak_rss_bytes
     write_report(run, comparison, report, _detached(samples), f"{recipe.name}: {engine.name} vs FP")
     return report
 

@@ -33,17 +33,60 @@ PACKAGES = (
 )
 
 
+def resident_bytes() -> tuple[int, int]:
+    """(resident, peak resident since the last reset_peak) bytes of this process (Linux /proc)."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) * 1024
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
+
+
+def reset_peak() -> None:
+    """Start a new peak-resident window (the kernel's VmHWM; a no-op where it cannot be reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 class Timer:
-    """Wall seconds per named stage."""
+    """Wall seconds and peak resident bytes per named stage (stages may nest: an inner stage's
+    peak counts for the outer ones too); peak_rss_bytes: the whole run's so far."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.peak_rss_bytes = 0
+        self._open: list[str] = []
+
+    def _checkpoint(self) -> None:
+        """Fold the peak since the last checkpoint into every open stage and the run; new window."""
+        peak = resident_bytes()[1]
+        for name in self._open:
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, peak)
+        reset_peak()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self._checkpoint()
+        self._open.append(name)
+        self.peak_rss[name] = resident_bytes()[0]
         start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
+        try:
+            yield
+        finally:
+            self._checkpoint()
+            self._open.remove(name)
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """{stage: {seconds, peak_rss_bytes}} of the finished stages, in the order they ran."""
+        return {n: {"seconds": s, "peak_rss_bytes": self.peak_rss.get(n, 0)} for n, s in self.seconds.items()}
 
 
 def versions() -> dict[str, str]:
@@ -72,7 +115,7 @@ class RunContext:
     timer: Timer = field(default_factory=Timer)
 
     @classmethod
-    def load(cls, recipe: Recipe) -> RunContext:
+    def load(cls, recipe: Recipe, timer: Timer | None = None) -> RunContext:
         section = recipe.model
         source = load_source(Path(section.path), section.time_scale, section.scheduler, section.prediction_type)
         sampler = source.sampler(recipe.sampling.steps, recipe.sampling.method)
@@ -87,7 +130,7 @@ class RunContext:
         fp = StepModel(source.denoiser, sampler).eval()
         calibration = read_prompts(recipe.prompts.calibration, CALIBRATION_PROMPTS)
         compare = read_prompts(recipe.prompts.compare, COMPARE_PROMPTS)
-        return cls(recipe, source, sampler, fp, evaluator, host_isa(), calibration, compare)
+        return cls(recipe, source, sampler, fp, evaluator, host_isa(), calibration, compare, timer or Timer())
 
     @property
     def model(self) -> DiffusersDenoiser:

@@ -89,6 +89,13 @@ def test_quantize_writes_the_run_directory_contract(run):
     assert all(f["final_psnr_db"] > 20 for f in weights["forms"].values())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["schedule"]["n_steps"] == 4 and manifest["outputs"]["model.onnx"]
+    stages = report["stages"]  # wall time and peak resident memory per stage, the run's peak the largest
+    assert list(stages)[:5] == ["load", "calibrate", "quantize", "export", "engine"] and "judge" in stages
+    assert report["peak_rss_bytes"] == max(s["peak_rss_bytes"] for s in stages.values()) > 100e6
+    assert (
+        manifest["peak_rss_bytes"] >= report["peak_rss_bytes"]
+        and "Time and memory per stage" in (run_dir / "report.md").read_text()
+    )
     assert not list(run_dir.parent.glob(".*"))  # no temporary siblings left behind
 
 
