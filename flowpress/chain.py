@@ -18,6 +18,7 @@ from flowpress.recipe import Recipe
 from flowpress.rundir import (
     read_manifest,
     record_outputs,
+    reported_failures,
     run_lock,
     staged_run,
     tree_hashes,
@@ -34,58 +35,64 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
     """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code."""
     final_dir = Path(runs_root) / recipe.name
     timer = Timer()
-    with timer.stage("load"):
-        ctx = RunContext.load(recipe, timer)
-    with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
-        with timer.stage("calibrate"):
-            calib = capture(
-                ctx.fp,
-                ctx.sampler,
-                ctx.shape,
-                ctx.calibration_cond(recipe.calibration.n_samples),
-                recipe.calibration,
-                recipe.sampling.guidance,
-                ctx.null,
-            )
-            (run / "calibration").mkdir()
-            calib.save(run / "calibration" / "inputs.safetensors")
-        with timer.stage("quantize"):
-            qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler)
-            weight_form(ctx, qmodel)
-        search = None
-        if getattr(recipe.quantize, "mixed_precision", None) is not None and recipe.quantize.mixed_precision.enabled:  # type: ignore[union-attr]
-            from flowpress.mixed import mixed_precision
+    with reported_failures(final_dir, lambda: timer.failed_in):
+        with timer.stage("load"):
+            ctx = RunContext.load(recipe, timer)
+        with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
+            with timer.stage("calibrate"):
+                calib = capture(
+                    ctx.fp,
+                    ctx.sampler,
+                    ctx.shape,
+                    ctx.calibration_cond(recipe.calibration.n_samples),
+                    recipe.calibration,
+                    recipe.sampling.guidance,
+                    ctx.null,
+                )
+                (run / "calibration").mkdir()
+                calib.save(run / "calibration" / "inputs.safetensors")
+            with timer.stage("quantize"):
+                qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler)
+                weight_form(ctx, qmodel)
+            search = None
+            if (
+                getattr(recipe.quantize, "mixed_precision", None) is not None
+                and recipe.quantize.mixed_precision.enabled
+            ):  # type: ignore[union-attr]
+                from flowpress.mixed import mixed_precision
 
-            exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
-        else:
-            exports, engine_manifest = build_engines(ctx, qmodel, calib, run)
-            report = compare_stage(ctx, run, progress)
-        manifest: dict[str, Any] = {
-            "recipe": to_dict(recipe),
-            "versions": versions(),
-            "schedule": ctx.sampler.as_dict(),
-            "calibration": {
-                "seeds": [
-                    recipe.calibration.seed_base,
-                    recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
-                ],
-                "inputs": len(calib),
-            },
-            "precision": recipe.quantize.precision,
-            "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")},
-            "host": engine_manifest["validated_on"],
-            "quantized_layers": sorted(qmodel.layers),
-            "full_precision_fallback": search.fallback_layers if search is not None else [],
-            "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
-            "exports": exports,
-            **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
-            "inputs": {"model": tree_hashes(Path(recipe.model.path))},
-            "stage_seconds": timer.seconds,
-            "stages": timer.as_dict(),
-            "peak_rss_bytes": timer.peak_rss_bytes,
-        }
-        manifest["outputs"] = tree_hashes(run)
-        write_json(run / "manifest.json", manifest)
+                exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
+            else:
+                exports, engine_manifest = build_engines(ctx, qmodel, calib, run)
+                report = compare_stage(ctx, run, progress)
+            manifest: dict[str, Any] = {
+                "recipe": to_dict(recipe),
+                "versions": versions(),
+                "schedule": ctx.sampler.as_dict(),
+                "calibration": {
+                    "seeds": [
+                        recipe.calibration.seed_base,
+                        recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
+                    ],
+                    "inputs": len(calib),
+                },
+                "precision": recipe.quantize.precision,
+                "ort_engine": {
+                    k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")
+                },
+                "host": engine_manifest["validated_on"],
+                "quantized_layers": sorted(qmodel.layers),
+                "full_precision_fallback": search.fallback_layers if search is not None else [],
+                "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
+                "exports": exports,
+                **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
+                "inputs": {"model": tree_hashes(Path(recipe.model.path))},
+                "stage_seconds": timer.seconds,
+                "stages": timer.as_dict(),
+                "peak_rss_bytes": timer.peak_rss_bytes,
+            }
+            manifest["outputs"] = tree_hashes(run)
+            write_json(run / "manifest.json", manifest)
     return final_dir, report
 
 
@@ -94,11 +101,13 @@ def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
     files and the model checkpoint are checked against manifest.json first."""
     final_dir = Path(runs_root) / recipe.name
     fix = f"rerun `make quantize RECIPE=...` for {recipe.name} (its old report is left in place)"
-    with run_lock(final_dir, "compare"):
+    timer = Timer()
+    with reported_failures(final_dir, lambda: timer.failed_in), run_lock(final_dir, "compare"):
         manifest = read_manifest(final_dir, fix)
         verify_run(final_dir, manifest, fix=fix)
         verify_inputs(manifest.get("inputs", {}).get("model", {}), Path(recipe.model.path), "model checkpoint", fix)
-        ctx = RunContext.load(recipe)
+        with timer.stage("load"):
+            ctx = RunContext.load(recipe, timer)
         built, wanted = manifest.get("schedule", {}), ctx.sampler.as_dict()
         if (built.get("n_steps"), built.get("method")) != (wanted["n_steps"], wanted["method"]):
             raise FlowpressError(

@@ -1,7 +1,8 @@
 """`flowpress` command line: one subcommand per user task.
 
 Exit codes: 0 done (gate passed), 1 the gate failed, 2 bad input or a fault (one line on stderr:
-what, where, how to fix), 3 an engine that is not faithful on this host (parity)."""
+what, where, how to fix; an unexpected exception names its stage and where its traceback was
+written), 3 an engine that is not faithful on this host (parity).  Nothing else is exit 1."""
 
 from __future__ import annotations
 
@@ -159,17 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     except FlowpressError as err:
         print(f"flowpress: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk or an unwritable runs directory, wherever the write was
-        from flowpress.rundir import write_error
-
-        mapped = write_error(err, getattr(args, "runs", "the output directory"))
-        if mapped is None:
-            raise
-        print(f"flowpress: error: {mapped}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("flowpress: interrupted; the run directory was not replaced", file=sys.stderr)
         return 130
+    except Exception as err:  # outside a run's stages (those name theirs: rundir.reported_failures)
+        from flowpress.rundir import write_error
+
+        # a full disk or an unwritable runs directory, wherever the write was
+        mapped = write_error(err, getattr(args, "runs", "the output directory")) if isinstance(err, OSError) else None
+        if mapped is not None:
+            print(f"flowpress: error: {mapped}", file=sys.stderr)
+            return 2
+        import tempfile
+        import traceback
+
+        with tempfile.NamedTemporaryFile("w", prefix="flowpress-error-", suffix=".log", delete=False) as log:
+            log.write("".join(traceback.format_exception(err)))
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        print(
+            f"flowpress: error: {args.command} failed with {type(err).__name__} ({reason}); the traceback is in "
+            f"{log.name}; report it with the command line",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

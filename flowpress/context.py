@@ -61,6 +61,7 @@ class Timer:
         self.seconds: dict[str, float] = {}
         self.peak_rss: dict[str, int] = {}
         self.peak_rss_bytes = 0
+        self.failed_in: str | None = None  # the innermost stage an exception left
         self._open: list[str] = []
 
     def _checkpoint(self) -> None:
@@ -79,6 +80,9 @@ class Timer:
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or name
+            raise
         finally:
             self._checkpoint()
             self._open.remove(name)

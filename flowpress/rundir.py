@@ -18,7 +18,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,38 @@ def staged_run(final: Path) -> Iterator[Path]:
             raise mapped from None
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def reported_failures(final: Path, stage: Callable[[], str | None]) -> Iterator[None]:
+    """An unexpected exception in the block (a bug, a library's error, out of memory) becomes one
+    FlowpressError naming the stage `stage()` says failed, its traceback written to
+    runs/.<name>.failed/error.log (kept for the user; the run directory is left as it was).
+    FlowpressError and writes that write_error maps pass through as they are."""
+    final = Path(final)
+    failed = final.with_name(f".{final.name}.failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    try:
+        yield
+    except FlowpressError:
+        raise
+    except Exception as err:
+        if isinstance(err, OSError) and (mapped := write_error(err, str(final))) is not None:
+            raise mapped from None
+        where = stage() or "setup"
+        log = failed / "error.log"
+        try:
+            failed.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"stage: {where}\n" + "".join(traceback.format_exception(err)))
+            kept = f"the traceback is in {log}"
+        except OSError:
+            kept = "the traceback could not be written"
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise FlowpressError(
+            f"{final.name}: stage '{where}' failed with {type(err).__name__}"
+            + (f" ({reason})" if reason else "")
+            + f"; {kept}; the run directory was not replaced; report it with the recipe or the model's config"
+        ) from err
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -396,3 +396,19 @@ def test_a_parity_failure_names_the_saturation_and_the_form_that_passes(tiny_mod
     assert "x86-avx2 host (no VNNI) saturate 8-bit weights" in message and "all: 5.730" in message
     assert "7-bit weights measured noise ratio" in message and "engine.portable: true" in message
     assert ".partial" not in message and "\n" not in message
+
+
+def test_an_unexpected_exception_is_exit_2_naming_its_stage_with_the_traceback_kept(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault\nin a library")
+
+    monkeypatch.setattr("flowpress.chain.quantize", broken)
+    runs = tmp_path / "runs"
+    code = main(["quantize", "--recipe", str(write_recipe(tmp_path, tiny_model_dir)), "--runs", str(runs), "--quiet"])
+    err = one_line(capsys.readouterr().err.strip())
+    assert code == 2 and "tiny: stage 'quantize' failed with RuntimeError (injected fault)" in err
+    log = runs / ".tiny.failed" / "error.log"
+    assert str(log) in err and "Traceback" in log.read_text() and "in a library" in log.read_text()
+    assert [p.name for p in runs.iterdir()] == [".tiny.failed"]  # no run, no partial, no lock
