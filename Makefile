@@ -58,6 +58,13 @@ precisions: $(STAMP)
 	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe $(DIGITS)/$$r.yaml || echo "$$r: exit $$?"; done
 	$(PY) -m flowpress precisions --results results
 
+# full-width SD 1.5 / SDXL / PixArt-a / SD3-medium pipelines (random weights, built from their configs, nothing
+# downloaded) through `quantize --model` at a small latent size -> runs/scale/, results/scale.md
+SCALE_MODELS ?= sd15,sdxl,pixart-alpha,sd3-medium
+.PHONY: scale
+scale: $(STAMP)
+	$(PY) -m benchmarks.scale --models $(SCALE_MODELS) --results results
+
 teacher: $(STAMP)
 	$(PY) -m examples.digits teacher --recipe $(TEACHER_RECIPE)
 

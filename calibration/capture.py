@@ -117,16 +117,28 @@ def capture(
     config: CalibrationConfig,
     guidance: float = 1.0,
     null: dict[str, Tensor] | None = None,
+    progress: bool = False,
 ) -> CalibrationSet:
     """Run the FP sampler from seeded noise and keep what the network saw at every step.
 
-    cond: the conditioning of the config.n_samples trajectories, (n_samples, ...) per name."""
+    cond: the conditioning of the config.n_samples trajectories, (n_samples, ...) per name;
+    progress: a bar over the model calls (trajectories x steps), with its ETA."""
+    from tqdm import tqdm
+
     seeds = list(range(config.seed_base, config.seed_base + config.n_samples))
     calls: list[ModelCall] = []
-    for start in range(0, config.n_samples, config.batch_size):
-        chunk = seeds[start : start + config.batch_size]
-        rows = batch_cond(cond, slice(start, start + len(chunk)))
-        sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, calls.append, chunk)
+    batches = range(0, config.n_samples, config.batch_size)
+    bar = tqdm(total=len(batches) * sampler.n_steps, desc="FP trajectories", disable=not progress)
+
+    def keep(call: ModelCall) -> None:
+        calls.append(call)
+        bar.update()
+
+    with bar:
+        for start in batches:
+            chunk = seeds[start : start + config.batch_size]
+            rows = batch_cond(cond, slice(start, start + len(chunk)))
+            sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, keep, chunk)
     for c in calls:
         if not (bool(torch.isfinite(c.model_out).all()) and bool(torch.isfinite(c.model_x).all())):
             raise FlowpressError(

@@ -80,7 +80,11 @@ def layer_quants(qmodule: StepModel, exclude: tuple[str, ...], config: Int8Confi
 
 @torch.no_grad()
 def quantize_modelopt(
-    fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: Int8Config | Fp8Config
+    fp_module: StepModel,
+    temporal: list[str],
+    calib: CalibrationSet,
+    config: Int8Config | Fp8Config,
+    progress: bool = False,
 ) -> QuantizedModel:
     """modelopt's max calibration over `calib` on a copy of the prepared step model; then the
     activation ranges of config.amax when it is not 'max'."""
@@ -89,7 +93,10 @@ def quantize_modelopt(
     qmodule = copy_sharing_weights(fp_module)  # max calibration reads the weights, never writes them
 
     def forward_loop(_denoiser: nn.Module) -> None:
-        for x, step, cond, _k in calib.batches(config.calib_batch_size):
+        from tqdm import tqdm
+
+        batches = list(calib.batches(config.calib_batch_size))
+        for x, step, cond, _k in tqdm(batches, desc="modelopt calibration", disable=not progress):
             qmodule.run(x, step, cond)
 
     mtq.quantize(qmodule.model, modelopt_config(config, exclude), forward_loop)

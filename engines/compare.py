@@ -201,9 +201,57 @@ def _images(latents: Tensor, decode: Decode | None) -> Tensor:
     return latents if decode is None else decode(latents)
 
 
+@dataclass
+class FpReference:
+    """The FP side of a compare, sampled once and kept (it is small; the FP model need not stay
+    loaded while engines are built and judged).  states: (n_states, N, C, H, W) every state of
+    every trajectory, the shared noise first (latent space for latent models); fp: (N, C, H, W)
+    final images (decoded); cond / seeds / prompts: what the samples were drawn with; quality:
+    {reference: the evaluator's scores of fp}; name: the reference runtime."""
+
+    states: Tensor
+    fp: Tensor
+    cond: Cond
+    seeds: Tensor
+    quality: dict[str, dict[str, float]]
+    name: str
+    prompts: tuple[str, ...] | None = None
+
+
+@torch.no_grad()
+def fp_reference(
+    reference: Engine,
+    sampler: Sampler,
+    config: CompareConfig,
+    shape: tuple[int, ...],
+    cond: Cond,
+    null: Cond | None = None,
+    evaluator: Evaluator | None = None,
+    progress: bool = True,
+    decode: Decode | None = None,
+    prompts: tuple[str, ...] | None = None,
+) -> FpReference:
+    """`reference`'s trajectories from the compare's seeds (cond: n_samples rows), kept whole."""
+    from tqdm import tqdm
+
+    seeds = config.seeds
+    states = []
+    for start in tqdm(range(0, config.n_samples, config.batch_size), desc="FP reference", disable=not progress):
+        chunk = seeds[start : start + config.batch_size]
+        rows = batch_cond(cond, slice(start, start + len(chunk)))
+        noise = noise_for_seeds(chunk.tolist(), shape)
+        trajectory = sample(sampler, reference, noise, rows, config.guidance, null, seeds=chunk.tolist())
+        check_finite(trajectory.final, reference, chunk)
+        states.append(torch.stack(list(trajectory.xs)))
+    all_states = torch.cat(states, dim=1)
+    fp = _images(all_states[-1], decode)
+    quality = {"reference": _scores(evaluator, fp, cond, prompts)}
+    return FpReference(all_states, fp, cond, seeds, quality, reference.name, prompts)
+
+
 @torch.no_grad()
 def compare(
-    reference: Engine,
+    reference: Engine | FpReference,
     engine: Engine,
     sampler: Sampler,
     config: CompareConfig,
@@ -215,31 +263,30 @@ def compare(
     decode: Decode | None = None,
     prompts: tuple[str, ...] | None = None,
 ) -> Comparison:
-    """Sample with `reference` and `engine` from identical noise and conditioning (cond: n_samples
-    rows) and measure the gap step by step, at the end (on images: `decode` turns latents into
-    them), and by the evaluator."""
+    """Sample with `engine` from the noise and conditioning of the FP reference (cond: n_samples
+    rows; `reference` an engine to sample it from, or its kept FpReference) and measure the gap
+    step by step, at the end (on images: `decode` turns latents into them), and by the evaluator."""
     from tqdm import tqdm
 
-    seeds = config.seeds
+    if not isinstance(reference, FpReference):
+        reference = fp_reference(reference, sampler, config, shape, cond, null, evaluator, False, decode, prompts)
+    seeds = reference.seeds
     n_states = sampler.n_steps + 1
     rel_sum, cos_sum = torch.zeros(n_states, dtype=torch.float64), torch.zeros(n_states, dtype=torch.float64)
-    finals_fp, finals_engine = [], []
+    finals_engine = []
     starts = range(0, config.n_samples, config.batch_size)
     for start in tqdm(starts, desc=f"compare {engine.name}", disable=not progress):
         chunk = seeds[start : start + config.batch_size]
         noise = noise_for_seeds(chunk.tolist(), shape)
-        rows = batch_cond(cond, slice(start, start + len(chunk)))
-        seeds_ = chunk.tolist()
-        traj_fp = sample(sampler, reference, noise, rows, config.guidance, null, seeds=seeds_)
-        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null, seeds=seeds_)
-        check_finite(traj_fp.final, reference, chunk)
+        rows = batch_cond(reference.cond, slice(start, start + len(chunk)))
+        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null, seeds=chunk.tolist())
         check_finite(traj_engine.final, engine, chunk)
+        fp_states = reference.states[:, start : start + len(chunk)]
         for k in range(n_states):
-            rel_sum[k] += rel_l2(traj_fp.xs[k], traj_engine.xs[k]).sum()
-            cos_sum[k] += cosine(traj_fp.xs[k], traj_engine.xs[k]).sum()
-        finals_fp.append(traj_fp.final)
+            rel_sum[k] += rel_l2(fp_states[k], traj_engine.xs[k]).sum()
+            cos_sum[k] += cosine(fp_states[k], traj_engine.xs[k]).sum()
         finals_engine.append(traj_engine.final)
-    fp, eng = _images(torch.cat(finals_fp), decode), _images(torch.cat(finals_engine), decode)
+    eng = _images(torch.cat(finals_engine), decode)
     times = sampler.state_times
     per_step = [
         {
@@ -250,16 +297,16 @@ def compare(
         }
         for k in range(n_states)
     ]
-    final = final_metrics(fp, eng)
-    quality = {"reference": _scores(evaluator, fp, cond, prompts), "engine": _scores(evaluator, eng, cond, prompts)}
+    final = final_metrics(reference.fp, eng)
+    quality = {"reference": reference.quality["reference"], "engine": _scores(evaluator, eng, cond, prompts)}
     directions = evaluator.metrics if evaluator is not None else {}
     gate = evaluate_gate(config.gate, final, quality, directions)
-    return Comparison(fp, eng, cond, seeds, per_step, final, quality, gate, prompts)
+    return Comparison(reference.fp, eng, reference.cond, seeds, per_step, final, quality, gate, reference.prompts)
 
 
 @torch.no_grad()
 def judge(
-    comparison: Comparison,
+    comparison: Comparison | FpReference,
     engine: Engine,
     sampler: Sampler,
     config: CompareConfig,

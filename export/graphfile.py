@@ -4,7 +4,7 @@ model of the field is over it in fp32.
 - `read_graph(path)`: the graph's structure; initializers stored outside it stay on disk (their
   bytes are read one at a time, by `Graph.array`, when a pass needs them).
 - `write_graph(graph, path)`: graph and weights written aside and renamed into place.  Above
-  `external_threshold()` bytes of tensors, every tensor over SMALL_TENSOR_BYTES goes to one data
+  `large_bytes()` bytes of tensors, every tensor over SMALL_TENSOR_BYTES goes to one data
   file beside the graph, `<graph name>.data`, at a relative location (a run directory can be
   moved); the bytes are streamed tensor by tensor, never all in memory.
 - `graph_files(path)`: the graph and the data files it references, for hashing and shipping.
@@ -27,24 +27,27 @@ from flowpress.errors import FlowpressError
 if TYPE_CHECKING:
     from onnx import ModelProto, TensorProto
 
-THRESHOLD_ENV = "FLOWPRESS_EXTERNAL_DATA_BYTES"
-# tensors of a graph above this many bytes go to a data file: under protobuf's 2 GB with room
-# for the graph itself; tests lower it (THRESHOLD_ENV) to force tiny models through that path
-DEFAULT_THRESHOLD = 1 << 30
+LARGE_BYTES_ENV = "FLOWPRESS_LARGE_BYTES"
+# a model (or graph) past this many bytes is large: its graphs keep their weights in a data file
+# (under protobuf's 2 GB with room for the graph itself), and the run releases the torch model
+# before the engines are built (flowpress/chain.py); tests lower it (LARGE_BYTES_ENV) to force
+# tiny models through both paths
+DEFAULT_LARGE_BYTES = 1 << 30
 # scales and zero points (per channel too), shapes, biases: kept in the graph, where passes read them
 SMALL_TENSOR_BYTES = 1 << 16
 MIN_INLINE_BYTES = 1024
 ALIGN = 4096  # each tensor starts on a page in the data file (memory-mapped by the runtimes)
 
 
-def external_threshold() -> int:
-    raw = os.environ.get(THRESHOLD_ENV)
+def large_bytes() -> int:
+    """The size past which a model or graph is handled as large (LARGE_BYTES_ENV, else 1 GiB)."""
+    raw = os.environ.get(LARGE_BYTES_ENV)
     if raw is None:
-        return DEFAULT_THRESHOLD
+        return DEFAULT_LARGE_BYTES
     try:
         return int(raw)
     except ValueError:
-        raise FlowpressError(f"{THRESHOLD_ENV}={raw!r}: not a byte count; unset it or give an integer") from None
+        raise FlowpressError(f"{LARGE_BYTES_ENV}={raw!r}: not a byte count; unset it or give an integer") from None
 
 
 def _inline_bytes(threshold: int) -> int:
@@ -70,7 +73,7 @@ class Graph:
         """Every tensor of the graph: initializers and Constant / attribute tensors, subgraphs included."""
         from onnx.external_data_helper import _get_all_tensors
 
-        return _get_all_tensors(self.proto)
+        return iter(_get_all_tensors(self.proto))
 
     def array(self, tensor: TensorProto) -> np.ndarray:
         """A tensor's values, read from its data file when it is stored there."""
@@ -144,7 +147,7 @@ def _clear_data(tensor: TensorProto) -> None:
 
 def write_graph(graph: Graph, path: str | Path, threshold: int | None = None) -> list[Path]:
     """Write `graph` to `path` (and its tensors to `<name>.data` beside it when they are over
-    `threshold` bytes in all, default external_threshold()); both are written aside and renamed
+    `threshold` bytes in all, default large_bytes()); both are written aside and renamed
     into place, the graph last.  The proto's tensors are rewritten to their new locations.
     Returns the files written (graph first)."""
     import onnx
@@ -154,7 +157,7 @@ def write_graph(graph: Graph, path: str | Path, threshold: int | None = None) ->
     from flowpress.files import staged_file
 
     path = Path(path)
-    limit = external_threshold() if threshold is None else threshold
+    limit = large_bytes() if threshold is None else threshold
     data = path.with_name(data_name(path))
     data_tmp = data.with_name(f".{data.name}.tmp")
     external = tensor_bytes(graph) > limit
@@ -250,11 +253,11 @@ def check_graph(path: str | Path) -> None:
 def engine_data_options(source: Graph, options, engine_path: str | Path) -> None:  # noqa: ANN001
     """Tell onnxruntime to write an optimized engine's weights to `<engine name>.data` beside it
     when the source graph's are over the threshold (it cannot serialize a graph over 2 GB)."""
-    if tensor_bytes(source) > external_threshold():
+    if tensor_bytes(source) > large_bytes():
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", data_name(engine_path)
         )
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes",
-            str(_inline_bytes(external_threshold())),
+            str(_inline_bytes(large_bytes())),
         )

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from flowpress.calibration import capture
-from flowpress.compare_stage import compare_stage
+from flowpress.compare_stage import compare_stage, measure_torch_side
 from flowpress.compress import quantize
 from flowpress.context import RunContext, Timer, versions
 from flowpress.engine_stage import build_engines, weight_form
 from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import large_bytes
+from flowpress.models import LoadedModel, release_weights
+from flowpress.plan import check_memory, plan_memory
 from flowpress.recipe import Recipe
 from flowpress.rundir import (
     read_manifest,
@@ -31,13 +34,20 @@ from flowpress.schema import to_dict
 REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "trajectory_error.png")
 
 
-def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, Report]:
-    """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code."""
+def run_quantize(
+    recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True, loaded: LoadedModel | None = None
+) -> tuple[Path, Report]:
+    """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code.
+    loaded: the recipe's model when the caller has loaded it already (--model reads its config)."""
     final_dir = Path(runs_root) / recipe.name
-    timer = Timer()
+    timer = Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
+        plan = plan_memory(Path(recipe.model.path))
+        if progress:
+            print(f"[flowpress] {plan.line()}", flush=True)
+        check_memory(plan, Path(recipe.model.path))
         with timer.stage("load"):
-            ctx = RunContext.load(recipe, timer)
+            ctx = RunContext.load(recipe, timer, loaded)
         with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
             with timer.stage("calibrate"):
                 calib = capture(
@@ -48,23 +58,26 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                     recipe.calibration,
                     recipe.sampling.guidance,
                     ctx.null,
+                    progress,
                 )
                 (run / "calibration").mkdir()
                 calib.save(run / "calibration" / "inputs.safetensors")
             with timer.stage("quantize"):
-                qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler)
+                qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler, progress)
                 weight_form(ctx, qmodel)
-            search = None
-            if (
-                getattr(recipe.quantize, "mixed_precision", None) is not None
-                and recipe.quantize.mixed_precision.enabled
-            ):  # type: ignore[union-attr]
+            search, released = None, False
+            mixed = getattr(recipe.quantize, "mixed_precision", None)
+            if mixed is not None and mixed.enabled:
                 from flowpress.mixed import mixed_precision
 
                 exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
             else:
-                exports, engine_manifest = build_engines(ctx, qmodel, calib, run)
-                report = compare_stage(ctx, run, progress)
+                with timer.stage("fp_reference"):
+                    torch_side = measure_torch_side(ctx, progress)
+                released = plan.denoiser_fp32_bytes > large_bytes()  # its graphs on disk, the engines need no torch
+                release = (lambda: release_weights(ctx.model, qmodel.module, qmodel.fp_module)) if released else None
+                exports, engine_manifest = build_engines(ctx, qmodel, calib, run, release)
+                report = compare_stage(ctx, run, progress, torch_side=torch_side)
             manifest: dict[str, Any] = {
                 "recipe": to_dict(recipe),
                 "versions": versions(),
@@ -88,6 +101,7 @@ def run_quantize(recipe: Recipe, runs_root: str | Path = "runs", progress: bool 
                 **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
                 "inputs": {"model": tree_hashes(Path(recipe.model.path))},
                 "stage_seconds": timer.seconds,
+                "plan": {**plan.as_dict(), "large_bytes": large_bytes(), "released_before_engines": released},
                 "stages": timer.as_dict(),
                 "peak_rss_bytes": timer.peak_rss_bytes,
             }
@@ -101,7 +115,7 @@ def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
     files and the model checkpoint are checked against manifest.json first."""
     final_dir = Path(runs_root) / recipe.name
     fix = f"rerun `make quantize RECIPE=...` for {recipe.name} (its old report is left in place)"
-    timer = Timer()
+    timer = Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in), run_lock(final_dir, "compare"):
         manifest = read_manifest(final_dir, fix)
         verify_run(final_dir, manifest, fix=fix)

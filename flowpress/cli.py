@@ -78,17 +78,18 @@ def _run(args: argparse.Namespace) -> int:
         from flowpress.chain import run_compare, run_quantize, summary_lines
         from flowpress.recipe import load_recipe
 
-        verb = run_quantize if args.command == "quantize" else run_compare
         runs = args.runs
         if args.command == "quantize" and args.model is not None:
             from flowpress.defaults import recipe_for_model
 
             if args.recipe is not None:
                 raise FlowpressError("--model and --recipe: give one (a recipe names its model)")
-            recipe, runs = recipe_for_model(args)
+            recipe, runs, loaded = recipe_for_model(args)
+            run_dir, report = run_quantize(recipe, runs, progress, loaded)
         else:
             recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
-        run_dir, report = verb(recipe, runs, progress)
+            verb = run_quantize if args.command == "quantize" else run_compare
+            run_dir, report = verb(recipe, runs, progress)
         print(f"[flowpress] {run_dir}: report.json, report.md, samples.png, trajectory_error.png")
         for line in summary_lines(report):
             print(f"[flowpress] {line}")

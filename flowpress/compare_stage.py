@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from flowpress.engine_stage import cpu_engines, main_engine
 from flowpress.engines import (
     Comparison,
     Engine,
+    FpReference,
     OrtEngine,
     TorchEngine,
     compare,
+    fp_reference,
     interleaved_step_times,
     judge,
     recommend,
@@ -78,7 +81,7 @@ MODELOPT_SEEDS = 32  # modelopt's diffusers example calibrates on 32-64 prompts
 E2E_BATCH = 4
 
 
-def _modelopt_peers(ctx: RunContext, comparison: Comparison, main_psnr: float) -> list[dict[str, Any]]:
+def _modelopt_peers(ctx: RunContext, fp: FpReference) -> list[dict[str, Any]]:
     """modelopt's default int8 recipe on this model, schedule and seeds, judged like every engine:
     INT8_DEFAULT_CFG on every layer, and as modelopt's diffusers example runs it (the layers its
     filter skips in full precision: input / output layers, shortcut convs, time embedding)."""
@@ -99,9 +102,7 @@ def _modelopt_peers(ctx: RunContext, comparison: Comparison, main_psnr: float) -
     ):
         qmodule = modelopt_fake_quant(ctx.fp, ctx.sampler, cond, ctx.null, guidance, seeds, skip=skip)
         peer = TorchEngine(qmodule, ctx.sampler, engine)
-        judged = judge(
-            comparison, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
-        )
+        judged = judge(fp, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode)
         peers.append(
             {
                 "peer": name,
@@ -109,10 +110,45 @@ def _modelopt_peers(ctx: RunContext, comparison: Comparison, main_psnr: float) -
                 "final_ssim": judged["final"]["ssim"],
                 "quality": judged["quality"],
                 "gate_passed": judged["gate"]["passed"],
-                "margin_db": main_psnr - judged["final"]["psnr_db"],
             }
         )
     return peers
+
+
+@dataclass
+class TorchSide:
+    """What the compare needs of the torch FP model, measured once before the engines are built
+    (a large model is released then: its engines are built and judged without it in memory).
+    fp: the FP reference trajectories; latency_ms: {b1, b8} torch fp32 ms per forward;
+    end_to_end_ms: torch's ms per image of a pipeline call (pipelines only); peers: modelopt's
+    recipes judged against fp (when the recipe asks), without their margin."""
+
+    fp: FpReference
+    latency_ms: dict[str, float]
+    end_to_end_ms: float | None
+    peers: list[dict[str, Any]]
+
+
+def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
+    """The FP reference trajectories on the compare's seeds, torch fp32's latency, its end-to-end
+    time and the modelopt peers: everything of the compare that runs the torch model."""
+    recipe, sampler, config = ctx.recipe, ctx.sampler, ctx.compare_config
+    reference = TorchEngine(ctx.fp, sampler, "torch-fp32")
+    conditions = ctx.conditions(config.n_samples)
+    fp = fp_reference(
+        reference, sampler, config, ctx.shape, conditions.model, ctx.null, ctx.evaluator, progress,
+        ctx.source.decode, conditions.prompts,
+    )  # fmt: skip
+    latency = {}
+    for batch in (1, 8):
+        times = interleaved_step_times(
+            {"torch_fp32": reference}, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3,
+            LATENCY_BLOCK, LATENCY_SETTLE,
+        )  # fmt: skip
+        latency[f"b{batch}"] = float(np.median(times["torch_fp32"]))
+    end_to_end = _end_to_end(ctx, {"torch_fp32": reference})["torch_fp32"] if ctx.source.pipe is not None else None
+    peers = _modelopt_peers(ctx, fp) if recipe.compare.modelopt_peer else []
+    return TorchSide(fp, latency, end_to_end, peers)
 
 
 @torch.no_grad()
@@ -140,12 +176,21 @@ def _end_to_end(ctx: RunContext, engines: dict[str, Engine]) -> dict[str, float]
     return found
 
 
-def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[Report], None] | None = None) -> Report:
+def compare_stage(
+    ctx: RunContext,
+    run: Path,
+    progress: bool,
+    amend: Callable[[Report], None] | None = None,
+    torch_side: TorchSide | None = None,
+) -> Report:
     """Compare, time, judge and report the engines of `run` (report files written into it);
-    `amend` may add to the report before it is written (the mixed-precision search does)."""
+    torch_side: what was measured of the torch model before (measured here when None, the model
+    loaded); `amend` may add to the report before it is written (the mixed-precision search does)."""
     recipe, timer, sampler = ctx.recipe, ctx.timer, ctx.sampler
     config = ctx.compare_config
-    reference = TorchEngine(ctx.fp, sampler, "torch-fp32")
+    if torch_side is None:
+        with timer.stage("fp_reference"):
+            torch_side = measure_torch_side(ctx, progress)
     candidates = cpu_engines(ctx, run)
     main = main_engine(ctx)
     engine, engine_files = candidates[main]
@@ -159,34 +204,25 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
             f"{recipe.name}: engine/",
         )
     with timer.stage("compare"):
-        conditions = ctx.conditions(config.n_samples)
+        fp = torch_side.fp
         comparison = compare(
-            reference,
-            engine,
-            sampler,
-            config,
-            ctx.shape,
-            conditions.model,
-            ctx.null,
-            ctx.evaluator,
-            progress,
-            ctx.source.decode,
-            conditions.prompts,
-        )
+            fp, engine, sampler, config, ctx.shape, fp.cond, ctx.null, ctx.evaluator, progress, ctx.source.decode,
+            fp.prompts,
+        )  # fmt: skip
     with timer.stage("latency"):
         runtimes: dict[str, Engine] = {
-            "torch_fp32": reference,
             "ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"),
             "engine": engine,
         }
         runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
-        latency: dict[str, dict[str, float]] = {name: {} for name in runtimes}
+        latency: dict[str, dict[str, float]] = {"torch_fp32": torch_side.latency_ms, **{name: {} for name in runtimes}}
         for batch in (1, 8):  # interleaved: a slow spell of the host does not pick the recommendation
             times = interleaved_step_times(
                 runtimes, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK, LATENCY_SETTLE
             )
             for name, t in times.items():
                 latency[name][f"b{batch}"] = float(np.median(t))
+        del runtimes
     with timer.stage("judge"):
         engines, samples = [], {main: comparison.engine}
         for name, (candidate, files) in candidates.items():
@@ -212,15 +248,16 @@ def compare_stage(ctx: RunContext, run: Path, progress: bool, amend: Callable[[R
                 }
             )
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
-        peers = _modelopt_peers(ctx, comparison, comparison.final["psnr_db"]) if recipe.compare.modelopt_peer else []
+        main_psnr = comparison.final["psnr_db"]
+        peers = [{**peer, "margin_db": main_psnr - peer["final_psnr_db"]} for peer in torch_side.peers]
     recommendation = recommend(engines)
     end_to_end = None
     if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
-        timed = {"torch_fp32": reference, "ort_fp32": runtimes["ort_fp32"], "engine": engine}
+        timed = {"ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"), "engine": engine}
         if recommendation["engine"] not in (None, main):  # the engine the report tells the user to ship
             timed[recommendation["engine"]] = candidates[recommendation["engine"]][0]
         with timer.stage("end_to_end"):
-            end_to_end = _end_to_end(ctx, timed)
+            end_to_end = {"torch_fp32": torch_side.end_to_end_ms or 0.0, **_end_to_end(ctx, timed)}
     report = Report(
         recipe=recipe.name,
         precision=recipe.quantize.precision,

@@ -57,7 +57,8 @@ class Timer:
     """Wall seconds and peak resident bytes per named stage (stages may nest: an inner stage's
     peak counts for the outer ones too); peak_rss_bytes: the whole run's so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
+        self.announce = announce  # a line on stdout as each stage starts and ends
         self.seconds: dict[str, float] = {}
         self.peak_rss: dict[str, int] = {}
         self.peak_rss_bytes = 0
@@ -77,6 +78,8 @@ class Timer:
         self._checkpoint()
         self._open.append(name)
         self.peak_rss[name] = resident_bytes()[0]
+        if self.announce:
+            print(f"[flowpress] {name} ...", flush=True)
         start = time.perf_counter()
         try:
             yield
@@ -87,6 +90,9 @@ class Timer:
             self._checkpoint()
             self._open.remove(name)
             self.seconds[name] = round(time.perf_counter() - start, 3)
+            if self.announce:
+                peak = self.peak_rss[name] / 1e9
+                print(f"[flowpress] {name}: {self.seconds[name]:.1f} s, peak {peak:.2f} GB resident", flush=True)
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         """{stage: {seconds, peak_rss_bytes}} of the finished stages, in the order they ran."""
@@ -119,9 +125,12 @@ class RunContext:
     timer: Timer = field(default_factory=Timer)
 
     @classmethod
-    def load(cls, recipe: Recipe, timer: Timer | None = None) -> RunContext:
+    def load(cls, recipe: Recipe, timer: Timer | None = None, loaded: LoadedModel | None = None) -> RunContext:
+        """loaded: the recipe's model, when the caller loaded it already (as recipe.model says)."""
         section = recipe.model
-        source = load_source(Path(section.path), section.time_scale, section.scheduler, section.prediction_type)
+        source = loaded or load_source(
+            Path(section.path), section.time_scale, section.scheduler, section.prediction_type
+        )
         sampler = source.sampler(recipe.sampling.steps, recipe.sampling.method)
         evaluator = load_evaluator(recipe.evaluator)
         measured = evaluator.metrics if evaluator is not None else {}

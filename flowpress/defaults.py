@@ -10,7 +10,8 @@ from flowpress.calibration import CalibrationConfig
 from flowpress.compress import PRECISIONS
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig
-from flowpress.models import load_source
+from flowpress.models import LoadedModel, load_source
+from flowpress.plan import check_memory, plan_memory
 from flowpress.recipe import CompareSection, EngineSection, ModelSection, PromptsSection, Recipe, SamplingSection
 
 # classifier-free guidance the pipelines of each conditioning use by default
@@ -21,11 +22,13 @@ GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
 UNET_FLOAT_LAYERS = ("*conv_in", "*conv_out", "*conv_shortcut")
 
 
-def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
-    """(recipe, runs root) for --model and its options; the run is --out (default runs/<folder>)."""
+def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path, LoadedModel]:
+    """(recipe, runs root, the loaded model) for --model and its options; the run is --out
+    (default runs/<folder>)."""
     path = Path(args.model)
     if not path.exists():
         raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
+    check_memory(plan_memory(path), path)  # before the first load
     source = load_source(path, None, args.scheduler, args.prediction_type)
     denoiser = source.denoiser
     kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
@@ -59,4 +62,4 @@ def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path]:
         ),
         prompts=PromptsSection(calibration=args.prompts),
     )
-    return recipe, out.parent
+    return recipe, out.parent, source

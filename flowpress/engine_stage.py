@@ -4,6 +4,7 @@ the OpenVINO engines, and engine.json (what was built, where it was validated)."
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,16 @@ def weight_form(ctx: RunContext, qmodel: QuantizedModel) -> None:
 
 
 def build_engines(
-    ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path
+    ctx: RunContext,
+    qmodel: QuantizedModel,
+    calib: CalibrationSet,
+    run: Path,
+    release: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
-    (exports, engine manifest).  Rebuilding into the same run overwrites the files.
+    (exports, engine manifest).  Rebuilding into the same run overwrites the files.  Every graph
+    the engines need is exported first; then `release` (when given) frees the torch models and
+    the engines are built from the files alone.
 
     The CPU engines take the run's int8 weight form (7-bit or U8U8 where portable); the tensorrt
     graph for GPUs keeps signed 8-bit and is checked on float kernels only where this host's int8
@@ -111,6 +118,15 @@ def build_engines(
             with weights_in(qmodel, alternative):
                 path = run / f"model.w{alternative}.onnx"
                 exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
+        ov_main = recipe.engine.openvino
+        precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
+        if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
+            precisions += [p for p in ("int8", "bf16") if p not in precisions]
+        prepared = run / "engine" / "prepared_fp32.onnx"
+        if precisions:
+            export_onnx(qmodel.fp_module, prepared)
+    if release is not None:
+        release()
     with timer.stage("engine"):
         manifest: dict[str, Any] = {
             "runtime": "onnxruntime",
@@ -135,12 +151,7 @@ def build_engines(
             from flowpress.compress.svdquant import engine_note as w4a4_note
 
             manifest["weights"] = w4a4_note(recipe.quantize)  # type: ignore[arg-type]
-        ov_main = recipe.engine.openvino
-        precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
-        if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
-            precisions += [p for p in ("int8", "bf16") if p not in precisions]
         if precisions:
-            prepared = export_onnx(qmodel.fp_module, run / "engine" / "prepared_fp32.onnx")
             for precision in precisions:
                 ov_config = dataclasses.replace(ov_main, precision=precision)
                 export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable, recipe.quantize.exclude)

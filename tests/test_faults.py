@@ -412,3 +412,18 @@ def test_an_unexpected_exception_is_exit_2_naming_its_stage_with_the_traceback_k
     log = runs / ".tiny.failed" / "error.log"
     assert str(log) in err and "Traceback" in log.read_text() and "in a library" in log.read_text()
     assert [p.name for p in runs.iterdir()] == [".tiny.failed"]  # no run, no partial, no lock
+
+
+def test_a_run_the_machine_cannot_hold_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from flowpress.models import load_model
+    from flowpress.plan import plan_memory
+
+    plan = plan_memory(tiny_model_dir)  # read from the safetensors header, before anything is loaded
+    assert plan.denoiser_parameters == sum(p.numel() for p in load_model(tiny_model_dir).parameters())
+    assert plan.denoiser_fp32_bytes == 4 * plan.denoiser_parameters and plan.peak_bytes > plan.denoiser_fp32_bytes
+    monkeypatch.setattr("flowpress.plan.available_bytes", lambda: plan.peak_bytes - 1)
+    runs = tmp_path / "runs"
+    code = main(["quantize", "--recipe", str(write_recipe(tmp_path, tiny_model_dir)), "--runs", str(runs), "--quiet"])
+    err = one_line(capsys.readouterr().err.strip())
+    assert code == 2 and f"needs about {plan.peak_bytes / 1e9:.1f} GB of memory" in err and "available" in err
+    assert not runs.exists()

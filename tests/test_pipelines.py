@@ -16,7 +16,7 @@ from flowpress import defaults
 from flowpress.cli import main
 from flowpress.compress import W4A8Config
 from flowpress.errors import FlowpressError
-from flowpress.export.graphfile import MIN_INLINE_BYTES, THRESHOLD_ENV, graph_files
+from flowpress.export.graphfile import LARGE_BYTES_ENV, MIN_INLINE_BYTES, graph_files
 from flowpress.models import StepModel, load_source
 from flowpress.sampling import noise_for_seeds, sample
 
@@ -68,13 +68,15 @@ def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, cap
 
 @pytest.mark.slow
 def test_the_drop_in_pipeline_draws_the_run_engines_samples(pipes, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(THRESHOLD_ENV, "1")  # every graph's weights in a data file beside it, as past 2 GB
+    monkeypatch.setenv(LARGE_BYTES_ENV, "1")  # every graph's weights in a data file beside it, as past 2 GB
     code, out, err = quantize_model(
         pipes["sd"], tmp_path / "built", capsys, "--no-openvino", "--guidance", "3.0", "--modelopt-peer"
     )
     assert code in (0, 1), err
     shutil.move(tmp_path / "built", tmp_path / "run")  # data files at relative locations: the run can move
-    outputs = json.loads((tmp_path / "run" / "manifest.json").read_text())["outputs"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["plan"]["released_before_engines"] is True  # engines built and judged without torch
+    outputs = manifest["outputs"]
     for graph in ("fp32.onnx", "model.onnx", "model.tensorrt.onnx", "engine/model.opt.onnx"):
         files = graph_files(tmp_path / "run" / graph)
         assert files[1:] == [tmp_path / "run" / f"{graph}.data"] and f"{graph}.data" in outputs, graph

@@ -10,7 +10,14 @@ from flowpress.models.conditioning import (
     read_prompts,
 )
 from flowpress.models.load import LoadedModel, load_source
-from flowpress.models.step import StepModel, as_feeds, copy_sharing_weights, rows_by_step, run_by_step
+from flowpress.models.step import (
+    StepModel,
+    as_feeds,
+    copy_sharing_weights,
+    release_weights,
+    rows_by_step,
+    run_by_step,
+)
 from flowpress.models.velocity import (
     Denoiser,
     DiffusersDenoiser,
@@ -35,6 +42,7 @@ __all__ = [
     "UNetSpec",
     "as_feeds",
     "copy_sharing_weights",
+    "release_weights",
     "rows_by_step",
     "run_by_step",
     "build_dit",

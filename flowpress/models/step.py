@@ -114,3 +114,15 @@ def copy_sharing_weights(module: M) -> M:
     changes a quantized copy's biases); nothing may change a weight of either in place."""
     shared = {id(m.weight): m.weight for m in module.modules() if isinstance(m, WEIGHT_LAYERS)}
     return copy.deepcopy(module, shared)
+
+
+def release_weights(*modules: nn.Module) -> None:
+    """Free the parameters and buffers of `modules` (and of every copy sharing them,
+    copy_sharing_weights): each becomes an empty tensor, so a module used afterwards fails loudly
+    instead of computing with stale weights.  For large models, once their graphs are on disk."""
+    import gc
+
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()

@@ -1,0 +1,233 @@
+"""Full-width diffusers pipelines of the field's architectures, built from their published
+configs with random weights (no weights can be downloaded here), saved as diffusers saves them.
+
+Every parameter-size path is the real one; the latent size is small (`latent` px) so CPU
+compute stays small.  Text encoders are full size; their tokenizers are a few words (token ids
+are far below the encoders' vocabularies)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from examples.digits.pipelines import word_tokenizer
+
+WORDS = ("a", "photo", "of", "the", "red", "green", "car", "dog", "cat", "tree", "on", "street", "house", "sky")
+
+
+def _tokenizer(folder: Path, max_length: int = 77):  # noqa: ANN202
+    return word_tokenizer(folder, WORDS, max_length)
+
+
+def _clip_l(projection: bool = False):  # noqa: ANN202
+    """CLIP ViT-L/14's text tower (SD 1.5, SDXL's first encoder, SD3, FLUX): 123M parameters."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _clip_bigg():  # noqa: ANN202
+    """OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder, SD3): 695M parameters."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        projection_dim=1280,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None = None):  # noqa: ANN202
+    """The SD VAE (83M parameters), or SD3's with 16 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        scaling_factor=scaling,
+        shift_factor=shift,
+    ).eval()
+
+
+def _sd_scheduler():  # noqa: ANN202
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def sd15(folder: Path, latent: int = 16) -> Path:
+    """Stable Diffusion 1.5: UNet2DConditionModel (860M), CLIP ViT-L/14 text, SD VAE, DDIM."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, attention_head_dim=8)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=_clip_l(),
+        tokenizer=_tokenizer(folder / ".tokenizer"),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def sdxl(folder: Path, latent: int = 16) -> Path:
+    """SDXL base: UNet2DConditionModel (2.6B, text_time added conditioning), CLIP-L + bigG, SD VAE."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=latent,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    tokenizer = _tokenizer(folder / ".tokenizer")
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(scaling=0.13025),
+        text_encoder=_clip_l(),
+        text_encoder_2=_clip_bigg(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_sd_scheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def pixart_alpha(folder: Path, latent: int = 16) -> Path:
+    """PixArt-α: PixArtTransformer2DModel (611M, 28 layers of 1152), T5 encoder at reduced depth
+    (T5-XXL's width, 2 of its 24 layers: the encoder runs once per prompt), DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tokenizer(folder / ".tokenizer", max_length=120)
+    encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=2,
+            num_heads=64,
+            pad_token_id=1,
+            feed_forward_proj="gated-gelu",
+        )  # fmt: skip
+    ).eval()
+    transformer = PixArtTransformer2DModel(
+        sample_size=latent,
+        num_layers=28,
+        attention_head_dim=72,
+        num_attention_heads=16,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=_vae(), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def sd3_medium(folder: Path, latent: int = 16) -> Path:
+    """SD3-medium: SD3Transformer2DModel (2B, 24 layers of 1536), CLIP-L + bigG (no T5), 16-channel
+    VAE, FlowMatchEuler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer = _tokenizer(folder / ".tokenizer")
+    transformer = SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling=1.5305, shift=0.0609),
+        text_encoder=_clip_l(projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip_bigg(),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+BUILDERS: dict[str, Callable[[Path, int], Path]] = {
+    "sd15": sd15,
+    "sdxl": sdxl,
+    "pixart-alpha": pixart_alpha,
+    "sd3-medium": sd3_medium,
+}
+
+
+def build(name: str, folder: Path, latent: int = 16, seed: int = 0) -> Path:
+    """The `name` pipeline in `folder` (built once: a finished folder has model_index.json)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return BUILDERS[name](folder, latent)

@@ -1,0 +1,120 @@
+"""Plan before work: what a run will hold in memory, read from the model's files before anything
+is loaded, and refused in one line when the machine cannot hold it.
+
+The estimate: every component's weights in fp32 (the pipeline as loaded), plus the denoiser's
+fp32 bytes PEAK_DENOISER_COPIES more times (the graphs and runtimes the export and engine stages
+hold beside the torch model), plus RUNTIME_BYTES for the interpreter, the libraries and the
+activations of small-resolution runs.  results/scale.md holds what runs measured against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flowpress.errors import FlowpressError
+
+PEAK_DENOISER_COPIES = 1.0
+RUNTIME_BYTES = 2 << 30
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DENOISER_ROLES = ("unet", "transformer")
+
+
+def _safetensors_elements(path: Path) -> tuple[int, int]:
+    """(elements, float elements) of a .safetensors file, from its header alone."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    total = floats = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = math.prod(entry["shape"])
+        total += count
+        floats += count if entry["dtype"] in ("F64", "F32", "F16", "BF16") else 0
+    return total, floats
+
+
+def folder_weights(folder: Path) -> tuple[int, int]:
+    """(parameters, fp32 bytes as loaded) of the weight files directly in `folder` (a diffusers
+    component); a safetensors variant beside its .bin twin is counted once."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if any(p.suffix == ".safetensors" for p in files):
+        files = [p for p in files if p.suffix == ".safetensors"]
+    params = nbytes = 0
+    for path in files:
+        if path.suffix == ".safetensors":
+            total, floats = _safetensors_elements(path)
+            params += total
+            nbytes += 4 * floats + (total - floats) * 8
+        else:  # pickled weights: their size on disk (fp32 checkpoints are what diffusers saves)
+            params += path.stat().st_size // 4
+            nbytes += path.stat().st_size
+    return params, nbytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """denoiser_*: the UNet / transformer; pipeline_fp32_bytes: every component as loaded;
+    peak_bytes: the estimate; available_bytes: what the machine had free when planned."""
+
+    denoiser_parameters: int
+    denoiser_fp32_bytes: int
+    pipeline_fp32_bytes: int
+    peak_bytes: int
+    available_bytes: int
+
+    def line(self) -> str:
+        return (
+            f"plan: denoiser {self.denoiser_parameters / 1e9:.2f} B parameters ({self.denoiser_fp32_bytes / 1e9:.2f} GB "
+            f"fp32), pipeline {self.pipeline_fp32_bytes / 1e9:.2f} GB; peak resident about "
+            f"{self.peak_bytes / 1e9:.1f} GB of {self.available_bytes / 1e9:.1f} GB available"
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def available_bytes() -> int:
+    """MemAvailable of this machine (Linux), else its physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_memory(model: Path) -> MemoryPlan:
+    """The memory plan of a run on `model` (a pipeline directory or a bare denoiser directory)."""
+    model = Path(model)
+    if (model / "model_index.json").is_file():
+        index = json.loads((model / "model_index.json").read_text())
+        components = [model / name for name, entry in index.items() if isinstance(entry, list) and entry[0]]
+        roles = [model / role for role in DENOISER_ROLES if role in index]
+        denoiser = roles[0] if roles else model
+    else:
+        components, denoiser = [model], model
+    measured = {c: folder_weights(c) for c in components if c.is_dir()}
+    params, fp32 = measured.get(denoiser) or folder_weights(denoiser)
+    pipeline = sum(nbytes for _, nbytes in measured.values()) or fp32
+    peak = int(pipeline + PEAK_DENOISER_COPIES * fp32 + RUNTIME_BYTES)
+    return MemoryPlan(params, fp32, pipeline, peak, available_bytes())
+
+
+def check_memory(plan: MemoryPlan, model: Path) -> None:
+    """Refuse, before any work, a run whose estimated peak exceeds the memory available."""
+    if plan.peak_bytes > plan.available_bytes:
+        raise FlowpressError(
+            f"{model}: this run needs about {plan.peak_bytes / 1e9:.1f} GB of memory (denoiser "
+            f"{plan.denoiser_fp32_bytes / 1e9:.1f} GB in fp32, pipeline {plan.pipeline_fp32_bytes / 1e9:.1f} GB) and "
+            f"{plan.available_bytes / 1e9:.1f} GB is available; run it on a machine with more memory or free some"
+        )
