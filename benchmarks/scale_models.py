@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None
     """The SD VAE (83M parameters), or SD3's with 16 latent channels."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -75,7 +76,8 @@ def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None
         latent_channels=latent_channels,
         scaling_factor=scaling,
         shift_factor=shift,
-    ).eval()
+    )
+    return vae.eval()
 
 
 def _sd_scheduler():  # noqa: ANN202
@@ -97,7 +99,7 @@ def sd15(folder: Path, latent: int = 16) -> Path:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, attention_head_dim=8)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=_clip_l(),
         tokenizer=_tokenizer(folder / ".tokenizer"),
@@ -129,7 +131,7 @@ def sdxl(folder: Path, latent: int = 16) -> Path:
         projection_class_embeddings_input_dim=2816,
     )
     tokenizer = _tokenizer(folder / ".tokenizer")
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=_vae(scaling=0.13025),
         text_encoder=_clip_l(),
         text_encoder_2=_clip_bigg(),
@@ -174,7 +176,7 @@ def pixart_alpha(folder: Path, latent: int = 16) -> Path:
         norm_type="ada_norm_single",
         use_additional_conditions=False,
     )
-    pipe = PixArtAlphaPipeline(
+    pipe: Any = PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=encoder, vae=_vae(), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
     )  # fmt: skip
@@ -201,7 +203,7 @@ def sd3_medium(folder: Path, latent: int = 16) -> Path:
         out_channels=16,
         pos_embed_max_size=192,
     )
-    pipe = StableDiffusion3Pipeline(
+    pipe: Any = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(16, scaling=1.5305, shift=0.0609),
