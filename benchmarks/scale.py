@@ -46,6 +46,7 @@ def _run(name: str, model: Path, out: Path, args: argparse.Namespace, prompts: P
                "--steps", str(args.steps), "--samples", str(args.samples), "--out", str(out),
                *args.options.split()]  # fmt: skip
     log = out.with_name(f"{out.name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as handle:
         child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)

@@ -35,18 +35,26 @@ REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "traje
 
 
 def run_quantize(
-    recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True, loaded: LoadedModel | None = None
+    recipe: Recipe,
+    runs_root: str | Path = "runs",
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+    timer: Timer | None = None,
 ) -> tuple[Path, Report]:
     """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code.
-    loaded: the recipe's model when the caller has loaded it already (--model reads its config)."""
+    loaded: the recipe's model when the caller has loaded it already (--model reads its config),
+    in `timer`'s 'load' stage after checking its plan."""
     final_dir = Path(runs_root) / recipe.name
-    timer = Timer(announce=progress)
+    timer = timer or Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
         plan = plan_memory(Path(recipe.model.path))
-        if progress:
-            print(f"[flowpress] {plan.line()}", flush=True)
-        check_memory(plan, Path(recipe.model.path))
-        with timer.stage("load"):
+        if loaded is None:
+            if progress:
+                print(f"[flowpress] {plan.line()}", flush=True)
+            check_memory(plan, Path(recipe.model.path))
+            with timer.stage("load"):
+                ctx = RunContext.load(recipe, timer)
+        else:
             ctx = RunContext.load(recipe, timer, loaded)
         with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
             with timer.stage("calibrate"):

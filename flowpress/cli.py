@@ -84,8 +84,11 @@ def _run(args: argparse.Namespace) -> int:
 
             if args.recipe is not None:
                 raise FlowpressError("--model and --recipe: give one (a recipe names its model)")
-            recipe, runs, loaded = recipe_for_model(args)
-            run_dir, report = run_quantize(recipe, runs, progress, loaded)
+            from flowpress.context import Timer
+
+            timer = Timer(announce=progress)
+            recipe, runs, loaded = recipe_for_model(args, timer)
+            run_dir, report = run_quantize(recipe, runs, progress, loaded, timer)
         else:
             recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
             verb = run_quantize if args.command == "quantize" else run_compare

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flowpress.calibration import CalibrationConfig
 from flowpress.compress import PRECISIONS
+from flowpress.context import Timer
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig
 from flowpress.models import LoadedModel, load_source
@@ -22,14 +23,18 @@ GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
 UNET_FLOAT_LAYERS = ("*conv_in", "*conv_out", "*conv_shortcut")
 
 
-def recipe_for_model(args: argparse.Namespace) -> tuple[Recipe, Path, LoadedModel]:
-    """(recipe, runs root, the loaded model) for --model and its options; the run is --out
-    (default runs/<folder>)."""
+def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:
+    """(recipe, runs root, the loaded model) for --model and its options (the model loaded in
+    `timer`'s 'load' stage, after its memory plan is checked); the run is --out (default runs/<folder>)."""
     path = Path(args.model)
     if not path.exists():
         raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
-    check_memory(plan_memory(path), path)  # before the first load
-    source = load_source(path, None, args.scheduler, args.prediction_type)
+    plan = plan_memory(path)
+    if not args.quiet:
+        print(f"[flowpress] {plan.line()}", flush=True)
+    check_memory(plan, path)  # before the first load
+    with timer.stage("load"):
+        source = load_source(path, None, args.scheduler, args.prediction_type)
     denoiser = source.denoiser
     kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
     if source.kind.startswith("flowpress"):
