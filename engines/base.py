@@ -96,8 +96,12 @@ class OrtEngine:
         self.path = Path(path)
         if not self.path.is_file():
             raise FlowpressError(f"{self.path}: engine file missing; build it with `make engines`")
+        self.optimization, self.threads, self.io_binding = optimization, threads, io_binding
+        self._open()
+
+    def _open(self) -> None:
         try:
-            self.session = ort_session(self.path, optimization, threads)
+            self.session = ort_session(self.path, self.optimization, self.threads)
         except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise FlowpressError(
@@ -105,11 +109,17 @@ class OrtEngine:
             ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
-        self.io_binding = io_binding
         self._binding = self.session.io_binding()
         self._outputs: dict[tuple[int, ...], np.ndarray] = {}
 
+    def release(self) -> None:
+        """Free the session (the weights onnxruntime holds); the next call loads it again."""
+        self.session = self._binding = None  # type: ignore[assignment]
+        self._outputs = {}
+
     def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        if self.session is None:
+            self._open()
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         if feeds["step"].size > 1 and feeds["step"].min() != feeds["step"].max():
             # a graph with per-step activation scales takes one step per batch (others: the same result)

@@ -13,6 +13,8 @@ from flowpress.engines.base import graph_feeds
 from flowpress.errors import FlowpressError
 from flowpress.sampling import Cond, Sampler
 
+LARGE_IR_BYTES = 256 << 20
+
 
 class OpenVinoEngine:
     """An OpenVINO IR (x, step, *cond) -> out on the CPU plugin.
@@ -52,9 +54,22 @@ class OpenVinoEngine:
             ) from None
         self.input_names = [port.get_any_name() for port in self.model.inputs]
         self.compiled: dict[int, Any] = {}
+        # each compiled batch size holds its own copy of the weights in the plugin's layout: a
+        # large model keeps one compiled at a time (recompiled when the batch changes)
+        weights = self.path.with_suffix(".bin")
+        self.max_compiled = 1 if weights.is_file() and weights.stat().st_size > LARGE_IR_BYTES else None
+
+    def release(self) -> None:
+        """Free the compiled models and the IR read into memory; the next call compiles again."""
+        self.compiled.clear()
+        self.model = None
 
     def _compiled(self, batch: int) -> Any:
+        if self.model is None:
+            self.model = self.core.read_model(str(self.path))
         if batch not in self.compiled:
+            if self.max_compiled is not None and len(self.compiled) >= self.max_compiled:
+                self.compiled.clear()
             model = self.model.clone()
             shapes = {}
             for port in model.inputs:

@@ -85,7 +85,7 @@ def run_quantize(
                 released = plan.denoiser_fp32_bytes > large_bytes()  # its graphs on disk, the engines need no torch
                 release = (lambda: release_weights(ctx.model, qmodel.module, qmodel.fp_module)) if released else None
                 exports, engine_manifest = build_engines(ctx, qmodel, calib, run, release)
-                report = compare_stage(ctx, run, progress, torch_side=torch_side)
+                report = compare_stage(ctx, run, progress, torch_side=torch_side, one_at_a_time=released)
             manifest: dict[str, Any] = {
                 "recipe": to_dict(recipe),
                 "versions": versions(),

@@ -151,8 +151,17 @@ def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
     return TorchSide(fp, latency, end_to_end, peers)
 
 
+def _release(engine: Engine) -> None:
+    """Free what a runtime holds in memory (it loads again when called)."""
+    release = getattr(engine, "release", None)
+    if release is not None:
+        release()
+
+
 @torch.no_grad()
-def _end_to_end(ctx: RunContext, engines: dict[str, Engine]) -> dict[str, float]:
+def _end_to_end(
+    ctx: RunContext, engines: dict[str, Engine], done: Callable[[Engine], None] = lambda _engine: None
+) -> dict[str, float]:
     """ms per image of what a pipeline call does: conditioning (the text encoder), the denoising
     loop, the VAE decode — for each of `engines` (FP torch and onnxruntime, the run's engine, the
     recommended one), batch E2E_BATCH, median of 3."""
@@ -173,6 +182,7 @@ def _end_to_end(ctx: RunContext, engines: dict[str, Engine]) -> dict[str, float]
                 ctx.source.decode(final)
             times.append((time.perf_counter() - start) * 1000 / E2E_BATCH)
         found[name] = float(np.median(times))
+        done(engine)
     return found
 
 
@@ -182,16 +192,22 @@ def compare_stage(
     progress: bool,
     amend: Callable[[Report], None] | None = None,
     torch_side: TorchSide | None = None,
+    one_at_a_time: bool = False,
 ) -> Report:
     """Compare, time, judge and report the engines of `run` (report files written into it);
     torch_side: what was measured of the torch model before (measured here when None, the model
-    loaded); `amend` may add to the report before it is written (the mixed-precision search does)."""
+    loaded); `amend` may add to the report before it is written (the mixed-precision search does);
+    one_at_a_time (large models): each engine is loaded only while it is used and timed on its own,
+    so the run holds one runtime's weights at a time (else they are timed interleaved)."""
     recipe, timer, sampler = ctx.recipe, ctx.timer, ctx.sampler
     config = ctx.compare_config
     if torch_side is None:
         with timer.stage("fp_reference"):
             torch_side = measure_torch_side(ctx, progress)
     candidates = cpu_engines(ctx, run)
+    done = _release if one_at_a_time else (lambda _engine: None)
+    for candidate, _ in candidates.values():
+        done(candidate)  # loaded (their files checked), then left to load again when used
     main = main_engine(ctx)
     engine, engine_files = candidates[main]
     engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
@@ -209,20 +225,28 @@ def compare_stage(
             fp, engine, sampler, config, ctx.shape, fp.cond, ctx.null, ctx.evaluator, progress, ctx.source.decode,
             fp.prompts,
         )  # fmt: skip
+        done(engine)
     with timer.stage("latency"):
         runtimes: dict[str, Engine] = {
             "ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"),
             "engine": engine,
         }
         runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
+        done(runtimes["ort_fp32"])
         latency: dict[str, dict[str, float]] = {"torch_fp32": torch_side.latency_ms, **{name: {} for name in runtimes}}
-        for batch in (1, 8):  # interleaved: a slow spell of the host does not pick the recommendation
-            times = interleaved_step_times(
-                runtimes, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK, LATENCY_SETTLE
-            )
-            for name, t in times.items():
-                latency[name][f"b{batch}"] = float(np.median(t))
-        del runtimes
+        # interleaved, so that a slow spell of the host does not pick the recommendation; one at a time, each alone
+        groups = [{name: e} for name, e in runtimes.items()] if one_at_a_time else [runtimes]
+        for group in groups:
+            for batch in (1, 8):
+                times = interleaved_step_times(
+                    group, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK,
+                    LATENCY_SETTLE,
+                )  # fmt: skip
+                for name, t in times.items():
+                    latency[name][f"b{batch}"] = float(np.median(t))
+            for e in group.values():
+                done(e)
+        del runtimes, groups
     with timer.stage("judge"):
         engines, samples = [], {main: comparison.engine}
         for name, (candidate, files) in candidates.items():
@@ -234,6 +258,7 @@ def compare_stage(
                     comparison, candidate, sampler, config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
                 )
                 samples[name] = judged["samples"]
+                done(candidate)
             ms = latency["engine" if name == main else name.replace("-", "_")]
             engines.append(
                 {
@@ -257,7 +282,7 @@ def compare_stage(
         if recommendation["engine"] not in (None, main):  # the engine the report tells the user to ship
             timed[recommendation["engine"]] = candidates[recommendation["engine"]][0]
         with timer.stage("end_to_end"):
-            end_to_end = {"torch_fp32": torch_side.end_to_end_ms or 0.0, **_end_to_end(ctx, timed)}
+            end_to_end = {"torch_fp32": torch_side.end_to_end_ms or 0.0, **_end_to_end(ctx, timed, done)}
     report = Report(
         recipe=recipe.name,
         precision=recipe.quantize.precision,
