@@ -22,44 +22,25 @@ def _tokenizer(folder: Path, max_length: int = 77):  # noqa: ANN202
     return word_tokenizer(folder, WORDS, max_length)
 
 
-def _clip_l(projection: bool = False):  # noqa: ANN202
-    """CLIP ViT-L/14's text tower (SD 1.5, SDXL's first encoder, SD3, FLUX): 123M parameters."""
+def _clip(hidden: int, layers: int, heads: int, act: str, projection: bool):  # noqa: ANN202
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act=act,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _clip_l(projection: bool = False):  # noqa: ANN202
+    """CLIP ViT-L/14's text tower (SD 1.5, SDXL's first encoder, SD3): 123M parameters."""
+    return _clip(768, 12, 12, "quick_gelu", projection)
 
 
 def _clip_bigg():  # noqa: ANN202
     """OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder, SD3): 695M parameters."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        max_position_embeddings=77,
-        projection_dim=1280,
-        hidden_act="gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModelWithProjection(config).eval()
+    return _clip(1280, 32, 20, "gelu", projection=True)
 
 
 def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None = None):  # noqa: ANN202
