@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--guidance", type=float, default=None, help="with --model (default: the pipeline's usual)")
     q.add_argument("--samples", type=int, default=None, help="with --model: compare samples (default 100)")
+    q.add_argument(
+        "--calibration-samples", type=int, default=None, help="with --model: calibration trajectories (default 32)"
+    )
+    q.add_argument(
+        "--batch", type=int, default=None, help="with --model: trajectories sampled at once (default 16 / 25)"
+    )
     q.add_argument("--out", default=None, help="with --model: the run directory (default runs/<model folder name>)")
     q.add_argument("--no-openvino", action="store_true", help="with --model: build the onnxruntime engine only")
     q.add_argument(

@@ -54,16 +54,22 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     )
     guidance = args.guidance if args.guidance is not None else GUIDANCE[kind]
     samples = args.samples if args.samples is not None else 100
+    calibration = args.calibration_samples if args.calibration_samples is not None else 32
     recipe = Recipe(
         name=out.name,
         model=ModelSection(str(path), scheduler=args.scheduler, prediction_type=args.prediction_type),
         sampling=SamplingSection(steps=args.steps if args.steps is not None else 20, guidance=guidance),
-        calibration=CalibrationConfig(n_samples=32, batch_size=16),
+        calibration=CalibrationConfig(
+            n_samples=calibration, batch_size=min(calibration, 16) if args.batch is None else args.batch
+        ),
         quantize=quantize,
         export=export,
         engine=EngineSection(candidates=not args.no_openvino),
         compare=CompareSection(
-            n_samples=samples, batch_size=min(samples, 25), latency_runs=10, modelopt_peer=args.modelopt_peer
+            n_samples=samples,
+            batch_size=min(samples, 25) if args.batch is None else args.batch,
+            latency_runs=10,
+            modelopt_peer=args.modelopt_peer,
         ),
         prompts=PromptsSection(calibration=args.prompts),
     )

@@ -138,7 +138,13 @@ def test_a_component_that_is_not_a_denoiser_is_refused_in_one_line(pipes, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("option", "message"), [("--steps", "sampling.steps must be"), ("--samples", "n_samples must be")]
+    ("option", "message"),
+    [
+        ("--steps", "sampling.steps must be"),
+        ("--samples", "n_samples must be"),
+        ("--calibration-samples", "n_samples and batch_size must be >= 1"),
+        ("--batch", "n_samples and batch_size must be >= 1"),
+    ],
 )
 def test_zero_steps_or_samples_are_refused_not_taken_for_the_default(pipes, tmp_path, capsys, option, message):
     code, _, err = quantize_model(pipes["ddpm"], tmp_path / "run", capsys, option, "0")
