@@ -97,34 +97,38 @@ def build_engines(
     bits, unsigned = weight_form_of(qmodel)
     flavour, opset = recipe.export.flavour, recipe.export.opset
     with timer.stage("export"):
-        export_onnx(ctx.fp, run / "fp32.onnx")
-        fp_feeds = {k: v[:8] for k, v in parity_feeds(calib).items()}
-        check_parity(run / "fp32.onnx", ctx.fp, fp_feeds)
+        with timer.stage("export_fp32"):
+            export_onnx(ctx.fp, run / "fp32.onnx")
+            fp_feeds = {k: v[:8] for k, v in parity_feeds(calib).items()}
+            check_parity(run / "fp32.onnx", ctx.fp, fp_feeds)
         (run / "engine").mkdir(exist_ok=True)
         engine_file = run / "engine" / "model.opt.onnx"
-        main, ort_facts = build_ort(
-            qmodel, calib, run / "model.onnx", engine_file, flavour, opset, host, f"{recipe.name}: model.onnx"
-        )
+        with timer.stage("export_qdq"):
+            main, ort_facts = build_ort(
+                qmodel, calib, run / "model.onnx", engine_file, flavour, opset, host, f"{recipe.name}: model.onnx"
+            )
         exports = [main.as_dict()]
-        if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
-            other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-            levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
-            with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
-                exports.append(
-                    export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
-                )
-        if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
-            alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
-            with weights_in(qmodel, alternative):
-                path = run / f"model.w{alternative}.onnx"
-                exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
+        with timer.stage("export_twins"):
+            if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
+                other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
+                levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
+                with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
+                    exports.append(
+                        export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
+                    )
+            if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
+                alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
+                with weights_in(qmodel, alternative):
+                    path = run / f"model.w{alternative}.onnx"
+                    exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
         ov_main = recipe.engine.openvino
         precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
         if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
             precisions += [p for p in ("int8", "bf16") if p not in precisions]
         prepared = run / "engine" / "prepared_fp32.onnx"
         if precisions:
-            export_onnx(qmodel.fp_module, prepared)
+            with timer.stage("export_openvino_source"):
+                export_onnx(qmodel.fp_module, prepared)
     if release is not None:
         release()
     with timer.stage("engine"):
