@@ -47,7 +47,8 @@ def run_quantize(
     final_dir = Path(runs_root) / recipe.name
     timer = timer or Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
-        plan = plan_memory(Path(recipe.model.path))
+        engine = recipe.engine
+        plan = plan_memory(Path(recipe.model.path), engine.candidates or engine.runtime == "openvino")
         if loaded is None:
             if progress:
                 print(f"[flowpress] {plan.line()}", flush=True)

@@ -29,7 +29,7 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     path = Path(args.model)
     if not path.exists():
         raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
-    plan = plan_memory(path)
+    plan = plan_memory(path, openvino=not args.no_openvino)
     if not args.quiet:
         print(f"[flowpress] {plan.line()}", flush=True)
     check_memory(plan, path)  # before the first load

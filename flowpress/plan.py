@@ -2,9 +2,10 @@
 is loaded, and refused in one line when the machine cannot hold it.
 
 The estimate: every component's weights in fp32 (the pipeline as loaded), plus the denoiser's
-fp32 bytes PEAK_DENOISER_COPIES more times (the graphs and runtimes the export and engine stages
-hold beside the torch model), plus RUNTIME_BYTES for the interpreter, the libraries and the
-activations of small-resolution runs.  results/scale.md holds what runs measured against it.
+fp32 bytes as many more times as the stage with the largest peak holds beside it (the export's
+parity checks in onnxruntime; NNCF quantizing the OpenVINO int8 engine, when OpenVINO engines
+are built), plus RUNTIME_BYTES for the interpreter, the libraries and the activations of
+small-resolution runs.  The copies are what an SD 1.5-sized run measured (results/scale.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from flowpress.errors import FlowpressError
 
-PEAK_DENOISER_COPIES = 1.0
+PEAK_DENOISER_COPIES = {"onnxruntime": 1.7, "openvino": 2.7}  # by the engines built; results/scale.md
 RUNTIME_BYTES = 2 << 30
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -67,6 +68,7 @@ class MemoryPlan:
     pipeline_fp32_bytes: int
     peak_bytes: int
     available_bytes: int
+    openvino: bool = True
 
     def line(self) -> str:
         return (
@@ -75,7 +77,7 @@ class MemoryPlan:
             f"{self.peak_bytes / 1e9:.1f} GB of {self.available_bytes / 1e9:.1f} GB available"
         )
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | bool]:
         return asdict(self)
 
 
@@ -93,8 +95,9 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def plan_memory(model: Path) -> MemoryPlan:
-    """The memory plan of a run on `model` (a pipeline directory or a bare denoiser directory)."""
+def plan_memory(model: Path, openvino: bool = True) -> MemoryPlan:
+    """The memory plan of a run on `model` (a pipeline directory or a bare denoiser directory);
+    openvino: the run builds OpenVINO engines too (NNCF's quantization is its largest peak)."""
     model = Path(model)
     if (model / "model_index.json").is_file():
         index = json.loads((model / "model_index.json").read_text())
@@ -106,8 +109,9 @@ def plan_memory(model: Path) -> MemoryPlan:
     measured = {c: folder_weights(c) for c in components if c.is_dir()}
     params, fp32 = measured.get(denoiser) or folder_weights(denoiser)
     pipeline = sum(nbytes for _, nbytes in measured.values()) or fp32
-    peak = int(pipeline + PEAK_DENOISER_COPIES * fp32 + RUNTIME_BYTES)
-    return MemoryPlan(params, fp32, pipeline, peak, available_bytes())
+    copies = PEAK_DENOISER_COPIES["openvino" if openvino else "onnxruntime"]
+    peak = int(pipeline + copies * fp32 + RUNTIME_BYTES)
+    return MemoryPlan(params, fp32, pipeline, peak, available_bytes(), openvino)
 
 
 def check_memory(plan: MemoryPlan, model: Path) -> None:
@@ -116,5 +120,7 @@ def check_memory(plan: MemoryPlan, model: Path) -> None:
         raise FlowpressError(
             f"{model}: this run needs about {plan.peak_bytes / 1e9:.1f} GB of memory (denoiser "
             f"{plan.denoiser_fp32_bytes / 1e9:.1f} GB in fp32, pipeline {plan.pipeline_fp32_bytes / 1e9:.1f} GB) and "
-            f"{plan.available_bytes / 1e9:.1f} GB is available; run it on a machine with more memory or free some"
+            f"{plan.available_bytes / 1e9:.1f} GB is available; "
+            + ("build the onnxruntime engine only (--no-openvino, engine.candidates: false), " if plan.openvino else "")
+            + "run it on a machine with more memory, or free some"
         )

@@ -418,9 +418,10 @@ def test_a_run_the_machine_cannot_hold_is_refused_before_any_work(tiny_model_dir
     from flowpress.models import load_model
     from flowpress.plan import plan_memory
 
-    plan = plan_memory(tiny_model_dir)  # read from the safetensors header, before anything is loaded
+    plan = plan_memory(tiny_model_dir, openvino=False)  # from the safetensors header, before anything loads
     assert plan.denoiser_parameters == sum(p.numel() for p in load_model(tiny_model_dir).parameters())
     assert plan.denoiser_fp32_bytes == 4 * plan.denoiser_parameters and plan.peak_bytes > plan.denoiser_fp32_bytes
+    assert plan_memory(tiny_model_dir, openvino=True).peak_bytes > plan.peak_bytes  # NNCF holds more
     monkeypatch.setattr("flowpress.plan.available_bytes", lambda: plan.peak_bytes - 1)
     runs = tmp_path / "runs"
     code = main(["quantize", "--recipe", str(write_recipe(tmp_path, tiny_model_dir)), "--runs", str(runs), "--quiet"])
