@@ -55,7 +55,12 @@ def _run(name: str, model: Path, out: Path, args: argparse.Namespace, prompts: P
     code = os.waitstatus_to_exitcode(status)
     row: dict = {"model": name, "exit": code, "seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
     row["last_line"] = (log.read_text().strip().splitlines() or [""])[-1][:300]
-    if (out / "report.json").is_file() and code in (0, 1):
+    return _with_run(row, out)
+
+
+def _with_run(row: dict, out: Path) -> dict:
+    """`row` with what the run measured (its report and manifest), when it finished."""
+    if (out / "report.json").is_file() and row["exit"] in (0, 1):
         report = json.loads((out / "report.json").read_text())
         manifest = json.loads((out / "manifest.json").read_text())
         row.update(
@@ -66,6 +71,10 @@ def _run(name: str, model: Path, out: Path, args: argparse.Namespace, prompts: P
             denoiser=report.get("model"),
             plan=manifest.get("plan"),
         )
+        # the larger of the parent's measure and the run's own (a flowpress that reset the kernel's
+        # peak per stage hid it from the parent's ru_maxrss)
+        row["isa"] = report["host"]["isa"]["isa_class"]
+        row["peak_rss_bytes"] = max(row["peak_rss_bytes"], manifest.get("peak_rss_bytes", 0))
     return row
 
 
@@ -76,7 +85,9 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         f"Written by `make scale` (`python -m benchmarks.scale`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{_cpu()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB. "
         f"Random weights at full width (benchmarks/scale_models.py), {args.steps} steps, {args.samples} compare "
-        f"samples, options `{args.options}`.",
+        f"samples, `flowpress quantize` options: {args.options or 'none'}; host ISA class "
+        f"{', '.join(sorted({r['isa'] for r in rows if 'isa' in r})) or 'unknown'}. Peak resident: the process's "
+        "whole-run peak; the plan's estimate and the per-stage peaks are in each run's manifest.",
         "",
         "| model | denoiser params | fp32 bytes | fp32 ONNX bytes | engine bytes | peak resident | peak / fp32 | "
         "wall s | final PSNR dB | gate | exit |",
@@ -116,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=16, help="latent height and width of the built configs")
     parser.add_argument("--options", default="", help="more `flowpress quantize` options, e.g. '--no-openvino'")
     parser.add_argument("--results", default=None, help="also write RESULTS/scale.md")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from ROOT/scale.json's runs")
     args = parser.parse_args(argv)
     root = Path(args.root)
+    if args.table_only:
+        rows = [_with_run(row, root / "runs" / row["model"]) for row in json.loads((root / "scale.json").read_text())]
+        return _write(rows, args, root)
     root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -131,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_run(name, model, root / "runs" / name, args, prompts))
         print(f"[scale] {name}: exit {rows[-1]['exit']}, {rows[-1]['seconds']:.0f} s, "
               f"peak {rows[-1]['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)  # fmt: skip
+    return _write(rows, args, root)
+
+
+def _write(rows: list[dict], args: argparse.Namespace, root: Path) -> int:
     (root / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
     markdown = _table(rows, args)
     (root / "scale.md").write_text(markdown)

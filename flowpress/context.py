@@ -34,7 +34,7 @@ PACKAGES = (
 
 
 def resident_bytes() -> tuple[int, int]:
-    """(resident, peak resident since the last reset_peak) bytes of this process (Linux /proc)."""
+    """(resident, peak resident over the process's life) bytes of this process (Linux /proc)."""
     found = {}
     with open("/proc/self/status") as status:
         for line in status:
@@ -44,18 +44,37 @@ def resident_bytes() -> tuple[int, int]:
     return found.get("VmRSS", 0), found.get("VmHWM", 0)
 
 
-def reset_peak() -> None:
-    """Start a new peak-resident window (the kernel's VmHWM; a no-op where it cannot be reset)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
+class _ResidentSampler:
+    """The largest resident size seen since the last `take()`, sampled every `period` seconds by
+    a daemon thread (the kernel's own peak is left alone, so GNU time and a parent's ru_maxrss
+    still see the process's true peak)."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        import threading
+
+        self.period, self.peak = period, resident_bytes()[0]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="flowpress-rss", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            rss = resident_bytes()[0]
+            with self._lock:
+                self.peak = max(self.peak, rss)
+
+    def take(self) -> int:
+        """The peak since the last take (or the start), and a new window from now."""
+        rss = resident_bytes()[0]
+        with self._lock:
+            peak, self.peak = max(self.peak, rss), rss
+        return peak
 
 
 class Timer:
     """Wall seconds and peak resident bytes per named stage (stages may nest: an inner stage's
-    peak counts for the outer ones too); peak_rss_bytes: the whole run's so far."""
+    peak counts for the outer ones too; sampled, see _ResidentSampler); peak_rss_bytes: the
+    process's peak so far (the kernel's VmHWM, exact)."""
 
     def __init__(self, announce: bool = False) -> None:
         self.announce = announce  # a line on stdout as each stage starts and ends
@@ -64,14 +83,14 @@ class Timer:
         self.peak_rss_bytes = 0
         self.failed_in: str | None = None  # the innermost stage an exception left
         self._open: list[str] = []
+        self._sampler = _ResidentSampler()
 
     def _checkpoint(self) -> None:
         """Fold the peak since the last checkpoint into every open stage and the run; new window."""
-        peak = resident_bytes()[1]
+        peak = self._sampler.take()
         for name in self._open:
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
-        self.peak_rss_bytes = max(self.peak_rss_bytes, peak)
-        reset_peak()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, peak, resident_bytes()[1])
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

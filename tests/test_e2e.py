@@ -93,7 +93,7 @@ def test_quantize_writes_the_run_directory_contract(run):
     chain = ["load", "calibrate", "quantize", "fp_reference", "export", "engine", "compare", "judge"]
     assert [name for name in stages if name in chain] == chain and "export_fp32" in stages
     assert manifest["plan"]["released_before_engines"] is False
-    assert report["peak_rss_bytes"] == max(s["peak_rss_bytes"] for s in stages.values()) > 100e6
+    assert report["peak_rss_bytes"] >= max(s["peak_rss_bytes"] for s in stages.values()) > 100e6
     assert (
         manifest["peak_rss_bytes"] >= report["peak_rss_bytes"]
         and "Time and memory per stage" in (run_dir / "report.md").read_text()
