@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,36 +46,43 @@ def resident_bytes() -> tuple[int, int]:
     return found.get("VmRSS", 0), found.get("VmHWM", 0)
 
 
-class _ResidentSampler:
-    """The largest resident size seen since the last `take()`, sampled every `period` seconds by
-    a daemon thread (the kernel's own peak is left alone, so GNU time and a parent's ru_maxrss
-    still see the process's true peak)."""
+class _Window:
+    """The largest resident size seen since `peak` was last reset (by its Timer)."""
 
-    def __init__(self, period: float = 0.05) -> None:
-        import threading
+    def __init__(self) -> None:
+        self.peak = resident_bytes()[0]
 
-        self.period, self.peak = period, resident_bytes()[0]
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="flowpress-rss", daemon=True).start()
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.period)
-            rss = resident_bytes()[0]
-            with self._lock:
-                self.peak = max(self.peak, rss)
+SAMPLE_SECONDS = 0.1
+_WINDOWS: weakref.WeakSet[_Window] = weakref.WeakSet()  # a Timer's window goes with its Timer
+_LOCK = threading.Lock()
+_SAMPLER: list[threading.Thread] = []
 
-    def take(self) -> int:
-        """The peak since the last take (or the start), and a new window from now."""
+
+def _sample_forever() -> None:
+    """One daemon thread per process: every SAMPLE_SECONDS, the resident size into each open window
+    (the kernel's own peak is left alone, so GNU time and a parent's ru_maxrss see the true peak)."""
+    while True:
+        time.sleep(SAMPLE_SECONDS)
         rss = resident_bytes()[0]
-        with self._lock:
-            peak, self.peak = max(self.peak, rss), rss
-        return peak
+        with _LOCK:
+            for window in list(_WINDOWS):
+                window.peak = max(window.peak, rss)
+
+
+def _open_window() -> _Window:
+    window = _Window()
+    with _LOCK:
+        _WINDOWS.add(window)
+        if not _SAMPLER:
+            _SAMPLER.append(threading.Thread(target=_sample_forever, name="flowpress-rss", daemon=True))
+            _SAMPLER[0].start()
+    return window
 
 
 class Timer:
     """Wall seconds and peak resident bytes per named stage (stages may nest: an inner stage's
-    peak counts for the outer ones too; sampled, see _ResidentSampler); peak_rss_bytes: the
+    peak counts for the outer ones too; sampled, see _sample_forever); peak_rss_bytes: the
     process's peak so far (the kernel's VmHWM, exact)."""
 
     def __init__(self, announce: bool = False) -> None:
@@ -83,11 +92,13 @@ class Timer:
         self.peak_rss_bytes = 0
         self.failed_in: str | None = None  # the innermost stage an exception left
         self._open: list[str] = []
-        self._sampler = _ResidentSampler()
+        self._window = _open_window()
 
     def _checkpoint(self) -> None:
         """Fold the peak since the last checkpoint into every open stage and the run; new window."""
-        peak = self._sampler.take()
+        rss = resident_bytes()[0]
+        with _LOCK:
+            peak, self._window.peak = max(self._window.peak, rss), rss
         for name in self._open:
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
         self.peak_rss_bytes = max(self.peak_rss_bytes, peak, resident_bytes()[1])

@@ -13,7 +13,7 @@ from flowpress.export import (
     float_weight_ops,
     ort_session,
 )
-from flowpress.export.validate import SHAPE_PROBE_BATCHES, _batch_reshape_target
+from flowpress.export.passes import SHAPE_PROBE_BATCHES, _batch_reshape_target
 from flowpress.models import StepModel, load_model
 
 from .conftest import TINY_SCHEDULE, feeds_of, for_this_host, tiny_calibration
