@@ -13,9 +13,7 @@ from flowpress.errors import EngineParityError, FlowpressError
 from flowpress.export.graphfile import (
     beside,
     engine_data_options,
-    large_bytes,
     read_graph,
-    tensor_bytes,
     write_graph,
 )
 from flowpress.export.passes import (
@@ -51,11 +49,9 @@ def ort_session(  # noqa: ANN201
     threads: int = 0,
     optimized_path: str | None = None,
     protect_fp8: bool = True,
-    prepack: bool = True,
 ):
     """An onnxruntime CPU session; fp8 graphs run without FP8_DISABLED_OPTIMIZERS unless
-    `protect_fp8` is False (only to measure the hazard).  prepack False: weights are not copied
-    into the kernels' packed layouts (one copy of a large graph's weights, slower forwards)."""
+    `protect_fp8` is False (only to measure the hazard)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -67,8 +63,6 @@ def ort_session(  # noqa: ANN201
     }[optimization]
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    if not prepack:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
         engine_data_options(read_graph(path), opts, optimized_path)
@@ -203,12 +197,12 @@ def check_parity(
         expected = reference(*feeds.values())
         fp = None if fp_reference is None else fp_reference(*feeds.values())
     results = []
-    prepack = tensor_bytes(read_graph(path)) <= large_bytes()  # a large graph's check holds one copy of it
     for level in levels:
-        session = ort_session(path, level, prepack=prepack)
+        session = ort_session(path, level)
         got = torch.empty_like(expected)
         for rows in rows_by_step(feeds["step"]):  # graphs with per-step scales take one step per batch
             got[rows] = torch.from_numpy(session.run(None, {k: v[rows].numpy() for k, v in feeds.items()})[0])
+        del session  # before the next level's: two sessions of a large graph at once are two copies of its weights
         cos = float(cosine_per_sample(got, expected).min())
         ratio = None
         if fp is not None:
