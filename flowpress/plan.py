@@ -27,9 +27,12 @@ DENOISER_ROLES = ("unet", "transformer")
 
 def _safetensors_elements(path: Path) -> tuple[int, int]:
     """(elements, float elements) of a .safetensors file, from its header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError) as err:
+        raise FlowpressError(f"{path}: not a readable safetensors file ({err}); re-save the model") from None
     total = floats = 0
     for name, entry in header.items():
         if name == "__metadata__":

@@ -32,14 +32,6 @@ GRAPH_OPS = (
 )
 
 
-def rss_mb(field_name: str) -> float:
-    """VmRSS / VmHWM of this process in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is this variant's."""
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowpress.context import resident_bytes
 from flowpress.engines import OrtEngine, interleaved_step_times, psnr_db, step_times_ms
 from flowpress.engines.base import graph_feeds
 from flowpress.engines.isa import HostIsa, host_isa
@@ -29,7 +30,7 @@ from flowpress.experiments.bench.bars import bars
 from flowpress.experiments.bench.config import ARITHMETIC, PEERS, BenchConfig, BenchModel
 from flowpress.experiments.bench.models import forward_flops, load_bench_model
 from flowpress.experiments.bench.peaks import machine_record, matmul_peaks
-from flowpress.experiments.bench.profile import ort_graph_ops, reset_peak_rss, rss_mb, top_ops
+from flowpress.experiments.bench.profile import ort_graph_ops, reset_peak_rss, top_ops
 from flowpress.experiments.bench.report import bench_markdown, plot_frontier, results_body
 from flowpress.experiments.bench.timing import interleaved_loop_seconds, model_batch
 from flowpress.experiments.bench.variants import Built, build_variants
@@ -90,7 +91,7 @@ def bench_model(
         facts[variant] = {
             "final_psnr_db": None if variant == "torch-fp32" else psnr_db(ref.xs[-1], final),
             "size_bytes": sum(f.stat().st_size for f in built.files) if built.files else 4 * params,
-            "peak_rss_mb": rss_mb("VmHWM"),
+            "peak_rss_mb": resident_bytes()[1] / 2**20,
             "peak_rss_scope": "variant" if resettable else "process",
             "portable": built_info["portable_of"].get(variant),  # None: a peer, or no int8 weights
             "inference_precision": built.engine.compiled_hint(max(config.batches))
