@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,6 +34,39 @@ def host_array(tensor: Tensor) -> np.ndarray:
     if tensor.device.type != "cpu":
         tensor = tensor.detach().to("cpu")
     return tensor.numpy()
+
+
+def engine_args(engine: Engine, x: Any, step: Any, cond: Any, names: list[str] | None) -> tuple[Tensor, Tensor, Cond]:
+    """What a user passes, as the engine takes it, or a one-line refusal naming what it takes.
+
+    x: a (B, C, H, W) tensor; step: the sampler's evaluation index, an int or a (B,) integer tensor
+    (not a timestep); cond: the conditioning inputs by name (`names`), None when there are none, or
+    the one input's tensor alone when the engine takes exactly one."""
+    listed = "{" + ", ".join(repr(n) for n in names) + "}" if names is not None else "{input name: tensor}"
+    takes = f"x (B, C, H, W), step (int or (B,) int64), cond {listed}"
+    names = names if names is not None else []
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise FlowpressError(f"engine {engine.name}: x must be a (B, C, H, W) tensor; it takes {takes}")
+    batch = int(x.shape[0])
+    if isinstance(step, int) and not isinstance(step, bool):
+        step = torch.full((batch,), step, dtype=torch.int64)
+    elif isinstance(step, Tensor) and not step.is_floating_point() and step.dim() <= 1:
+        step = step.reshape(-1).expand(batch) if step.numel() == 1 else step
+    if not isinstance(step, Tensor) or step.is_floating_point() or tuple(step.shape) != (batch,):
+        raise FlowpressError(
+            f"engine {engine.name}: step is the sampler's evaluation index (0..{engine.schedule.n_evaluations - 1}), "
+            f"an int or a ({batch},) integer tensor, not a timestep; it takes {takes}"
+        )
+    if cond is None:
+        cond = {}
+    elif isinstance(cond, Tensor) and len(names) == 1:
+        cond = {names[0]: cond}
+    if not isinstance(cond, Mapping) or any(n not in cond for n in names):
+        given = f"keys {sorted(cond)}" if isinstance(cond, Mapping) else f"a {type(cond).__name__}"
+        raise FlowpressError(
+            f"engine {engine.name}: cond must be a dict of the conditioning inputs by name, got {given}; it takes {takes}"
+        )
+    return x, step.long(), dict(cond)
 
 
 def check_steps(engine: Engine, step: Tensor) -> None:
@@ -71,6 +105,7 @@ class TorchEngine:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        x, step, cond = engine_args(self, x, step, cond, None)  # the model checks its own inputs
         check_steps(self, step)
         return self.step_model.run(x, step, cond)
 
@@ -120,6 +155,7 @@ class OrtEngine:
     def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
         if self.session is None:
             self._open()
+        x, step, cond = engine_args(self, x, step, cond, self.input_names[2:])
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         if feeds["step"].size > 1 and feeds["step"].min() != feeds["step"].max():
             # a graph with per-step activation scales takes one step per batch (others: the same result)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowpress.engines.base import graph_feeds
+from flowpress.engines.base import engine_args, graph_feeds
 from flowpress.errors import FlowpressError
 from flowpress.sampling import Cond, Sampler
 
@@ -91,6 +91,7 @@ class OpenVinoEngine:
         return str(self._compiled(batch).get_property("INFERENCE_PRECISION_HINT").to_string())
 
     def __call__(self, x: Tensor, step: Tensor, cond: Cond) -> Tensor:
+        x, step, cond = engine_args(self, x, step, cond, self.input_names[2:])
         feeds = graph_feeds(self, self.path, self.input_names, x, step, cond)
         compiled = self._compiled(int(x.shape[0]))
         return torch.from_numpy(np.array(compiled(feeds)[compiled.output(0)]))

@@ -155,6 +155,28 @@ def _precision(proto: Any, precision: Precision, fp8: bool) -> str:
     return "int8" if any(n.op_type in QDQ_OPS for n in proto.graph.node) else "fp32"
 
 
+def plan_manifest(
+    plan_path: Path, onnx_path: Path, precision: str, gpu: GpuIdentity, schedule: Sampler, config: TensorRTConfig
+) -> dict[str, Any]:
+    """What a plan was built from and for; engines.tensorrt.check_manifest refuses a plan whose GPU,
+    TensorRT or schedule (the run's own sampler, whatever its scheduler) differs from the caller's."""
+    return {
+        "runtime": "tensorrt",
+        "plan": plan_path.name,
+        "plan_sha256": sha256_file(plan_path),
+        "precision": precision,
+        "strongly_typed": config.precision == "qdq",
+        "tensorrt": gpu.tensorrt,
+        "gpu": {"name": gpu.name, "compute_capability": gpu.as_dict()["compute_capability"]},
+        "profile": config.profile.as_dict(),
+        "optimization_level": config.optimization_level,
+        "workspace_mib": config.workspace_mib,
+        "schedule": schedule.as_dict(),
+        "source": onnx_path.name,
+        "onnx_sha256": sha256_file(onnx_path),
+    }
+
+
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
@@ -201,23 +223,8 @@ def build_engine(
         _write_atomic(cache_path, builder_config.get_timing_cache().serialize())
     _write_atomic(plan_path, serialized)
     seconds = round(time.perf_counter() - start, 3)
-    manifest = {
-        "runtime": "tensorrt",
-        "plan": plan_path.name,
-        "plan_sha256": sha256_file(plan_path),
-        "precision": _precision(proto, config.precision, fp8),
-        "strongly_typed": config.precision == "qdq",
-        "tensorrt": gpu.tensorrt,
-        "gpu": {"name": gpu.name, "compute_capability": gpu.as_dict()["compute_capability"]},
-        "profile": config.profile.as_dict(),
-        "optimization_level": config.optimization_level,
-        "workspace_mib": config.workspace_mib,
-        "schedule": schedule.as_dict(),
-        "source": onnx_path.name,
-        "onnx_sha256": sha256_file(onnx_path),
-        "calibration_sha256": calibration_sha256,
-        "build_seconds": seconds,
-    }
+    manifest = plan_manifest(plan_path, onnx_path, _precision(proto, config.precision, fp8), gpu, schedule, config)
+    manifest |= {"calibration_sha256": calibration_sha256, "build_seconds": seconds}
     path = manifest_path(plan_path)
     _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
     return EngineBuild(plan_path, path, manifest, seconds)

@@ -5,9 +5,11 @@
 
 The pipeline keeps everything else of its own (text encoders, scheduler, VAE, guidance); only
 the denoiser's forward is replaced.  A diffusers pipeline hands its denoiser the timestep value,
-not the step index: the wrapper finds it in the engine's schedule table (equal values give equal
-tables, so repeated timesteps are no ambiguity) and refuses a value that is not there — another
-number of steps or another scheduler than the run was built for — in one line.
+not the step index.  The wrapper counts the pipeline's calls: a call whose timestep is the one the
+schedule expects next is that index (Heun-type schedulers call twice at one timestep, and the second
+call is its own step, with its own activation scales); any other timestep is looked up in the
+schedule's table (a new pipeline call restarts at step 0), and a value that is not there — another
+number of steps or another scheduler than the run was built for — is refused in one line.
 """
 
 from __future__ import annotations
@@ -43,10 +45,19 @@ class EngineForward:
         self.times = engine.schedule.model_times.double()
         self.learned_sigma = int(getattr(net.config, "out_channels", None) or shape[0]) == 2 * shape[0]
         self.output = _output_class()
+        self.next = 0  # the call index the schedule expects next
 
     def step_of(self, timestep: Tensor | float, batch: int) -> Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)
         t = t.expand(batch) if t.numel() == 1 else t
+        if float((t - self.times[self.next]).abs().max()) <= 1e-3:
+            step = torch.full((batch,), self.next, dtype=torch.int64)
+        else:
+            step = self.lookup(t)
+        self.next = (int(step[-1]) + 1) % len(self.times)
+        return step
+
+    def lookup(self, t: Tensor) -> Tensor:
         gap, step = (t.reshape(-1, 1) - self.times.reshape(1, -1)).abs().min(dim=1)
         if float(gap.max()) > 1e-3:
             raise FlowpressError(

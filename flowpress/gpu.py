@@ -127,7 +127,7 @@ def _build_and_validate(
     from flowpress.engines.tensorrt import TensorRTEngine
     from flowpress.export.tensorrt import build_engine
 
-    schedule = recipe.sampling.schedule()
+    ctx = RunContext.load(recipe)  # the run's own sampler: the plan records it, the engine checks it
     final = run_dir / "engine" / "tensorrt"
     staging = run_dir / "engine" / ".tensorrt.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -138,12 +138,11 @@ def _build_and_validate(
         build = build_engine(
             onnx_path,
             staging / "model.plan",
-            schedule,
+            ctx.sampler,
             config,
             sha256_file(calibration) if calibration.is_file() else None,
         )
         print(f"[flowpress] tensorrt: built {build.manifest['precision']} plan in {build.seconds:.1f} s")
-        ctx = RunContext.load(recipe)
         engine = TensorRTEngine(build.plan, ctx.sampler, f"tensorrt-{build.manifest['precision']}")
         reference = TorchEngine(ctx.fp, ctx.sampler, "torch-fp32")
         config_cmp = ctx.compare_config

@@ -56,9 +56,6 @@ class SamplingSection:
                 f"sampling.guidance must be >= 0 (1 = no classifier-free guidance), got {self.guidance}"
             )
 
-    def schedule(self) -> Schedule:
-        return Schedule(self.steps, self.method)
-
 
 @dataclass(frozen=True)
 class CompareSection:

@@ -17,7 +17,7 @@ def write(tmp_path, text):
 
 def test_shipped_recipes_load():
     recipe = load_recipe(DIGITS / "recipes" / "digits-unet-int8.yaml")
-    assert recipe.name == "digits-unet-int8" and recipe.sampling.schedule().n_steps == 20
+    assert recipe.name == "digits-unet-int8" and recipe.sampling.steps == 20
     assert recipe.export.flavour == "ort-cpu" and recipe.quantize.temporal == "cache"
     assert isinstance(recipe.quantize, Int8Config)
     assert recipe.evaluator.name == "examples.digits.evaluator:DigitsEvaluator"
