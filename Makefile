@@ -10,7 +10,7 @@ BENCH  ?= recipes/bench.yaml
 ABLATION ?= $(DIGITS)/ablation.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test quality clean
+.PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test test-fast test-benchmarks quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,19 +44,19 @@ bench-gpu: $(STAMP)
 # calibration x temporal cache x activation ranges beside modelopt and onnxruntime -> results/ablation.md
 # (ABLATION=examples/digits/recipes/ablation-w4a8.yaml: the W4A8 ingredients, ~45 min -> results/ablation-w4a8.md)
 ablate: $(STAMP)
-	$(PY) -m flowpress ablate --recipe $(ABLATION) --results results
+	$(PY) -m benchmarks ablate --recipe $(ABLATION) --results results
 
 # every CPU engine (flowpress's and the hand-built peers') for speed and fidelity -> runs/<name>/, results/<name>.md
 # (BENCH=recipes/bench-speed-dit.yaml: the 30M DiT alone, the int8-peak bar in ~20 min)
 bench: $(STAMP)
-	$(PY) -m flowpress bench --recipe $(BENCH) --results results
+	$(PY) -m benchmarks bench --recipe $(BENCH) --results results
 
 # int8, fp8, W4A8, W4A4 and gated mixed precision of both teachers, then the precision x calibration
 # table (results/precisions.md); a run whose gate fails still gets its row
 PRECISION_RECIPES ?= digits-unet-int8 digits-unet-fp8 digits-unet-w4a8 digits-unet-w4a4 digits-unet-gated digits-dit-int8 digits-dit-fp8 digits-dit-w4a8 digits-dit-w4a4
 precisions: $(STAMP)
 	for r in $(PRECISION_RECIPES); do $(PY) -m flowpress quantize --quiet --recipe $(DIGITS)/$$r.yaml || echo "$$r: exit $$?"; done
-	$(PY) -m flowpress precisions --results results
+	$(PY) -m benchmarks precisions --results results
 
 # full-width SD 1.5 / SDXL / PixArt-a / SD3-medium pipelines (random weights, built from their configs, nothing
 # downloaded) through `quantize --model` at a small latent size -> runs/scale/, results/scale.md
@@ -84,8 +84,15 @@ digits-pipelines: $(STAMP)
 	$(PY) -m examples.digits ddpm
 	$(PY) -m examples.digits sd
 
+# the product's tests (CI runs this), the fast subset (no `slow` end-to-end runs), the harness's own
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-benchmarks: $(STAMP)
+	$(PY) -m pytest -q --durations=15 benchmarks/tests
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .

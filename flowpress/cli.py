@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from flowpress.errors import EngineParityError, FlowpressError
 
@@ -58,22 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("bench-gpu", help="GPU latency of torch fp16, TensorRT fp16/int8/fp8 into the run's report.json")
     g.add_argument("--recipe", default=DEFAULT_RECIPE)
     g.add_argument("--runs", default="runs")
-    a = sub.add_parser("ablate", help="every calibration strategy x temporal cache x setting beside the peers")
-    a.add_argument("--recipe", default="examples/digits/recipes/ablation.yaml")
-    a.add_argument("--runs", default="runs")
-    a.add_argument("--results", default=None, help="also write the table into RESULTS/ablation.md")
-    b = sub.add_parser("bench", help="every CPU engine (flowpress's and the peers') for speed and fidelity")
-    b.add_argument("--recipe", default="recipes/bench.yaml")
-    b.add_argument("--runs", default="runs")
-    b.add_argument("--results", default=None, help="also write the table into RESULTS/bench.md")
     d = sub.add_parser("distill", help="SlimFlow: distill the teacher into a small one-step student")
     d.add_argument("--recipe", default="examples/digits/recipes/digits-slimflow.yaml")
     d.add_argument("--runs", default="runs")
     d.add_argument("--results", default=None, help="also write the report into RESULTS/distill.md")
-    m = sub.add_parser("precisions", help="the precision x calibration table of the finished quantize runs")
-    m.add_argument("--runs", default="runs")
-    m.add_argument("--results", default=None, help="also write the table into RESULTS/precisions.md")
-    for p in (q, c, e, g, a, b, d, m):
+    for p in (q, c, e, g, d):
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -124,28 +114,6 @@ def _run(args: argparse.Namespace) -> int:
             body = (distill_dir / "distill.md").read_text().split("\n", 1)[1]
             print(f"[flowpress] {write_result(args.results, 'distill', 'make distill', 'flowpress distill', body)}")
         return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1
-    if args.command == "precisions":
-        from flowpress.experiments.precisions import precision_table
-
-        out = precision_table(args.runs, results_dir=args.results)
-        print(f"[flowpress] {out}: precisions.json, precisions.md")
-        print((out / "precisions.md").read_text())
-        return 0
-    if args.command == "ablate":
-        from flowpress.experiments.ablate import load_ablation_config, run_ablation
-
-        out = run_ablation(load_ablation_config(args.recipe), args.runs, progress, results_dir=args.results)
-        print(f"[flowpress] {out}: ablation.json, ablation.md, error_vs_step.png")
-        return 0
-    if args.command == "bench":
-        from flowpress.experiments.bench import load_bench_config, run_bench
-
-        out, bench = run_bench(load_bench_config(args.recipe), args.runs, progress, results_dir=args.results)
-        print(f"[flowpress] {out}: bench.json, bench.md, frontier.png")
-        for bar in bench["bars"]:
-            status = {True: "passed", False: "FAILED", None: "-"}[bar["passed"]]
-            print(f"[flowpress] {bar['model']}: {bar['bar']}: {status}")
-        return 0
     from flowpress import gpu
     from flowpress.recipe import load_recipe
 
@@ -161,9 +129,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return guarded(_run, _parser().parse_args(argv))
+
+
+def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`run(args)`'s exit code, or the exit code and one line on stderr for what it raised."""
     try:
-        return _run(args)
+        return run(args)
     except EngineParityError as err:
         print(f"flowpress: engine not faithful on this host: {err}", file=sys.stderr)
         return err.exit_code

@@ -144,9 +144,11 @@ def test_bad_checkpoint_exits_2_and_leaves_no_run(tmp_path, capsys):
 def test_precisions_table_reads_finished_runs_and_names_the_missing(run, capsys):
     _, run_dir = run
     report = json.loads((run_dir / "report.json").read_text())
-    code = main(["precisions", "--runs", str(run_dir.parent)])
+    from benchmarks.__main__ import main as harness
+    from benchmarks.precisions import precision_table
+
+    code = harness(["precisions", "--runs", str(run_dir.parent)])
     assert code == 2 and "none of digits-unet-int8" in capsys.readouterr().err  # the default names: none ran here
-    from flowpress.experiments.precisions import precision_table
 
     out = precision_table(run_dir.parent, ("tiny-int8", "tiny-fp8"))
     rows = json.loads((out / "precisions.json").read_text())

@@ -30,7 +30,7 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path) -> set[str]:
-    """Every flowpress / examples module `path` imports, at the top or inside a function."""
+    """Every flowpress / examples / benchmarks module `path` imports, at the top or inside a function."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -38,7 +38,7 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
             names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {n for n in names if n.split(".")[0] in ("flowpress", "examples")}
+    return {n for n in names if n.split(".")[0] in ("flowpress", "examples", "benchmarks")}
 
 
 def stage_of(module: str) -> int:
@@ -85,6 +85,11 @@ def test_no_import_circle():
         if name not in state:
             visit(name, [name])
     assert circles == []
+
+
+def test_the_product_imports_nothing_from_the_harness():
+    harness = {f"{name}: {t}" for name, path in modules().items() for t in imports(path) if t.startswith("benchmarks")}
+    assert harness == set()
 
 
 def test_the_core_knows_nothing_of_the_digits_demo():

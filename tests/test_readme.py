@@ -30,3 +30,4 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     gate, psnr = re.search(r"gate (passed|failed): ([0-9.]+) dB vs FP", done.stdout).groups()
     assert gate == "passed" and 40.0 <= float(psnr) < 80.0
     assert (tmp_path / "runs" / "digits-unet-quick" / "report.json").is_file()
+    assert "velocity (4, 1, 16, 16) at t = 1.0" in done.stdout

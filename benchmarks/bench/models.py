@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from flowpress.experiments.bench.config import BenchModel, RandomDit
+from benchmarks.bench.config import BenchModel, RandomDit
 from flowpress.models import DiffusersDenoiser, DiTSpec, build_dit, load_model
 from flowpress.recipe import Recipe
 

@@ -1,4 +1,4 @@
-"""What `flowpress bench` measures: its models, variants, timing settings and the bars' thresholds.
+"""What `python -m benchmarks bench` measures: its models, variants, timing settings and the bars' thresholds.
 
 The thresholds live in recipes/bench.yaml; the defaults here only say what a missing key means.
 """

@@ -1,4 +1,4 @@
-"""`flowpress bench`: every CPU engine flowpress builds beside what a user would build by hand.
+"""`python -m benchmarks bench`: every CPU engine flowpress builds beside what a user would build by hand.
 
 Per model, the variants share one FP model, one sampler and one set of seeds.  Peers are the
 hand-built engines (torch, onnxruntime fp32, onnxruntime quantize_static, OpenVINO's default,
@@ -21,20 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench.bars import bars
+from benchmarks.bench.config import ARITHMETIC, PEERS, BenchConfig, BenchModel
+from benchmarks.bench.models import forward_flops, load_bench_model
+from benchmarks.bench.peaks import machine_record, matmul_peaks
+from benchmarks.bench.profile import ort_graph_ops, reset_peak_rss, top_ops
+from benchmarks.bench.report import bench_markdown, plot_frontier, results_body
+from benchmarks.bench.timing import interleaved_loop_seconds, model_batch
+from benchmarks.bench.variants import Built, build_variants
+from benchmarks.common import fp_reference, sample_engine
 from flowpress.context import resident_bytes
 from flowpress.engines import OrtEngine, interleaved_step_times, psnr_db, step_times_ms
 from flowpress.engines.base import graph_feeds
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.engines.openvino import OpenVinoEngine
-from flowpress.experiments.bench.bars import bars
-from flowpress.experiments.bench.config import ARITHMETIC, PEERS, BenchConfig, BenchModel
-from flowpress.experiments.bench.models import forward_flops, load_bench_model
-from flowpress.experiments.bench.peaks import machine_record, matmul_peaks
-from flowpress.experiments.bench.profile import ort_graph_ops, reset_peak_rss, top_ops
-from flowpress.experiments.bench.report import bench_markdown, plot_frontier, results_body
-from flowpress.experiments.bench.timing import interleaved_loop_seconds, model_batch
-from flowpress.experiments.bench.variants import Built, build_variants
-from flowpress.experiments.common import fp_reference, sample_engine
 from flowpress.models import DiffusersDenoiser
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
@@ -258,7 +258,7 @@ def run_bench(
         plot_frontier(bench["rows"], out / "frontier.png")
         (out / "bench.md").write_text(bench_markdown(bench))
     if results_dir is not None:
-        write_result(results_dir, config.name, "make bench", "flowpress bench", results_body(bench, final))
+        write_result(results_dir, config.name, "make bench", "python -m benchmarks bench", results_body(bench, final))
     shutil.rmtree(work_root, ignore_errors=True)
     return final, bench
 

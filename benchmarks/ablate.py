@@ -1,10 +1,10 @@
-"""`flowpress ablate`: every calibration strategy x temporal cache x setting, beside the peers.
+"""`python -m benchmarks ablate`: every calibration strategy x temporal cache x setting, beside the peers.
 
 One model, one input budget, the same sampler and seeds for every row; each row is the mean
 over several calibration seeds, measured against the same FP trajectories.  Quality is the
 recipe's evaluator's (its metrics become columns); flowpress's int8 engines are built by the
 one engine builder (flowpress.engines.build) in this host's int8 weight form; the peers
-(flowpress.experiments.ablate_peers) are built as their users build them.
+(benchmarks.peers) are built as their users build them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from benchmarks.common import Reference, fp_reference, sample_engine
+from benchmarks.peers import (
+    EXAMPLE_PEERS,
+    modelopt_default,
+    modelopt_engine,
+    modelopt_example,
+    ort_static_engine,
+)
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture, select
 from flowpress.calibration.capture import Strategy
 from flowpress.compress import (
@@ -36,14 +44,6 @@ from flowpress.engines.compare import Decode
 from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import int8_weight_form
 from flowpress.errors import FlowpressError
-from flowpress.experiments.ablate_peers import (
-    EXAMPLE_PEERS,
-    modelopt_default,
-    modelopt_engine,
-    modelopt_example,
-    ort_static_engine,
-)
-from flowpress.experiments.common import Reference, fp_reference, sample_engine
 from flowpress.export.graphfile import graph_bytes
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.results import write_result
@@ -303,7 +303,7 @@ def run_ablation(
         body = markdown.split("\n", 1)[1]  # the header replaces the title
         picture = "![error vs step](error_vs_step.png)"
         body = body.replace(picture, f"Error vs step: {final}/error_vs_step.png (not committed).")
-        write_result(results_dir, config.name, "make ablate", "flowpress ablate", body)
+        write_result(results_dir, config.name, "make ablate", "python -m benchmarks ablate", body)
     return final
 
 

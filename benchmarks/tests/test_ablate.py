@@ -1,4 +1,4 @@
-"""`flowpress ablate` on the tiny UNet: every row measured, the peers beside flowpress, the tables written."""
+"""`python -m benchmarks ablate` on the tiny UNet: every row measured, the peers beside flowpress, the tables written."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import math
 
 import pytest
 
+from benchmarks.ablate import W8A8_PEERS, load_ablation_config, run_ablation
 from flowpress.compress import PORTABLE_WEIGHT_BITS
 from flowpress.engines.isa import host_isa
 from flowpress.engines.portability import resolve_portable
 from flowpress.errors import FlowpressError
-from flowpress.experiments.ablate import W8A8_PEERS, load_ablation_config, run_ablation
-
-from .conftest import DIGITS, EVALUATOR, ROOT
+from tests.conftest import DIGITS, EVALUATOR, ROOT
 
 RECIPE = """
 name: tiny-int8
@@ -69,7 +68,7 @@ def test_ablation_measures_every_row_beside_the_peers(tiny_model_dir, tmp_path):
         assert f"| unet | {row['setting']} | {row['method']} | {cache} | {row['weight_bits']} |" in table
     assert "- best flowpress configuration, unet w8a8: uniform" in table
     result = (tmp_path / "results" / "tiny-ablation.md").read_text()  # results/<config name>.md
-    assert result.startswith("# make ablate\n\n_Written by `flowpress ablate` on ")
+    assert result.startswith("# make ablate\n\n_Written by `python -m benchmarks ablate` on ")
     assert "| unet | w8a8 | modelopt-default | no | 8 |" in result and "![" not in result
 
 
@@ -79,10 +78,10 @@ def test_modelopt_peer_keeps_its_own_numbers_where_int8_kernels_saturate(tiny_mo
     dB on the digits DiT on x86-avx2), and its ms still its onnxruntime engine's."""
     import torch
 
+    from benchmarks.common import fp_reference, sample_engine
+    from benchmarks.peers import modelopt_default
     from flowpress.engines import TorchEngine, psnr_db
-    from flowpress.experiments.ablate_peers import modelopt_default
-    from flowpress.experiments.common import fp_reference, sample_engine
-    from flowpress.models import load_model
+    from flowpress.models import load_source
     from flowpress.recipe import load_recipe
 
     monkeypatch.setenv("FLOWPRESS_ISA", "x86-avx2")
@@ -94,8 +93,9 @@ def test_modelopt_peer_keeps_its_own_numbers_where_int8_kernels_saturate(tiny_mo
     (row,) = json.loads((out / "ablation.json").read_text())
 
     loaded = load_recipe(recipe)
-    model = load_model(loaded.model.path, loaded.model.time_scale)
-    sampler, guidance = loaded.sampling.schedule(), loaded.sampling.guidance
+    source = load_source(loaded.model.path, loaded.model.time_scale)
+    model, sampler = source.denoiser, source.sampler(loaded.sampling.steps, loaded.sampling.method)
+    guidance = loaded.sampling.guidance
     ref = fp_reference(model, sampler, guidance, 10, 10)
     with torch.no_grad():
         fake = TorchEngine(
@@ -246,13 +246,12 @@ def test_a_pipeline_directory_is_ablated_as_make_quantize_loads_it(tmp_path, mon
     made by hand; before, `make ablate` refused any pipeline directory: "no config.json")."""
     import torch
 
+    from benchmarks.common import fp_reference, sample_engine
+    from benchmarks.peers import modelopt_default
     from flowpress.context import RunContext
     from flowpress.engines import TorchEngine, psnr_db
-    from flowpress.experiments.ablate_peers import modelopt_default
-    from flowpress.experiments.common import fp_reference, sample_engine
     from flowpress.recipe import load_recipe
-
-    from .pipelines import sd_pipeline
+    from tests.pipelines import sd_pipeline
 
     config = load_ablation_config(DIGITS / "recipes" / "ablation-pipelines.yaml")  # the committed config parses
     assert set(config.peers) == {"modelopt-default", "modelopt-int8-example"} and len(config.calibration_seeds) >= 3
@@ -288,7 +287,7 @@ def test_a_pipeline_directory_is_ablated_as_make_quantize_loads_it(tmp_path, mon
 def test_one_table_holds_recipes_whose_evaluators_measure_different_things():
     """The DDPM demo's evaluator scores classifier_confidence, the SD demo's classifier_acc: one
     ablation of both (ablation-pipelines.yaml) lost 22 minutes of rows to a KeyError here."""
-    from flowpress.experiments.ablate import AblationConfig, ablation_markdown
+    from benchmarks.ablate import AblationConfig, ablation_markdown
 
     def row(architecture: str, **scores: float) -> dict:
         return {

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.bench.variants import Built
 from flowpress.engines.timing import ConditionFn
-from flowpress.experiments.bench.variants import Built
 from flowpress.sampling import Cond, sample
 
 

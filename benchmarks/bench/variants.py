@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench.config import BenchConfig, BenchModel
+from benchmarks.bench.models import forward_flops
+from benchmarks.common import int8_form, ort_quantize_static
 from flowpress.calibration import CalibrationConfig, CalibrationSet, capture
 from flowpress.compress import QuantizedModel, quantize, weight_form_name, weight_form_of, weights_in
 from flowpress.engines import Engine, OrtEngine, TorchEngine
@@ -19,12 +22,9 @@ from flowpress.engines.build import build_ort, export_checked
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.engines.openvino import OpenVinoEngine
 from flowpress.errors import FlowpressError
-from flowpress.experiments.bench.config import BenchConfig, BenchModel
-from flowpress.experiments.bench.models import forward_flops
-from flowpress.experiments.common import int8_form, ort_quantize_static
 from flowpress.export import export_onnx
 from flowpress.export.openvino import OpenVinoConfig, export_openvino, overflow_fix
-from flowpress.models import DiffusersDenoiser, StepModel, load_model
+from flowpress.models import DiffusersDenoiser, StepModel, load_source
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.sampling import Sampler
 
@@ -199,14 +199,15 @@ def build_student(
     inputs) into OpenVINO int8 (portable as its recipe resolves on `host`), sampled with its own
     schedule and guidance.  Returns (loader, student, portable)."""
     recipe = load_recipe(recipe_path)
-    student = load_model(recipe.model.path, recipe.model.time_scale).eval()
+    source = load_source(recipe.model.path, recipe.model.time_scale, recipe.model.scheduler)
+    student = source.denoiser.eval()
     if (student.sample_shape, student.num_classes) != (teacher.sample_shape, teacher.num_classes):
         raise FlowpressError(
             f"bench student_recipe {recipe_path}: its model takes {student.sample_shape} with "
             f"{student.num_classes} classes, the teacher {teacher.sample_shape} with {teacher.num_classes}; "
             "name the student distilled from this model (`make distill`)"
         )
-    schedule = recipe.sampling.schedule()
+    schedule = source.sampler(recipe.sampling.steps, recipe.sampling.method)  # the student's own sampler
     calib = calibrate(student, schedule, recipe.calibration, recipe.sampling.guidance)
     qmodel = quantize(student, recipe.quantize, calib, schedule)
     portable = int8_form(qmodel, recipe, host)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowpress.experiments.bench.config import NOT_THE_SAME_NETWORK, BenchBars
-from flowpress.experiments.bench.profile import weight_kernel_share
+from benchmarks.bench.config import NOT_THE_SAME_NETWORK, BenchBars
+from benchmarks.bench.profile import weight_kernel_share
 
 
 def find_row(rows: list[dict[str, Any]], model: str, variant: str, batch: int) -> dict[str, Any] | None:

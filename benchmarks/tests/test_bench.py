@@ -1,23 +1,19 @@
-"""`flowpress bench` on the tiny UNet, and the onnxruntime engine's I/O binding."""
+"""`python -m benchmarks bench` on the tiny UNet."""
 
 import numpy as np
 import pytest
-import torch
 
-from flowpress.engines import OrtEngine, interleaved_step_times
+from benchmarks.bench import load_bench_config
+from benchmarks.bench.bars import bars
+from benchmarks.bench.config import BenchBars, BenchConfig, BenchModel, Int8PeakBar, RandomDit
+from benchmarks.bench.models import build_random_dit, forward_flops
+from benchmarks.bench.peaks import machine_record
+from benchmarks.bench.report import portable_cost
+from benchmarks.bench.run import bench_model
 from flowpress.errors import FlowpressError
-from flowpress.experiments.bench import load_bench_config
-from flowpress.experiments.bench.bars import bars
-from flowpress.experiments.bench.config import BenchBars, BenchConfig, BenchModel, Int8PeakBar, RandomDit
-from flowpress.experiments.bench.models import build_random_dit, forward_flops
-from flowpress.experiments.bench.peaks import machine_record
-from flowpress.experiments.bench.report import portable_cost
-from flowpress.experiments.bench.run import bench_model
 from flowpress.export.openvino import cpu_has_bf16
-from flowpress.sampling import Schedule
 from flowpress.schema import from_dict
-
-from .conftest import ROOT, TINY_SCHEDULE
+from tests.conftest import ROOT
 
 RECIPE = """
 name: tiny-bench
@@ -34,40 +30,6 @@ RECIPES = {  # name: (steps, guidance, quantize, export)
     # the tiny UNet itself stands in for a distilled student: one step, no guidance
     "student": (1, 1.0, "amax: mse", "flavour: ort-cpu"),
 }
-
-
-def test_io_binding_matches_run_and_never_aliases_its_buffer(tiny_tensorrt_export):
-    _, fp32, feeds = tiny_tensorrt_export
-    bound = OrtEngine(fp32, TINY_SCHEDULE, io_binding=True)
-    plain = OrtEngine(fp32, TINY_SCHEDULE, io_binding=False)
-    x, step, cond = feeds["x"][:4], feeds["step"][:4], {"class_labels": feeds["class_labels"][:4]}
-    first = bound(x, step, cond)
-    assert torch.equal(first, plain(x, step, cond))
-    kept = first.clone()
-    bound(x.flip(0), step, cond)  # same shape: the output buffer is reused
-    assert torch.equal(first, kept)
-
-
-def test_interleaved_timing_rotates_the_engines_and_times_runs_each():
-    calls = []
-
-    class Probe:
-        def __init__(self, name):
-            self.name, self.schedule = name, Schedule(3)
-
-        def __call__(self, x, step, cond):
-            calls.append((self.name, int(step[0])))
-            return x
-
-    engines = {name: Probe(name) for name in "abc"}
-    times = interleaved_step_times(engines, 2, (1, 4, 4), lambda b: {}, runs=7, warmup=2, block=3, settle=2)
-    assert {name: len(t) for name, t in times.items()} == {"a": 7, "b": 7, "c": 7}
-    assert all((t > 0).all() for t in times.values())
-    timed = calls[6:]  # after 2 warm-up forwards each
-    # rounds of 2 untimed + 3 timed forwards (the last round: 2 + 1), starting engine rotating
-    firsts = [timed[0][0], timed[15][0], timed[30][0]]
-    assert firsts == ["a", "b", "c"] and len(timed) == 3 * (5 + 5 + 3)
-    assert [s for n, s in calls if n == "a"][:5] == [0, 1, 2, 0, 1]  # steps cycle through the schedule
 
 
 def _tiny_bench(spec: BenchModel, variants: tuple[str, ...], tmp_path, **timing):

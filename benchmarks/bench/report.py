@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench.bars import find_row
+from benchmarks.bench.config import PORTABLE_TWINS
+from benchmarks.bench.profile import GRAPH_OPS
 from flowpress.engines.isa import ISA_ENV
-from flowpress.experiments.bench.bars import find_row
-from flowpress.experiments.bench.config import PORTABLE_TWINS
-from flowpress.experiments.bench.profile import GRAPH_OPS
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, batch: int = 8) -> None:

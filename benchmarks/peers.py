@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import ort_quantize_static
 from flowpress.calibration import CalibrationSet
 from flowpress.compress import QuantizedModel
 from flowpress.engines import OrtEngine
-from flowpress.experiments.common import ort_quantize_static
 from flowpress.export import ExportConfig, build_ort_engine, export_onnx
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Cond, Sampler
