@@ -3,7 +3,7 @@
 Each engine's error against the FP graph is measured on stored calibration inputs where it is
 built and written into engine.json.  On a host of another ISA class the same error is measured
 again before the engine is used; an engine whose error grew past HOST_DRIFT_LIMIT times the
-recorded one (8-bit weights on a host whose int8 kernels saturate: about 5x) is refused.
+recorded one (8-bit weights on a host whose int8 kernels saturate grow well past it) is refused.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ SHARED = "w4a4"  # the initializers every W4A4 layer shares: w4a4.qmax, w4a4.eps
 
 # onnxruntime sessions of W4A4 graphs (export.validate.ort_session): their low-rank branch is
 # float16, cast to float32 where it is used; onnxruntime's constant folding would store it as
-# float32 in the engine file (rank 4 on the digits UNet: 1.99 MB instead of 1.76 MB, +9% of the
-# int8 engine); nothing else there needs folding (the exporter folded the shape arithmetic:
-# fold_batch_shapes).  And onnxruntime fuses an INT4
+# float32 in the engine file (a visibly larger engine on the digits UNet at rank 4); nothing
+# else there needs folding (the exporter folded the shape arithmetic: fold_batch_shapes).  And
+# onnxruntime fuses an INT4
 # per-channel DequantizeLinear -> MatMul into MatMulNBits with accuracy level 4 by default,
 # which re-quantizes the (already int4) activations to int8 per block of K: parity vs fake-quant
-# 0.62 instead of 0.04 on the tiny test UNet; level 1 multiplies in float32.
+# an order of magnitude worse on the tiny test UNet (tests/test_w4a4.py); level 1 multiplies in float32.
 W4A4_DISABLED_OPTIMIZER = "ConstantFolding"
 W4A4_MATMUL_ACCURACY = "1"
 
