@@ -9,6 +9,8 @@ TEACHER_RECIPE ?= $(DIGITS)/digits-teacher.yaml
 BENCH  ?= recipes/bench.yaml
 ABLATION ?= $(DIGITS)/ablation.yaml
 STAMP  := $(VENV)/.installed
+# every extra but gpu (tensorrt installs only on GPU hosts): pyproject.toml says what needs each
+EXTRAS := dev,openvino,lowbit,text,examples
 
 .PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test test-fast test-benchmarks quality clean
 
@@ -17,14 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first (a local wheel on these machines), then the rest at the locked versions
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# refresh constraints.txt from what `pip install -e ".[dev]"` resolves today (torch stays pinned above)
+# refresh constraints.txt from what `pip install -e ".[$(EXTRAS)]"` resolves today (torch stays pinned above)
 lock: $(STAMP)
-	$(PY) -m pip install --quiet --upgrade -e ".[dev]"
+	$(PY) -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
 	$(PY) -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
 
 quantize: $(STAMP)
@@ -98,6 +100,7 @@ quality: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) tools/check_figures.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from examples.digits.pipelines import word_tokenizer
+from flowpress.extras import need
 
 WORDS = ("a", "photo", "of", "the", "red", "green", "car", "dog", "cat", "tree", "on", "street", "house", "sky")
 
@@ -23,6 +24,7 @@ def _tokenizer(folder: Path, max_length: int = 77):  # noqa: ANN202
 
 
 def _clip(hidden: int, layers: int, heads: int, act: str, projection: bool):  # noqa: ANN202
+    need("transformers", "text", "the scale models' text encoders")
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -129,6 +131,8 @@ def pixart_alpha(folder: Path, latent: int = 16) -> Path:
     """PixArt-α: PixArtTransformer2DModel (611M, 28 layers of 1152), T5 encoder at reduced depth
     (T5-XXL's width, 2 of its 24 layers: the encoder runs once per prompt), DPM-Solver++."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    need("transformers", "text", "the scale models' text encoders")
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _tokenizer(folder / ".tokenizer", max_length=120)

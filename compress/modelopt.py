@@ -148,7 +148,7 @@ def step_scales_layers(fp_module: StepModel, names: list[str], calib: Calibratio
     """The layers whose input scale follows the step: every Linear and every Conv without a bias
     (onnxruntime's MatMulIntegerToFloat and QLinearConv read their input scale at run time; it
     fuses a biased Conv only where it can quantize the bias ahead of time, so a run-time scale
-    there leaves the Conv on float kernels: 12.2 -> 21.8 ms at batch 8 on the digits DDPM), and
+    there leaves the Conv on float kernels, markedly slower on the digits DDPM), and
     the layers that read the sample x_t itself, whatever their kind: x_t's range is the one the
     schedule moves most (noise first, the image last), and such a layer is a network's thin input
     layer, cheap on float kernels."""

@@ -40,6 +40,7 @@ from flowpress.compress.reconstruct import (
     set_soft,
 )
 from flowpress.errors import FlowpressError
+from flowpress.extras import need
 from flowpress.models import StepModel
 
 WEIGHT_BITS = 4
@@ -47,6 +48,7 @@ WEIGHT_BITS = 4
 
 def _quantizers(group_size: int | None, bits: int = WEIGHT_BITS) -> tuple[type, type]:
     """(weight quantizer, activation quantizer) brevitas injector classes; `bits`-bit weights."""
+    need("brevitas", "lowbit", "W4A8 (brevitas)")
     from brevitas.inject.enum import FloatToIntImplType, LearnedRoundImplType, ScalingImplType, ScalingPerOutputType
     from brevitas.proxy.groupwise_int_parameter_quant import GroupwiseWeightQuantProxyFromInjector
     from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
@@ -80,6 +82,7 @@ def _quant_layer(layer: Any, input_amax: float, group_size: int | None, bits: in
     whose weights are not 4-bit, is quantized per output channel instead; `quant.group_size`
     and `quant.weight_bits` record which.
     """
+    need("brevitas", "lowbit", "W4A8 (brevitas)")
     from brevitas.nn import QuantConv2d, QuantLinear
 
     in_channels = layer.weight.shape[1]
@@ -140,6 +143,14 @@ def _init_rounding(quant: Any) -> None:
     rounding_of(quant).value.copy_(value)
 
 
+def quantize(
+    fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A8Config, progress: bool = False
+) -> QuantizedModel:
+    """The backend's entry (compress/backends/w4a8.py): learned rounding runs with gradients on."""
+    with torch.enable_grad():
+        return quantize_w4a8(fp_module, temporal, calib, config)
+
+
 def quantize_w4a8(
     fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A8Config
 ) -> QuantizedModel:
@@ -157,8 +168,8 @@ def quantize_w4a8(
     frozen(fp_module)
     quant = {n: qmodule.model.get_submodule(n) for n in names}
     recon = recon_set(calib, config.recon_samples)
-    # Reconstruction runs small tensors: on this shared 2-core machine one thread took 7 s
-    # where two took 170 s (OpenMP threads spinning against other processes).
+    # Reconstruction runs small tensors: on a shared 2-core machine one thread was many times
+    # faster than two (OpenMP threads spinning against other processes).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

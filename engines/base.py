@@ -71,8 +71,8 @@ def engine_args(engine: Engine, x: Any, step: Any, cond: Any, names: list[str] |
 
 def check_steps(engine: Engine, step: Tensor) -> None:
     last = engine.schedule.n_evaluations - 1
-    # numpy, not torch: a torch reduction on a (B,) tensor measured ~0.8 ms here (its thread pool
-    # waking up after the runtime's), which dominated a batch-1 sampler step
+    # numpy, not torch: a torch reduction on a (B,) tensor was slow here (its thread pool waking
+    # up after the runtime's), enough to dominate a batch-1 sampler step
     steps = host_array(step)
     bad = int(steps.min()) if int(steps.min()) < 0 else int(steps.max())
     if bad < 0 or bad > last:

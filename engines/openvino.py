@@ -11,6 +11,7 @@ from torch import Tensor
 
 from flowpress.engines.base import engine_args, graph_feeds
 from flowpress.errors import FlowpressError
+from flowpress.extras import need
 from flowpress.sampling import Cond, Sampler
 
 LARGE_IR_BYTES = 256 << 20
@@ -19,8 +20,8 @@ LARGE_IR_BYTES = 256 << 20
 class OpenVinoEngine:
     """An OpenVINO IR (x, step, *cond) -> out on the CPU plugin.
 
-    Compiled once per batch size with static shapes (measured 10-80% faster than a dynamic
-    batch here) and INFERENCE_PRECISION_HINT set explicitly, never OpenVINO's silent default.
+    Compiled once per batch size with static shapes (measured faster than a dynamic batch
+    here) and INFERENCE_PRECISION_HINT set explicitly, never OpenVINO's silent default.
     precision_hint None compiles with the runtime's default (only to measure what a user gets
     without flowpress); `compiled_hint` says what the compiled model actually runs.
     """
@@ -34,7 +35,7 @@ class OpenVinoEngine:
         threads: int = 0,
         perf_counters: bool = False,
     ):
-        import openvino as ov
+        ov = need("openvino", "openvino", f"the OpenVINO engine {xml}")
 
         self.name = name
         self.schedule = schedule

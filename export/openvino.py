@@ -10,6 +10,7 @@ from typing import Any, Literal
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.model import is_excluded
 from flowpress.errors import FlowpressError
+from flowpress.extras import need
 from flowpress.files import staged_dir
 from flowpress.models import as_feeds
 from flowpress.sampling import batch_cond
@@ -22,19 +23,18 @@ class OpenVinoConfig:
     """precision: 'int8' (NNCF post-training quantization on the trajectory calibration set),
     'bf16' or 'f32' (no quantization; the inference precision hint is set explicitly, since
     OpenVINO silently runs "fp32" models in bf16 on AMX CPUs).  transformer: NNCF's
-    TRANSFORMER model type (keeps attention-sensitive ops in float).  Measured on the digits
-    teachers' prepared graphs (100 samples, final PSNR vs FP): UNet 47.1 -> 51.2 dB, DiT
-    37.9 -> 48.5 dB against NNCF's default type, so it is the default for both.
+    TRANSFORMER model type (keeps attention-sensitive ops in float).  On the digits teachers'
+    prepared graphs it measured a higher final PSNR vs FP than NNCF's default type for both the
+    UNet and the DiT, so it is the default for both.
     float_precision: what an int8 graph runs its float parts in (norms, softmax, attention
     matmuls NNCF leaves float): 'f32', 'bf16', or 'auto' = bf16 where the CPU plugin lists
     BF16 among its capabilities, else f32 (OpenVINO's own default there, so also what NNCF's
-    default flow runs).  Measured on the digits UNet's int8 IR (AVX-512 BF16, no AMX, b8):
-    8.20 vs 8.94 ms per forward, final PSNR 51.19 vs 51.16 dB (100 samples).
+    default flow runs).  On the digits UNet's int8 IR (AVX-512 BF16, no AMX, b8) bf16 measured
+    a little faster per forward than f32 at the same final PSNR.
     smooth_quant: the SmoothQuant strength NNCF migrates from MatMul inputs into their weights
-    (NNCF's TRANSFORMER default 0.95), or None for none.  Model-dependent, measured (NNCF int8 of
-    the FP graph, 100 samples, final PSNR vs FP, AMD Zen 4): digits UNet 49.16 with 0.95, 47.69
-    without; digits DiT 47.17 with, 42.47 without; digits SD (text cross-attention) 28.27 with,
-    34.08 without."""
+    (NNCF's TRANSFORMER default 0.95), or None for none.  Model-dependent (NNCF int8 of the FP
+    graph, final PSNR vs FP): it measured better with it on the digits UNet and DiT, and worse on
+    the digits SD UNet (text cross-attention), whose recipe turns it off."""
 
     precision: OvPrecision = "int8"
     transformer: bool = True
@@ -64,7 +64,7 @@ class OpenVinoConfig:
 @functools.cache
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX-512 BF16 or AMX)."""
-    import openvino as ov
+    ov = need("openvino", "openvino", "OpenVINO engines")
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -104,7 +104,7 @@ def export_openvino(
     config.precision is int8 (weights in half range when `portable`; the layers matching
     `exclude`, quantize.exclude's patterns, left in float as flowpress's own engine leaves them),
     and save IR (xml + bin) into a fresh directory atomically."""
-    import openvino as ov
+    ov = need("openvino", "openvino", "OpenVINO engines")
 
     out_xml = Path(out_xml)
     model = ov.Core().read_model(str(onnx_path))
@@ -113,7 +113,7 @@ def export_openvino(
             raise FlowpressError("openvino int8: needs the calibration set (run the calibrate stage first)")
         import logging
 
-        import nncf
+        nncf = need("nncf", "openvino", "OpenVINO int8 (NNCF)")
 
         nncf.set_log_level(logging.WARNING)  # it lists every op of an ignored scope at INFO
         kept = float_ops(model, exclude)

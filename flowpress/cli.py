@@ -9,10 +9,26 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from flowpress.errors import EngineParityError, FlowpressError
 
+# the defaults are the repository's digits example, wherever the command runs from
+REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = "examples/digits/recipes/digits-unet-int8.yaml"
+DEFAULT_DISTILL_RECIPE = "examples/digits/recipes/digits-slimflow.yaml"
+
+
+def default_recipe(relative: str = DEFAULT_RECIPE) -> Path:
+    """The absolute path of a default recipe in the repository, or one line asking for --recipe
+    (an installed flowpress carries no examples)."""
+    path = REPOSITORY / relative
+    if not path.is_file():
+        raise FlowpressError(
+            f"no --recipe given and the default recipe {relative} is not under {REPOSITORY} "
+            "(flowpress installed without its examples): give --recipe (quantize also takes --model)"
+        )
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="calibrate, quantize, export, build the engines and compare them with FP")
-    q.add_argument("--recipe", default=None, help=f"a recipe (default without --model: {DEFAULT_RECIPE})")
+    q.add_argument(
+        "--recipe", default=None, help=f"a recipe (default without --model: {DEFAULT_RECIPE} in the repository)"
+    )
     q.add_argument("--runs", default="runs", help="parent directory of run directories")
     q.add_argument(
         "--model", default=None, help="no recipe: a diffusers pipeline or denoiser directory, defaults from its config"
@@ -50,17 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--results", default=None, help="also write the report into RESULTS/quantize-<recipe>.md")
     c = sub.add_parser("compare", help="re-run the FP-vs-engine comparison of an existing run")
-    c.add_argument("--recipe", default=DEFAULT_RECIPE)
+    c.add_argument("--recipe", default=None, help=f"(default: {DEFAULT_RECIPE} in the repository)")
     c.add_argument("--runs", default="runs")
     c.add_argument("--model", default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("engines", help="lint the tensorrt graph of a run; build and validate TensorRT on a GPU host")
-    e.add_argument("--recipe", default=DEFAULT_RECIPE)
+    e.add_argument("--recipe", default=None, help=f"(default: {DEFAULT_RECIPE} in the repository)")
     e.add_argument("--runs", default="runs")
     g = sub.add_parser("bench-gpu", help="GPU latency of torch fp16, TensorRT fp16/int8/fp8 into the run's report.json")
-    g.add_argument("--recipe", default=DEFAULT_RECIPE)
+    g.add_argument("--recipe", default=None, help=f"(default: {DEFAULT_RECIPE} in the repository)")
     g.add_argument("--runs", default="runs")
     d = sub.add_parser("distill", help="SlimFlow: distill the teacher into a small one-step student")
-    d.add_argument("--recipe", default="examples/digits/recipes/digits-slimflow.yaml")
+    d.add_argument("--recipe", default=None, help=f"(default: {DEFAULT_DISTILL_RECIPE} in the repository)")
     d.add_argument("--runs", default="runs")
     d.add_argument("--results", default=None, help="also write the report into RESULTS/distill.md")
     for p in (q, c, e, g, d):
@@ -86,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
             recipe, runs, loaded = recipe_for_model(args, timer)
             run_dir, report = run_quantize(recipe, runs, progress, loaded, timer)
         else:
-            recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
+            recipe = load_recipe(args.recipe or default_recipe())
             verb = run_quantize if args.command == "quantize" else run_compare
             run_dir, report = verb(recipe, runs, progress)
         print(f"[flowpress] {run_dir}: report.json, report.md, samples.png, trajectory_error.png")
@@ -102,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         from flowpress.distill import summary_lines as distill_lines
         from flowpress.recipe import load_distill_recipe
 
-        distill_dir, distilled = run_distill(load_distill_recipe(args.recipe), args.runs, progress)
+        recipe_path = args.recipe or default_recipe(DEFAULT_DISTILL_RECIPE)
+        distill_dir, distilled = run_distill(load_distill_recipe(recipe_path), args.runs, progress)
         if distill_dir is None:  # a non-zero torchrun rank: rank 0 writes and reports
             return 0
         print(f"[flowpress] {distill_dir}: distill.json, distill.md, distill.png; student {distilled['student']}")
@@ -117,12 +136,13 @@ def _run(args: argparse.Namespace) -> int:
     from flowpress import gpu
     from flowpress.recipe import load_recipe
 
+    recipe = load_recipe(args.recipe or default_recipe())
     if args.command == "engines":
-        built = gpu.run_engines(load_recipe(args.recipe), args.runs, progress)
+        built = gpu.run_engines(recipe, args.runs, progress)
         for line in gpu.engines_lines(built):
             print(f"[flowpress] {line}")
         return 0 if built.passed else 1
-    bench_gpu = gpu.run_bench_gpu(load_recipe(args.recipe), args.runs, progress)
+    bench_gpu = gpu.run_bench_gpu(recipe, args.runs, progress)
     for line in gpu.bench_lines(bench_gpu):
         print(f"[flowpress] {line}")
     return 0

@@ -13,6 +13,7 @@ import numpy as np
 
 from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import host_record
+from flowpress.extras import need
 
 
 def matmul_peaks(threads: int, sizes: tuple[int, ...] = (1024, 2048), chain: int = 4, runs: int = 5) -> dict[str, Any]:
@@ -23,9 +24,9 @@ def matmul_peaks(threads: int, sizes: tuple[int, ...] = (1024, 2048), chain: int
     Returns {arithmetic: best} plus "measured": every (arithmetic, runtime, size) figure."""
     import onnx
     import onnxruntime as ort
-    import openvino as ov
     from onnx import TensorProto, helper, numpy_helper
 
+    ov = need("openvino", "openvino", "the arithmetic peaks (OpenVINO)")
     rng = np.random.default_rng(0)
     measured: list[dict[str, Any]] = []
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowpress.extras import need
+
 NUM_CLASSES = 10
 NULL_LABEL = 10  # the extra class that classifier-free guidance uses as "no condition"
 IMAGE_SHAPE = (1, 16, 16)
@@ -26,6 +28,7 @@ def load_digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0) -
 
     split: 'train', 'test' (a fixed seeded hold-out of `test_fraction`) or 'all'.
     """
+    need("sklearn", "examples", "the digits example's data (scikit-learn)")
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from examples.digits.data import load_digits
 from flowpress.compress.distill import train_step, warmup_cosine
+from flowpress.extras import need
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STYLES = ("", "bold", "thin")
@@ -51,6 +52,7 @@ def styled(images: Tensor, style: str) -> Tensor:
 def word_tokenizer(folder: Path, words: tuple[str, ...], max_length: int) -> Any:
     """A CLIP tokenizer with one token per word of `words`, written into `folder` as vocab.json +
     merges.txt (transformers' CLIPTokenizer)."""
+    need("transformers", "text", "the digits text pipelines")
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +131,8 @@ def train_sd(out: Path, config: TrainConfig, progress: bool = True) -> Path:
     import tempfile
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    need("transformers", "text", "the digits text pipelines")
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(config.seed)

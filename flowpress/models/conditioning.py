@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from flowpress.errors import FlowpressError
+from flowpress.extras import need
 
 Cond = dict[str, Tensor]
 
@@ -102,8 +103,7 @@ class PromptConditioner:
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[Cond, Cond]:
         """(positive, negative) conditioning of `prompts` (negative: the pipeline's default)."""
-        import transformers
-
+        transformers = need("transformers", "text", "prompt conditioning (the pipeline's text encoders)")
         level = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the tokenizers' truncation notices: prompts are cut as the pipeline cuts them
         try:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flowpress.errors import FlowpressError
+from flowpress.extras import need
 from flowpress.models.conditioning import ClassConditioner, Conditioner, NoConditioner, PromptConditioner
 from flowpress.models.velocity import (
     ARCHITECTURES,
@@ -186,25 +186,6 @@ def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction 
     return getattr(d, SCHEDULERS[scheduler])(prediction_type=prediction)
 
 
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """diffusers' and transformers' progress bars and notices off (loading components, optional
-    image processors): flowpress prints what it loaded in one line."""
-    import transformers
-    from diffusers.utils import logging as diffusers_logging
-
-    levels = (diffusers_logging.get_verbosity(), transformers.logging.get_verbosity())
-    diffusers_logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(levels[0])
-        transformers.logging.set_verbosity(levels[1])
-        diffusers_logging.enable_progress_bar()
-
-
 def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | None) -> LoadedModel:
     import diffusers
 
@@ -215,6 +196,8 @@ def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | N
     entry = index[role]
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "?"
     _refuse_other_classes(name, path / role)
+    if any(isinstance(entry, list) and entry[:1] == ["transformers"] for entry in index.values()):
+        need("transformers", "text", f"{path}: the pipeline's text encoders and tokenizers")
     missing: dict[str, None] = {}
     pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
     if pipeline_class is not None:  # optional components a save left out (SD3 without T5): None, as saved
