@@ -1,6 +1,7 @@
 """Compression: per-precision quantization (modelopt int8 / fp8, brevitas W4A8, SVDQuant-style W4A4), shortcut
 splitting, per-layer sensitivity; SlimFlow distillation lives in compress.distill."""
 
+from flowpress.compress.backends import BACKENDS, Backend, backend_named, backend_of
 from flowpress.compress.config import (
     PRECISIONS,
     Fp8Config,
@@ -34,6 +35,7 @@ from flowpress.compress.sensitivity import (
 from flowpress.compress.shortcut import SplitConv2d, split_shortcuts
 
 __all__ = [
+    "BACKENDS",
     "PORTABLE_WEIGHT_BITS",
     "PRECISIONS",
     "Fp8Config",
@@ -47,7 +49,10 @@ __all__ = [
     "SensitivityConfig",
     "SplitConv2d",
     "W4A4Config",
+    "Backend",
     "W4A8Config",
+    "backend_named",
+    "backend_of",
     "keep_full_precision",
     "layer_sensitivity",
     "prepare",

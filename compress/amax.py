@@ -92,10 +92,10 @@ def activation_samples(
     return {k: torch.cat(v) for k, v in found.items()}
 
 
-def fake_quant(values: Tensor, amax: float, bits: int = 8, precision: str = "int8") -> Tensor:
+def fake_quant(values: Tensor, amax: float, bits: int = 8, e4m3: bool = False) -> Tensor:
     """values seen through a symmetric per-tensor quantizer of range amax (modelopt's rounding:
     round-half-even to the int grid, or the E4M3 cast with saturation)."""
-    if precision == "fp8":
+    if e4m3:
         scale = max(float(amax), 1e-12) / E4M3_MAX
         return (values / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
     qmax = 2 ** (bits - 1) - 1
@@ -103,12 +103,12 @@ def fake_quant(values: Tensor, amax: float, bits: int = 8, precision: str = "int
     return torch.clamp(torch.round(values / scale), -qmax - 1, qmax) * scale
 
 
-def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, precision: str = "int8") -> float:
+def mse_amax(values: Tensor, amax: float, bits: int, candidates: int = 36, e4m3: bool = False) -> float:
     """The clipping range alpha * amax, alpha in [0.3, 1], minimising the fake-quant MSE of `values`."""
     alphas = torch.linspace(0.3, 1.0, candidates)
     errors = []
     for alpha in alphas:
-        quantized = fake_quant(values, float(alpha) * amax, bits, precision)
+        quantized = fake_quant(values, float(alpha) * amax, bits, e4m3)
         errors.append(float((quantized - values).pow(2).mean()))
     return float(alphas[int(torch.tensor(errors).argmin())]) * amax
 
@@ -149,8 +149,9 @@ def activation_amax(
     stats = per_step_absmax(fp_module, names, calib, config.calib_batch_size)
     found = {key: reduce_per_step(stats[key], config) for key in keys}
     if config.amax == "mse":
+        from flowpress.compress.backends import backend_of
+
         samples = activation_samples(fp_module, names, calib, config.calib_batch_size)
-        found = {
-            key: mse_amax(samples[key], found[key], config.activation_bits, precision=config.precision) for key in keys
-        }
+        e4m3 = backend_of(config).e4m3
+        found = {key: mse_amax(samples[key], found[key], config.activation_bits, e4m3=e4m3) for key in keys}
     return found

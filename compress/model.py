@@ -160,7 +160,9 @@ def set_weight_bits(qmodel: QuantizedModel, bits: int, unsigned: bool = False) -
     so a 7-bit weight is calibrated as such, not an 8-bit one clipped; with weight_clip 'mse' the
     7-bit ranges are the per-channel clipping with the least weight error.  unsigned (8 bits
     only): the onnxruntime graph stores the same weights as uint8 (LayerQuant.weight_unsigned)."""
-    if qmodel.config.precision != "int8":
+    from flowpress.compress.backends import backend_of
+
+    if not backend_of(qmodel.config).weight_forms:
         return
     if bits not in (8, PORTABLE_WEIGHT_BITS):
         raise FlowpressError(f"quantize: int8 weights have 8 or {PORTABLE_WEIGHT_BITS} bits, got {bits}")

@@ -160,6 +160,13 @@ def smoothing(layer: nn.Conv2d | nn.Linear, x_amax: Tensor, alpha: float) -> Ten
 
 
 @torch.no_grad()
+def quantize(
+    fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A4Config, progress: bool = False
+) -> QuantizedModel:
+    """The backend's entry (compress/backends/w4a4.py)."""
+    return quantize_w4a4(fp_module, temporal, calib, config)
+
+
 def quantize_w4a4(
     fp_module: StepModel, temporal: list[str], calib: CalibrationSet, config: W4A4Config
 ) -> QuantizedModel:

@@ -16,6 +16,7 @@ from flowpress.calibration import CalibrationSet
 from flowpress.compress import (
     PORTABLE_WEIGHT_BITS,
     QuantizedModel,
+    backend_of,
     set_output_quant,
     set_step_scales,
     weight_bits_of,
@@ -91,7 +92,7 @@ def export_checked(
     finally:
         set_output_quant(qmodel, True)
         set_step_scales(qmodel, True)
-    bits = weight_bits_of(qmodel) if qmodel.config.precision == "int8" else None
+    bits = weight_bits_of(qmodel) if backend_of(qmodel.config).weight_forms else None
     return ExportedGraph(Path(path), flavour, qdq_types(path), bits, levels, tuple(parity), float_weight_ops(path))
 
 
@@ -126,7 +127,8 @@ def parity_failure(
             f"{name}: the Q/DQ graph disagrees with the fake-quant model even on float kernels ({err}); "
             "an export defect, not this host: report it with the recipe"
         )
-    if qmodel.config.precision == "int8" and bits == 8 and not unsigned and host.int8_saturates:
+    backend = backend_of(qmodel.config)
+    if backend.weight_forms and bits == 8 and not unsigned and host.int8_saturates:
         with tempfile.TemporaryDirectory(prefix="flowpress-portable-") as tmp:
             try:
                 with weights_in(qmodel, PORTABLE_WEIGHT_BITS):
@@ -140,11 +142,7 @@ def parity_failure(
             "engine.portable: true (or remove engine.portable: false; engine.portable_weights: u8u8 keeps "
             "8-bit weights, exact in onnxruntime's slower U8U8 kernels), or use engine.runtime: openvino"
         )
-    fix = (
-        "set quantize.edge_weight_bits: 7 (8-bit edge layers saturate where int8 kernels have no VNNI)"
-        if qmodel.config.precision == "w4a8"
-        else "try engine.portable: true or engine.runtime: openvino"
-    )
+    fix = backend.parity_fix
     return EngineParityError(
         f"{name}: onnxruntime's integer kernels on this {host.isa_class} host disagree with the graph's float "
         f"kernels (noise ratio vs fake-quant {measured}; limit {PARITY_MAX_NOISE_RATIO}); {fix}"

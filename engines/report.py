@@ -187,7 +187,8 @@ def _quality_table(report: Report) -> list[str]:
     return ["", *lines]
 
 
-def report_markdown(report: Report, title: str) -> str:
+def _gate_section(report: Report, title: str) -> list[str]:
+    """The title, the verdict and one row per gate check: what a reader needs first."""
     gate = report.gate
     lines = [f"# {title}", "", f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
     lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
@@ -195,8 +196,13 @@ def report_markdown(report: Report, title: str) -> str:
         f"| {c['name']} | {c['value']:.4g} | {c['op']} {c['threshold']:g} | {'yes' if c['passed'] else 'NO'} |"
         for c in gate["checks"]
     ]
+    return lines
+
+
+def _samples_section(report: Report) -> list[str]:
+    """How many samples, their evaluator scores, the FP samples' sanity figures and the final sample vs FP."""
     final = report.final
-    lines += [
+    lines = [
         "",
         f"Samples: {report.n_samples} (same seeds and conditioning for FP and engine).",
         *_quality_table(report),
@@ -218,76 +224,114 @@ def report_markdown(report: Report, title: str) -> str:
             if "psnr_db_median" in final
             else ""
         ),
-        "",
-        "## Latency (ms per model forward, median)",
-        "",
-        "| runtime | batch 1 | batch 8 |",
-        "|---|---|---|",
     ]
+    return lines
+
+
+def _latency_section(report: Report) -> list[str]:
+    """Median ms per model forward at batch 1 and 8, one row per runtime."""
+    lines = ["", "## Latency (ms per model forward, median)", "", "| runtime | batch 1 | batch 8 |", "|---|---|---|"]
     lines += [f"| {name} | {row['b1']:.2f} | {row['b8']:.2f} |" for name, row in report.latency_ms.items()]
-    if report.cpu_engines:
-        metrics = sorted(report.cpu_engines[0]["quality"])
-        lines += [
-            "",
-            "## CPU engines for this model (same seeds, same gate)",
-            "",
-            "| engine | final PSNR dB | SSIM | "
-            + " | ".join(metrics)
-            + (" | " if metrics else "")
-            + "ms b1 | ms b8 | size bytes | gate |",
-            "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|",
-        ]
-        for e in report.cpu_engines:
-            scores = "".join(f"{e['quality'][m]:.3f} | " for m in metrics)
-            lines.append(
-                f"| {e['engine']} | {e['final_psnr_db']:.2f} | {e['final_ssim']:.4f} | {scores}{e['ms_b1']:.2f} | "
-                f"{e['ms_b8']:.2f} | {e['size_bytes']:,} | {'pass' if e['gate_passed'] else 'FAIL'} |"
-            )
-        rec = report.recommendation
-        lines += ["", f"**Recommendation: {rec['engine'] or 'none'}** — {rec['reason']}."]
-    if report.peers:
-        lines += [
-            "",
-            "## Peers on the same seeds",
-            "",
-            "| peer | final PSNR dB | SSIM | gate | flowpress margin dB |",
-            "|---|---|---|---|---|",
-        ]
-        for p in report.peers:
-            lines.append(
-                f"| {p['peer']} | {p['final_psnr_db']:.2f} | {p['final_ssim']:.4f} | {'pass' if p['gate_passed'] else 'FAIL'} | "
-                f"{p['margin_db']:+.2f} |"
-            )
-    if report.end_to_end_ms_per_image:
-        e2e = report.end_to_end_ms_per_image
-        lines += ["", "End to end (conditioning, denoising loop, decode), ms per image: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in e2e.items()) + "."]  # fmt: skip
-    if report.weight_forms:
-        forms = report.weight_forms
-        lines += [
-            "",
-            "## int8 weight forms",
-            "",
-            "| weights | final PSNR dB | exact on | measured |",
-            "|---|---|---|---|",
-        ]
-        for bits, form in forms["forms"].items():
-            shipped = " (shipped)" if bits == forms["shipped"] else ""
-            lines.append(f"| {bits}{shipped} | {form['final_psnr_db']:.2f} | {form['exact_on']} | {form['measured']} |")
+    return lines
+
+
+def _cpu_engines_section(report: Report) -> list[str]:
+    """Every CPU engine judged on the same seeds and gate, then the recommended one; empty when none was judged."""
+    if not report.cpu_engines:
+        return []
+    metrics = sorted(report.cpu_engines[0]["quality"])
+    lines = [
+        "",
+        "## CPU engines for this model (same seeds, same gate)",
+        "",
+        "| engine | final PSNR dB | SSIM | "
+        + " | ".join(metrics)
+        + (" | " if metrics else "")
+        + "ms b1 | ms b8 | size bytes | gate |",
+        "|---|---|---|" + "---|" * len(metrics) + "---|---|---|---|",
+    ]
+    for e in report.cpu_engines:
+        scores = "".join(f"{e['quality'][m]:.3f} | " for m in metrics)
+        lines.append(
+            f"| {e['engine']} | {e['final_psnr_db']:.2f} | {e['final_ssim']:.4f} | {scores}{e['ms_b1']:.2f} | "
+            f"{e['ms_b8']:.2f} | {e['size_bytes']:,} | {'pass' if e['gate_passed'] else 'FAIL'} |"
+        )
+    rec = report.recommendation
+    return [*lines, "", f"**Recommendation: {rec['engine'] or 'none'}** — {rec['reason']}."]
+
+
+def _peers_section(report: Report) -> list[str]:
+    """Other quantizers on the same seeds and flowpress's PSNR margin over each; empty without peers."""
+    if not report.peers:
+        return []
+    lines = [
+        "",
+        "## Peers on the same seeds",
+        "",
+        "| peer | final PSNR dB | SSIM | gate | flowpress margin dB |",
+        "|---|---|---|---|---|",
+    ]
+    for p in report.peers:
+        lines.append(
+            f"| {p['peer']} | {p['final_psnr_db']:.2f} | {p['final_ssim']:.4f} | {'pass' if p['gate_passed'] else 'FAIL'} | "
+            f"{p['margin_db']:+.2f} |"
+        )
+    return lines
+
+
+def _end_to_end_section(report: Report) -> list[str]:
+    """Whole-pipeline ms per image per runtime; empty when not measured."""
+    if not report.end_to_end_ms_per_image:
+        return []
+    e2e = report.end_to_end_ms_per_image
+    return ["", "End to end (conditioning, denoising loop, decode), ms per image: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in e2e.items()) + "."]  # fmt: skip
+
+
+def _weight_forms_section(report: Report) -> list[str]:
+    """The int8 weight forms tried, the shipped one marked; empty when none were compared."""
+    if not report.weight_forms:
+        return []
+    forms = report.weight_forms
+    lines = ["", "## int8 weight forms", "", "| weights | final PSNR dB | exact on | measured |", "|---|---|---|---|"]
+    for bits, form in forms["forms"].items():
+        shipped = " (shipped)" if bits == forms["shipped"] else ""
+        lines.append(f"| {bits}{shipped} | {form['final_psnr_db']:.2f} | {form['exact_on']} | {form['measured']} |")
+    return lines
+
+
+def _host_and_size_section(report: Report) -> list[str]:
+    """The host's ISA against the one the engines were validated on, then the size of each file."""
     host = report.host
-    lines += ["", f"Host: {host['isa']['isa_class']}; engines validated on {host['validated_on']['isa_class']}."]
+    lines = ["", f"Host: {host['isa']['isa_class']}; engines validated on {host['validated_on']['isa_class']}."]
     lines += ["", "## Size", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in report.size_bytes.items()]
-    if report.stages:
-        lines += ["", "## Time and memory per stage", "", "| stage | seconds | peak resident GB |", "|---|---|---|"]
-        lines += [f"| {k} | {v['seconds']:.1f} | {v['peak_rss_bytes'] / 1e9:.2f} |" for k, v in report.stages.items()]
-        if report.peak_rss_bytes:
-            lines += ["", f"Peak resident memory of the run: {report.peak_rss_bytes / 1e9:.2f} GB."]
-    if report.mixed_precision:
-        from flowpress.engines.report_mixed import mixed_precision_markdown
+    return lines
 
-        lines += mixed_precision_markdown(report.mixed_precision)
-    lines += [
+
+def _stages_section(report: Report) -> list[str]:
+    """Seconds and peak resident memory per stage, then the run's peak; empty when not recorded."""
+    if not report.stages:
+        return []
+    lines = ["", "## Time and memory per stage", "", "| stage | seconds | peak resident GB |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} | {v['peak_rss_bytes'] / 1e9:.2f} |" for k, v in report.stages.items()]
+    if report.peak_rss_bytes:
+        lines += ["", f"Peak resident memory of the run: {report.peak_rss_bytes / 1e9:.2f} GB."]
+    return lines
+
+
+def _mixed_precision_section(report: Report) -> list[str]:
+    """The gated mixed-precision search (report_mixed.py, imported only when there is one); else empty."""
+    if not report.mixed_precision:
+        return []
+    from flowpress.engines.report_mixed import mixed_precision_markdown
+
+    return mixed_precision_markdown(report.mixed_precision)
+
+
+def _trajectory_section(report: Report) -> list[str]:
+    """The error plot and one row per sampler step: where along the trajectory the engine drifts from FP."""
+    lines = [
         "",
         "## Error along the trajectory",
         "",
@@ -297,5 +341,23 @@ def report_markdown(report: Report, title: str) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['step']} | {r['t']:.3f} | {r['rel_l2']:.5f} | {r['cosine']:.6f} |" for r in report.per_step]
-    lines += ["", "## Samples (FP left, engine right, same seeds)", "", "![samples](samples.png)", ""]
+    return lines
+
+
+def report_markdown(report: Report, title: str) -> str:
+    """report.md: the sections in reading order, verdict first; optional sections are empty when absent."""
+    lines = [
+        *_gate_section(report, title),
+        *_samples_section(report),
+        *_latency_section(report),
+        *_cpu_engines_section(report),
+        *_peers_section(report),
+        *_end_to_end_section(report),
+        *_weight_forms_section(report),
+        *_host_and_size_section(report),
+        *_stages_section(report),
+        *_mixed_precision_section(report),
+        *_trajectory_section(report),
+        *["", "## Samples (FP left, engine right, same seeds)", "", "![samples](samples.png)", ""],
+    ]
     return "\n".join(lines)

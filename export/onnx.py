@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from flowpress.compress import LayerQuant, QuantizedModel
+from flowpress.compress import LayerQuant, QuantizedModel, backend_named
 from flowpress.compress.model import UNSIGNED_ZERO_POINT
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import Graph, check_graph, read_graph, write_graph
@@ -170,9 +170,9 @@ def _check_fp8(proto, layers: dict[str, LayerQuant], flavour: Flavour) -> bool: 
     """True when the layers are fp8; fp8 needs the tensorrt flavour and opset >= 19."""
     from flowpress.export.lint import MIN_OPSET_FP8
 
-    precisions = {layer.precision for layer in layers.values()}
-    if precisions != {"fp8"}:
-        if "fp8" in precisions:
+    e4m3 = {backend_named(layer.precision).e4m3 for layer in layers.values()}
+    if e4m3 != {True}:
+        if True in e4m3:
             raise FlowpressError("export: int8 and fp8 layers in one model; quantize with one precision")
         return False
     if flavour != "tensorrt":
@@ -214,15 +214,11 @@ def insert_qdq(qdq_graph: Graph, layers: dict[str, LayerQuant], flavour: Flavour
     """Rewrite every Conv / MatMul / Gemm of a quantized layer into DQ(W) and Q/DQ(x): int8 W
     (and uint8 or int8 x by flavour), or, for fp8 layers, FLOAT8E4M3FN W and x.  Float weights
     are read one at a time (from the data file when the graph has one)."""
-    from onnx import helper, numpy_helper
-
-    from flowpress.export.fp8 import E4M3_MAX, e4m3_initializer
+    from onnx import helper
 
     proto, graph = qdq_graph.proto, qdq_graph.proto.graph
     inits = {init.name: init for init in graph.initializer}
     fp8 = _check_fp8(proto, layers, flavour)
-    act_dtype, act_zp = (np.uint8, 128) if flavour == "ort-cpu" else (np.int8, 0)
-    qmax = E4M3_MAX if fp8 else 127.0
     new_nodes = []
     new_inits = []
     found: set[str] = set()
@@ -245,99 +241,22 @@ def insert_qdq(qdq_graph: Graph, layers: dict[str, LayerQuant], flavour: Flavour
                 raise FlowpressError(f"export: Gemm {node.name} has transA/alpha/beta; cannot place Q/DQ on it")
             if attrs.get("transB", 0):
                 weight = weight.T
-        if layer.precision == "w4a4":
+        if backend_named(layer.precision).low_rank:
             from flowpress.export.lowrank import lowrank_nodes
 
             nodes, inits_w4a4 = lowrank_nodes(layer, node, weight.shape, name, len(found))
             new_nodes += nodes
             new_inits += inits_w4a4
             continue
-        axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
-        w_qmax = qmax if fp8 else float(2 ** (layer.weight_bits - 1) - 1)
-        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / w_qmax
-        bshape = [1] * weight.ndim
-        bshape[axis] = -1
-        prefix = name
-        w_name = f"{prefix}.weight_fp8" if fp8 else f"{prefix}.weight_int8"
-        if flavour == "ort-cpu" and layer.input_amax_steps is not None:
-            new_nodes.append(_scale_by_step(f"{prefix}.input_scale", layer.input_amax_steps, qmax, new_inits))
-            input_scale = []
-        else:
-            scale = np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32)
-            input_scale = [numpy_helper.from_array(scale, f"{prefix}.input_scale")]
-        if (
-            layer.weight_int is not None
-        ):  # learned W4A8 weights as the graph multiplies them: (C_in, C_out) for MatMul / Gemm
-            new_inits += learned_weight(layer, node, weight.shape, prefix)
-            new_inits += [
-                *input_scale,
-                numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
-            ]
-            weight_dq = learned_dequantize(layer, node, prefix)
-        else:
-            if fp8:
-                new_inits += [
-                    e4m3_initializer(weight / w_scale.reshape(bshape), w_name),
-                    numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-                    e4m3_initializer(np.zeros_like(w_scale), f"{prefix}.weight_zero_point"),
-                    *input_scale,
-                    e4m3_initializer(np.zeros((), np.float32), f"{prefix}.input_zero_point"),
-                ]
-            else:
-                # symmetric, as the torch quantizer (narrow range): a clipped range puts weights beyond it
-                w_int = np.clip(np.round(weight / w_scale.reshape(bshape)), -w_qmax, w_qmax)
-                w_zp = np.zeros_like(w_scale, dtype=np.int8)
-                if flavour == "ort-cpu" and layer.weight_unsigned:  # the same values, U8U8 kernels
-                    w_int = w_int + UNSIGNED_ZERO_POINT
-                    w_zp = np.full(w_scale.shape, UNSIGNED_ZERO_POINT, np.uint8)
-                new_inits += [
-                    numpy_helper.from_array(w_int.astype(w_zp.dtype), w_name),
-                    numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-                    numpy_helper.from_array(w_zp, f"{prefix}.weight_zero_point"),
-                    *input_scale,
-                    numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point"),
-                ]
-            weight_dq = helper.make_node("DequantizeLinear", [w_name, f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
-        x_in = node.input[0]
-        new_nodes += [
-            helper.make_node("QuantizeLinear", [x_in, f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_q"], name=f"{prefix}.input_Q"),
-            helper.make_node("DequantizeLinear", [f"{prefix}.input_q", f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_dq"], name=f"{prefix}.input_DQ"),
-            weight_dq,
-        ]  # fmt: skip
-        out = node.output[0]
-        quant_out = flavour == "ort-cpu" and layer.output_amax is not None
-        y = f"{prefix}.output_float" if quant_out else out
+        new_nodes += _operand_qdq(layer, node, weight, name, flavour, fp8, new_inits)
         if layer.bias_shift is not None:
-            new_inits.append(_shifted_bias(node, layer.bias_shift, qdq_graph, inits, consumers, rewired, prefix))
-        if node.op_type == "Gemm":
-            bias = list(node.input[2:3])
-            mm_out = f"{prefix}.matmul_out" if bias else y
-            new_nodes.append(
-                helper.make_node(
-                    "MatMul", [f"{prefix}.input_dq", f"{prefix}.weight_dq"], [mm_out], name=node.name + "_MatMul"
-                )
-            )
-            if bias:
-                new_nodes.append(helper.make_node("Add", [mm_out, bias[0]], [y], name=node.name + "_Add"))
-        else:
-            inputs = [f"{prefix}.input_dq", f"{prefix}.weight_dq", *node.input[2:]]
-            new_nodes.append(helper.make_node(node.op_type, inputs, [y], name=node.name, domain=node.domain))
-            new_nodes[-1].attribute.extend(node.attribute)
-        if quant_out:
-            assert layer.output_amax is not None
-            new_inits += [
-                numpy_helper.from_array(np.array(_act_scale(layer.output_amax), np.float32), f"{prefix}.output_scale"),
-                numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.output_zero_point"),
-            ]
-            new_nodes += [
-                helper.make_node("QuantizeLinear", [y, f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [f"{prefix}.output_q"], name=f"{prefix}.output_Q"),
-                helper.make_node("DequantizeLinear", [f"{prefix}.output_q", f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [out], name=f"{prefix}.output_DQ"),
-            ]  # fmt: skip
+            new_inits.append(_shifted_bias(node, layer.bias_shift, qdq_graph, inits, consumers, rewired, name))
+        new_nodes += _quantized_op(layer, node, name, flavour, new_inits)
     for node in new_nodes:
         if id(node) in rewired:
             index, name = rewired[id(node)]
             node.input[index] = name
-    if any(layer.precision == "w4a4" for layer in layers.values()):
+    if any(backend_named(layer.precision).low_rank for layer in layers.values()):
         from flowpress.export.lowrank import shared_initializers
 
         new_inits += shared_initializers()
@@ -353,6 +272,87 @@ def insert_qdq(qdq_graph: Graph, layers: dict[str, LayerQuant], flavour: Flavour
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+
+
+def _operand_qdq(
+    layer: LayerQuant, node: NodeProto, weight: np.ndarray, prefix: str, flavour: Flavour, fp8: bool, inits: list
+) -> list[NodeProto]:
+    """Q/DQ(x) into `<prefix>.input_dq` and DQ(W) into `<prefix>.weight_dq`, initializers appended to `inits`:
+    x per tensor (or per step); W (float, as the graph has it) symmetric per output channel, or W4A8's integers."""
+    from onnx import helper, numpy_helper
+
+    from flowpress.export.fp8 import E4M3_MAX, e4m3_initializer
+
+    act_dtype, act_zp = (np.uint8, 128) if flavour == "ort-cpu" else (np.int8, 0)
+    qmax = E4M3_MAX if fp8 else 127.0
+    nodes = []
+    if flavour == "ort-cpu" and layer.input_amax_steps is not None:
+        nodes.append(_scale_by_step(f"{prefix}.input_scale", layer.input_amax_steps, qmax, inits))
+        input_scale = []
+    else:
+        scale = np.array(max(float(layer.input_amax), 1e-12) / qmax, np.float32)
+        input_scale = [numpy_helper.from_array(scale, f"{prefix}.input_scale")]
+    input_zp = numpy_helper.from_array(np.array(act_zp, act_dtype), f"{prefix}.input_zero_point")
+    if layer.weight_int is not None:  # learned W4A8 weights, (C_in, C_out) for MatMul / Gemm as the graph has them
+        inits += [*learned_weight(layer, node, weight.shape, prefix), *input_scale, input_zp]
+        weight_dq = learned_dequantize(layer, node, prefix)
+    else:
+        axis = 0 if node.op_type == "Conv" else 1  # MatMul weights are (in, out)
+        w_qmax = qmax if fp8 else float(2 ** (layer.weight_bits - 1) - 1)
+        w_scale = np.maximum(layer.weight_amax.numpy().astype(np.float32), 1e-12) / w_qmax
+        bshape = [-1 if dim == axis else 1 for dim in range(weight.ndim)]
+        w_name = f"{prefix}.weight_fp8" if fp8 else f"{prefix}.weight_int8"
+        if fp8:
+            w_q = e4m3_initializer(weight / w_scale.reshape(bshape), w_name)
+            w_zp = e4m3_initializer(np.zeros_like(w_scale), f"{prefix}.weight_zero_point")
+            input_zp = e4m3_initializer(np.zeros((), np.float32), f"{prefix}.input_zero_point")
+        else:
+            # symmetric, as the torch quantizer (narrow range): a clipped range puts weights beyond it
+            w_int = np.clip(np.round(weight / w_scale.reshape(bshape)), -w_qmax, w_qmax)
+            zero_point = np.zeros_like(w_scale, dtype=np.int8)
+            if flavour == "ort-cpu" and layer.weight_unsigned:  # the same values, U8U8 kernels
+                w_int = w_int + UNSIGNED_ZERO_POINT
+                zero_point = np.full(w_scale.shape, UNSIGNED_ZERO_POINT, np.uint8)
+            w_q = numpy_helper.from_array(w_int.astype(zero_point.dtype), w_name)
+            w_zp = numpy_helper.from_array(zero_point, f"{prefix}.weight_zero_point")
+        inits += [w_q, numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"), w_zp, *input_scale, input_zp]
+        weight_dq = helper.make_node("DequantizeLinear", [w_name, f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"], [f"{prefix}.weight_dq"], name=f"{prefix}.weight_DQ", axis=axis)  # fmt: skip
+    return [
+        *nodes,
+        helper.make_node("QuantizeLinear", [node.input[0], f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_q"], name=f"{prefix}.input_Q"),
+        helper.make_node("DequantizeLinear", [f"{prefix}.input_q", f"{prefix}.input_scale", f"{prefix}.input_zero_point"], [f"{prefix}.input_dq"], name=f"{prefix}.input_DQ"),
+        weight_dq,
+    ]  # fmt: skip
+
+
+def _quantized_op(layer: LayerQuant, node: NodeProto, prefix: str, flavour: Flavour, inits: list) -> list[NodeProto]:
+    """The layer's op on `<prefix>.input_dq` and `<prefix>.weight_dq` (a Gemm as MatMul + Add), its output
+    through Q/DQ where 'ort-cpu' has the layer's output amax (those initializers appended to `inits`)."""
+    from onnx import helper, numpy_helper
+
+    out = node.output[0]
+    amax = layer.output_amax if flavour == "ort-cpu" else None
+    y = out if amax is None else f"{prefix}.output_float"
+    operands = [f"{prefix}.input_dq", f"{prefix}.weight_dq"]
+    if node.op_type == "Gemm":
+        bias = list(node.input[2:3])
+        mm_out = f"{prefix}.matmul_out" if bias else y
+        nodes = [helper.make_node("MatMul", operands, [mm_out], name=node.name + "_MatMul")]
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias[0]], [y], name=node.name + "_Add"))
+    else:
+        nodes = [helper.make_node(node.op_type, [*operands, *node.input[2:]], [y], name=node.name, domain=node.domain)]
+        nodes[-1].attribute.extend(node.attribute)
+    if amax is not None:
+        inits += [
+            numpy_helper.from_array(np.array(_act_scale(amax), np.float32), f"{prefix}.output_scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), f"{prefix}.output_zero_point"),  # 'ort-cpu': uint8, 128
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", [y, f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [f"{prefix}.output_q"], name=f"{prefix}.output_Q"),
+            helper.make_node("DequantizeLinear", [f"{prefix}.output_q", f"{prefix}.output_scale", f"{prefix}.output_zero_point"], [out], name=f"{prefix}.output_DQ"),
+        ]  # fmt: skip
+    return nodes
 
 
 STEP_INDEX = "flowpress.step_index"  # the batch's step (the first row's), scalar: per-step scales gather by it

@@ -4,7 +4,12 @@ graph's structure in place and returns how many rewrites it made; the weights st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flowpress.export.graphfile import Graph, beside
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _drop_nodes(graph, dropped: set[int]) -> None:  # noqa: ANN001
@@ -96,15 +101,30 @@ def fold_batch_shapes(source: Graph) -> int:
     changes only where it equals the batch becomes a constant with 0 or -1 there (see
     _batch_reshape_target).  Anything else stays computed.  Rewrites the graph in place (dead
     nodes pruned); returns how many tensors were folded."""
-    import numpy as np
     import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
-    model = source.proto
-    graph = model.graph
+    graph = source.proto.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # control flow: its subgraphs read outer shapes; not worth following
+    frontier = _shape_frontier(graph)
+    if not frontier:
+        return 0
+    folded = _folded_constants(graph, frontier, _probe_shapes(source, frontier))
+    if not folded:
+        return 0
+    for name, value in folded.items():
+        constant = f"{name}__folded"
+        graph.initializer.append(numpy_helper.from_array(value, constant))
+        for index, slot in frontier[name]:
+            graph.node[index].input[slot] = constant
+    _prune_dead_nodes(graph)
+    return len(folded)
+
+
+def _shape_frontier(graph) -> dict[str, list[tuple[int, int]]]:  # noqa: ANN001
+    """The tensors computed only from tensor shapes and constants (Shape / Size and what follows
+    from them) that other nodes read: tensor -> (node index, input slot) of each such read."""
     static = {t.name for t in graph.initializer} | {""}
     derived: set[str] = set()
     for node in graph.node:
@@ -120,9 +140,20 @@ def fold_batch_shapes(source: Graph) -> int:
             for slot, name in enumerate(node.input):
                 if name in derived:
                     frontier.setdefault(name, []).append((index, slot))
-    if not frontier:
-        return 0
+    return frontier
 
+
+def _probe_shapes(source: Graph, frontier: dict[str, list[tuple[int, int]]]) -> dict[str, list[np.ndarray]]:
+    """The values of the frontier tensors, and of the tensors their Reshapes reshape, at each batch of
+    SHAPE_PROBE_BATCHES (zero inputs): the graph run unoptimized by onnxruntime with them as extra
+    outputs.  Tensors of unknown element type are left out."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = source.proto
+    graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *graph.input, *graph.output]}
     reshaped = [
@@ -152,6 +183,18 @@ def fold_batch_shapes(source: Graph) -> int:
         got = session.run(names, feeds)
         for name, value in zip(names, got, strict=True):
             values[name].append(np.asarray(value))
+    return values
+
+
+def _folded_constants(
+    graph,  # noqa: ANN001
+    frontier: dict[str, list[tuple[int, int]]],
+    values: dict[str, list[np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """The constant each frontier tensor folds to: its value where every probe agrees, else a
+    Reshape target with 0 or -1 at the batch (_batch_reshape_target).  Tensors over
+    MAX_FOLDED_ELEMENTS, unprobed, or of neither form are left out (they stay computed)."""
+    import numpy as np
 
     folded: dict[str, np.ndarray] = {}
     for name in frontier:
@@ -165,15 +208,7 @@ def fold_batch_shapes(source: Graph) -> int:
             target = None if any(d is None for d in data) else _batch_reshape_target(values[name], data)
             if target is not None:
                 folded[name] = target
-    if not folded:
-        return 0
-    for name, value in folded.items():
-        constant = f"{name}__folded"
-        graph.initializer.append(numpy_helper.from_array(value, constant))
-        for index, slot in frontier[name]:
-            graph.node[index].input[slot] = constant
-    _prune_dead_nodes(graph)
-    return len(folded)
+    return folded
 
 
 def bypass_concat_slices(source: Graph) -> int:

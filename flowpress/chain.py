@@ -7,17 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flowpress.calibration import capture
+from flowpress.calibration import CalibrationSet, capture
 from flowpress.compare_stage import compare_stage, measure_torch_side
-from flowpress.compress import quantize
+from flowpress.compress import QuantizedModel, quantize
 from flowpress.context import RunContext, Timer, versions
 from flowpress.engine_stage import build_engines, weight_form
 from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import large_bytes
 from flowpress.models import LoadedModel, release_weights
-from flowpress.plan import check_memory, plan_memory
-from flowpress.recipe import Recipe
+from flowpress.plan import MemoryPlan, check_memory, plan_memory
+from flowpress.recipe import Recipe, need_extras
 from flowpress.rundir import (
     read_manifest,
     record_outputs,
@@ -48,6 +48,7 @@ def run_quantize(
     timer = timer or Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
         engine = recipe.engine
+        need_extras(engine, recipe.quantize)  # a missing extra fails here, before the model loads
         plan = plan_memory(Path(recipe.model.path), engine.candidates or engine.runtime == "openvino")
         if loaded is None:
             if progress:
@@ -59,18 +60,7 @@ def run_quantize(
             ctx = RunContext.load(recipe, timer, loaded)
         with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
             with timer.stage("calibrate"):
-                calib = capture(
-                    ctx.fp,
-                    ctx.sampler,
-                    ctx.shape,
-                    ctx.calibration_cond(recipe.calibration.n_samples),
-                    recipe.calibration,
-                    recipe.sampling.guidance,
-                    ctx.null,
-                    progress,
-                )
-                (run / "calibration").mkdir()
-                calib.save(run / "calibration" / "inputs.safetensors")
+                calib = _calibrate(ctx, run, progress)
             with timer.stage("quantize"):
                 qmodel = quantize(ctx.model, recipe.quantize, calib, ctx.sampler, progress)
                 weight_form(ctx, qmodel)
@@ -87,36 +77,61 @@ def run_quantize(
                 release = (lambda: release_weights(ctx.model, qmodel.module, qmodel.fp_module)) if released else None
                 exports, engine_manifest = build_engines(ctx, qmodel, calib, run, release)
                 report = compare_stage(ctx, run, progress, torch_side=torch_side, one_at_a_time=released)
-            manifest: dict[str, Any] = {
-                "recipe": to_dict(recipe),
-                "versions": versions(),
-                "schedule": ctx.sampler.as_dict(),
-                "calibration": {
-                    "seeds": [
-                        recipe.calibration.seed_base,
-                        recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
-                    ],
-                    "inputs": len(calib),
-                },
-                "precision": recipe.quantize.precision,
-                "ort_engine": {
-                    k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")
-                },
-                "host": engine_manifest["validated_on"],
-                "quantized_layers": sorted(qmodel.layers),
-                "full_precision_fallback": search.fallback_layers if search is not None else [],
-                "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
-                "exports": exports,
-                **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
-                "inputs": {"model": tree_hashes(Path(recipe.model.path))},
-                "stage_seconds": timer.seconds,
-                "plan": {**plan.as_dict(), "large_bytes": large_bytes(), "released_before_engines": released},
-                "stages": timer.as_dict(),
-                "peak_rss_bytes": timer.peak_rss_bytes,
-            }
+            manifest = _run_manifest(ctx, calib, qmodel, exports, engine_manifest, search, plan, released)
             manifest["outputs"] = tree_hashes(run)
             write_json(run / "manifest.json", manifest)
     return final_dir, report
+
+
+def _calibrate(ctx: RunContext, run: Path, progress: bool) -> CalibrationSet:
+    """The FP model's inputs along the calibration trajectories, saved into run/calibration/."""
+    recipe = ctx.recipe
+    calib = capture(
+        ctx.fp,
+        ctx.sampler,
+        ctx.shape,
+        ctx.calibration_cond(recipe.calibration.n_samples),
+        recipe.calibration,
+        recipe.sampling.guidance,
+        ctx.null,
+        progress,
+    )
+    (run / "calibration").mkdir()
+    calib.save(run / "calibration" / "inputs.safetensors")
+    return calib
+
+
+def _run_manifest(
+    ctx: RunContext, calib: CalibrationSet, qmodel: QuantizedModel, exports: list[dict[str, Any]],
+    engine_manifest: dict[str, Any], search: Any, plan: MemoryPlan, released: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """manifest.json of a quantize run, all but the hashes of its outputs."""
+    recipe, timer = ctx.recipe, ctx.timer
+    return {
+        "recipe": to_dict(recipe),
+        "versions": versions(),
+        "schedule": ctx.sampler.as_dict(),
+        "calibration": {
+            "seeds": [
+                recipe.calibration.seed_base,
+                recipe.calibration.seed_base + recipe.calibration.n_samples - 1,
+            ],
+            "inputs": len(calib),
+        },
+        "precision": recipe.quantize.precision,
+        "ort_engine": {k: engine_manifest[k] for k in ("file", "qdq_types", "disabled_optimizers", "int8_weights")},
+        "host": engine_manifest["validated_on"],
+        "quantized_layers": sorted(qmodel.layers),
+        "full_precision_fallback": search.fallback_layers if search is not None else [],
+        "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
+        "exports": exports,
+        **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
+        "inputs": {"model": tree_hashes(Path(recipe.model.path))},
+        "stage_seconds": timer.seconds,
+        "plan": {**plan.as_dict(), "large_bytes": large_bytes(), "released_before_engines": released},
+        "stages": timer.as_dict(),
+        "peak_rss_bytes": timer.peak_rss_bytes,
+    }
 
 
 def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool = True) -> tuple[Path, Report]:

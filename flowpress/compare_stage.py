@@ -33,6 +33,7 @@ from flowpress.engines.build import parity_feeds
 from flowpress.engines.portability import check_engine_host, host_record
 from flowpress.engines.report import Report, write_report
 from flowpress.export.graphfile import graph_bytes
+from flowpress.peers import run_peers
 
 # the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
 # forwards per runtime (engines/timing.py says why rounds must be long)
@@ -77,42 +78,7 @@ def _weight_forms(
     }
 
 
-MODELOPT_SEEDS = 32  # modelopt's diffusers example calibrates on 32-64 prompts
 E2E_BATCH = 4
-
-
-def _modelopt_peers(ctx: RunContext, fp: FpReference) -> list[dict[str, Any]]:
-    """modelopt's default int8 recipe on this model, schedule and seeds, judged like every engine:
-    INT8_DEFAULT_CFG on every layer, and as modelopt's diffusers example runs it (the layers its
-    filter skips in full precision: input / output layers, shortcut convs, time embedding)."""
-    from flowpress.compress.modelopt import MODELOPT_DIFFUSERS_SKIP, modelopt_fake_quant
-
-    recipe = ctx.recipe
-    seeds = list(range(recipe.calibration.seed_base, recipe.calibration.seed_base + MODELOPT_SEEDS))
-    cond, guidance = ctx.calibration_cond(MODELOPT_SEEDS), recipe.sampling.guidance
-    calibration = f"INT8_DEFAULT_CFG, whole-sampler calibration on {MODELOPT_SEEDS} seeds, fake-quant (torch)"
-    peers = []
-    for engine, name, skip in (
-        ("modelopt-default", f"modelopt {calibration}", None),
-        (
-            "modelopt-int8-example",
-            f"modelopt {calibration}, its diffusers example's skipped layers in full precision",
-            MODELOPT_DIFFUSERS_SKIP,
-        ),
-    ):
-        qmodule = modelopt_fake_quant(ctx.fp, ctx.sampler, cond, ctx.null, guidance, seeds, skip=skip)
-        peer = TorchEngine(qmodule, ctx.sampler, engine)
-        judged = judge(fp, peer, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode)
-        peers.append(
-            {
-                "peer": name,
-                "final_psnr_db": judged["final"]["psnr_db"],
-                "final_ssim": judged["final"]["ssim"],
-                "quality": judged["quality"],
-                "gate_passed": judged["gate"]["passed"],
-            }
-        )
-    return peers
 
 
 @dataclass
@@ -120,8 +86,8 @@ class TorchSide:
     """What the compare needs of the torch FP model, measured once before the engines are built
     (a large model is released then: its engines are built and judged without it in memory).
     fp: the FP reference trajectories; latency_ms: {b1, b8} torch fp32 ms per forward;
-    end_to_end_ms: torch's ms per image of a pipeline call (pipelines only); peers: modelopt's
-    recipes judged against fp (when the recipe asks), without their margin."""
+    end_to_end_ms: torch's ms per image of a pipeline call (pipelines only); peers: the recipe's
+    peers (flowpress/peers.py) judged against fp, without their margin."""
 
     fp: FpReference
     latency_ms: dict[str, float]
@@ -131,7 +97,7 @@ class TorchSide:
 
 def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
     """The FP reference trajectories on the compare's seeds, torch fp32's latency, its end-to-end
-    time and the modelopt peers: everything of the compare that runs the torch model."""
+    time and the peers: everything of the compare that runs the torch model."""
     recipe, sampler, config = ctx.recipe, ctx.sampler, ctx.compare_config
     reference = TorchEngine(ctx.fp, sampler, "torch-fp32")
     conditions = ctx.conditions(config.n_samples)
@@ -147,7 +113,7 @@ def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
         )  # fmt: skip
         latency[f"b{batch}"] = float(np.median(times["torch_fp32"]))
     end_to_end = _end_to_end(ctx, {"torch_fp32": reference})["torch_fp32"] if ctx.source.pipe is not None else None
-    peers = _modelopt_peers(ctx, fp) if recipe.compare.modelopt_peer else []
+    peers = run_peers(ctx, fp)
     return TorchSide(fp, latency, end_to_end, peers)
 
 
@@ -186,6 +152,9 @@ def _end_to_end(
     return found
 
 
+Candidates = dict[str, tuple[Engine, list[Path]]]
+
+
 def compare_stage(
     ctx: RunContext,
     run: Path,
@@ -212,13 +181,7 @@ def compare_stage(
     engine, engine_files = candidates[main]
     engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
     with timer.stage("host_check"):
-        revalidated = check_engine_host(
-            engine_manifest,
-            {name: e for name, (e, _) in candidates.items()},
-            OrtEngine(run / "fp32.onnx", sampler, "ort-fp32", optimization="disabled"),
-            lambda: parity_feeds(CalibrationSet.load(run / "calibration" / "inputs.safetensors")),
-            f"{recipe.name}: engine/",
-        )
+        revalidated = _host_check(ctx, run, engine_manifest, candidates)
     with timer.stage("compare"):
         fp = torch_side.fp
         comparison = compare(
@@ -227,62 +190,16 @@ def compare_stage(
         )  # fmt: skip
         done(engine)
     with timer.stage("latency"):
-        runtimes: dict[str, Engine] = {
-            "ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"),
-            "engine": engine,
-        }
-        runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
-        done(runtimes["ort_fp32"])
-        latency: dict[str, dict[str, float]] = {"torch_fp32": torch_side.latency_ms, **{name: {} for name in runtimes}}
-        # interleaved, so that a slow spell of the host does not pick the recommendation; one at a time, each alone
-        groups = [{name: e} for name, e in runtimes.items()] if one_at_a_time else [runtimes]
-        for group in groups:
-            for batch in (1, 8):
-                times = interleaved_step_times(
-                    group, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK,
-                    LATENCY_SETTLE,
-                )  # fmt: skip
-                for name, t in times.items():
-                    latency[name][f"b{batch}"] = float(np.median(t))
-            for e in group.values():
-                done(e)
-        del runtimes, groups
+        latency = _latency(ctx, run, torch_side, engine, main, candidates, one_at_a_time)
     with timer.stage("judge"):
-        engines, samples = [], {main: comparison.engine}
-        for name, (candidate, files) in candidates.items():
-            judged: dict[str, Any]
-            if name == main:
-                judged = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
-            else:
-                judged = judge(
-                    comparison, candidate, sampler, config, ctx.shape, ctx.null, ctx.evaluator, ctx.source.decode
-                )
-                samples[name] = judged["samples"]
-                done(candidate)
-            ms = latency["engine" if name == main else name.replace("-", "_")]
-            engines.append(
-                {
-                    "engine": name,
-                    "final_psnr_db": judged["final"]["psnr_db"],
-                    "final_ssim": judged["final"]["ssim"],
-                    "quality": judged["quality"],
-                    "ms_b1": ms["b1"],
-                    "ms_b8": ms["b8"],
-                    "size_bytes": sum(f.stat().st_size for f in files),
-                    "gate_passed": judged["gate"]["passed"],
-                }
-            )
+        engines, samples = _judge_all(ctx, comparison, candidates, main, latency, done)
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
-        main_psnr = comparison.final["psnr_db"]
-        peers = [{**peer, "margin_db": main_psnr - peer["final_psnr_db"]} for peer in torch_side.peers]
+        peers = [{**p, "margin_db": comparison.final["psnr_db"] - p["final_psnr_db"]} for p in torch_side.peers]
     recommendation = recommend(engines)
     end_to_end = None
     if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
-        timed = {"ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"), "engine": engine}
-        if recommendation["engine"] not in (None, main):  # the engine the report tells the user to ship
-            timed[recommendation["engine"]] = candidates[recommendation["engine"]][0]
         with timer.stage("end_to_end"):
-            end_to_end = {"torch_fp32": torch_side.end_to_end_ms or 0.0, **_end_to_end(ctx, timed, done)}
+            end_to_end = _pipeline_cost(ctx, run, torch_side, engine, candidates, recommendation["engine"], done)
     report = Report(
         recipe=recipe.name,
         precision=recipe.quantize.precision,
@@ -295,13 +212,8 @@ def compare_stage(
         final=comparison.final,
         quality=comparison.quality,
         latency_ms=latency,
-        latency_note="median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
-        f"{recipe.compare.latency_runs} runs after warm-up, the runtimes timed interleaved (rounds of "
-        f"{LATENCY_SETTLE} untimed + {LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads",
-        size_bytes={
-            "fp32_onnx": graph_bytes(run / "fp32.onnx"),
-            "engine": sum(f.stat().st_size for f in engine_files),
-        },
+        latency_note=_latency_note(recipe.compare.latency_runs),
+        size_bytes={"fp32_onnx": graph_bytes(run / "fp32.onnx"), "engine": sum(f.stat().st_size for f in engine_files)},
         cpu_engines=engines,
         recommendation=recommendation,
         host={
@@ -320,6 +232,100 @@ def compare_stage(
     report.stages, report.peak_rss_bytes = timer.as_dict(), timer.peak_rss_bytes
     write_report(run, comparison, report, _detached(samples), f"{recipe.name}: {engine.name} vs FP")
     return report
+
+
+def _latency_note(runs: int) -> str:
+    return (
+        "median ms of one model forward at batch 1 / 8 (the sampler runs 2x batch under guidance), "
+        f"{runs} runs after warm-up, the runtimes timed interleaved (rounds of {LATENCY_SETTLE} untimed + "
+        f"{LATENCY_BLOCK} timed forwards each), {torch.get_num_threads()} torch threads"
+    )
+
+
+def _pipeline_cost(
+    ctx: RunContext, run: Path, torch_side: TorchSide, engine: Engine, candidates: Candidates,
+    recommended: str | None, done: Callable[[Engine], None],
+) -> dict[str, float]:  # fmt: skip
+    """ms per image of a whole pipeline call with torch fp32, onnxruntime fp32, the judged engine
+    and the engine the report tells the user to ship."""
+    timed = {"ort_fp32": OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32"), "engine": engine}
+    if recommended is not None and recommended != engine.name:
+        timed[recommended] = candidates[recommended][0]
+    return {"torch_fp32": torch_side.end_to_end_ms or 0.0, **_end_to_end(ctx, timed, done)}
+
+
+def _host_check(
+    ctx: RunContext, run: Path, engine_manifest: dict[str, Any], candidates: Candidates
+) -> dict[str, Any] | None:
+    """The engines' parity on this host when it is of another ISA class than the one they were
+    validated on (None when it is the same): engines.portability.check_engine_host."""
+    return check_engine_host(
+        engine_manifest,
+        {name: e for name, (e, _) in candidates.items()},
+        OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32", optimization="disabled"),
+        lambda: parity_feeds(CalibrationSet.load(run / "calibration" / "inputs.safetensors")),
+        f"{ctx.recipe.name}: engine/",
+    )
+
+
+def _latency(
+    ctx: RunContext, run: Path, torch_side: TorchSide, engine: Engine, main: str, candidates: Candidates,
+    one_at_a_time: bool,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Median ms per forward at batch 1 and 8 of onnxruntime fp32, the judged engine and every
+    other candidate: interleaved, so that a slow spell of the host does not pick the
+    recommendation; one at a time (large models), each alone and released after."""
+    sampler, recipe = ctx.sampler, ctx.recipe
+    done = _release if one_at_a_time else (lambda _engine: None)
+    runtimes: dict[str, Engine] = {"ort_fp32": OrtEngine(run / "fp32.onnx", sampler, "ort-fp32"), "engine": engine}
+    runtimes.update({name.replace("-", "_"): e for name, (e, _) in candidates.items() if name != main})
+    done(runtimes["ort_fp32"])
+    latency: dict[str, dict[str, float]] = {"torch_fp32": torch_side.latency_ms, **{name: {} for name in runtimes}}
+    groups = [{name: e} for name, e in runtimes.items()] if one_at_a_time else [runtimes]
+    for group in groups:
+        for batch in (1, 8):
+            times = interleaved_step_times(
+                group, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3, LATENCY_BLOCK, LATENCY_SETTLE
+            )
+            for name, t in times.items():
+                latency[name][f"b{batch}"] = float(np.median(t))
+        for e in group.values():
+            done(e)
+    return latency
+
+
+def _judge_all(
+    ctx: RunContext, comparison: Comparison, candidates: Candidates, main: str,
+    latency: dict[str, dict[str, float]], done: Callable[[Engine], None],
+) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:  # fmt: skip
+    """(one row per CPU engine: fidelity, quality, speed, size, gate; the samples of each): the
+    judged engine's from `comparison`, every other candidate's sampled on the same seeds."""
+    engines, samples = [], {main: comparison.engine}
+    for name, (candidate, files) in candidates.items():
+        judged: dict[str, Any]
+        if name == main:
+            judged = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
+        else:
+            judged = judge(
+                comparison, candidate, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator,
+                ctx.source.decode,
+            )  # fmt: skip
+            samples[name] = judged["samples"]
+            done(candidate)
+        ms = latency["engine" if name == main else name.replace("-", "_")]
+        engines.append(
+            {
+                "engine": name,
+                "final_psnr_db": judged["final"]["psnr_db"],
+                "final_ssim": judged["final"]["ssim"],
+                "quality": judged["quality"],
+                "ms_b1": ms["b1"],
+                "ms_b8": ms["b8"],
+                "size_bytes": sum(f.stat().st_size for f in files),
+                "gate_passed": judged["gate"]["passed"],
+            }
+        )
+    return engines, samples
 
 
 def _detached(samples: dict[str, Tensor]) -> dict[str, Tensor]:

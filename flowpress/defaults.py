@@ -7,20 +7,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from flowpress.calibration import CalibrationConfig
-from flowpress.compress import PRECISIONS
+from flowpress.compress import PRECISIONS, backend_named
 from flowpress.context import Timer
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig
 from flowpress.models import LoadedModel, load_source
 from flowpress.plan import check_memory, plan_memory
-from flowpress.recipe import CompareSection, EngineSection, ModelSection, PromptsSection, Recipe, SamplingSection
+from flowpress.recipe import (
+    CompareSection,
+    EngineSection,
+    ModelSection,
+    PromptsSection,
+    Recipe,
+    SamplingSection,
+    need_extras,
+)
 
 # classifier-free guidance the pipelines of each conditioning use by default
 GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
-# what an int8 first try of a scheduler-driven UNet keeps in full precision, as modelopt's diffusers
-# example does: on the ε-prediction demos int8 there cost 9.1 dB (DDPM) and 2.3 dB (SD) over three
-# calibration seeds (results/ablation-pipelines.md)
-UNET_FLOAT_LAYERS = ("*conv_in", "*conv_out", "*conv_shortcut")
 
 
 def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:
@@ -29,6 +33,8 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     path = Path(args.model)
     if not path.exists():
         raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
+    backend = backend_named(args.precision or "int8")
+    need_extras(EngineSection(candidates=not args.no_openvino), backend.config())  # before the load
     plan = plan_memory(path, openvino=not args.no_openvino)
     if not args.quiet:
         print(f"[flowpress] {plan.line()}", flush=True)
@@ -40,18 +46,10 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     if source.kind.startswith("flowpress"):
         kind = "flow" if denoiser.num_classes else "none"
     out = Path(args.out) if args.out else Path(args.runs) / path.resolve().name
-    precision = args.precision or "int8"
-    quantize = PRECISIONS[precision]()
-    if (
-        precision == "int8"
-        and denoiser.architecture in ("unet", "unet-cond")
-        and not source.kind.startswith("flowpress")
-    ):
-        quantize = replace(quantize, exclude=UNET_FLOAT_LAYERS)
-    export = ExportConfig(
-        flavour="tensorrt" if precision == "fp8" else "ort-cpu",
-        opset={"w4a8": 21, "w4a4": 21, "fp8": 19}.get(precision, 20),
-    )
+    quantize = PRECISIONS[backend.name]()
+    if denoiser.architecture in ("unet", "unet-cond") and not source.kind.startswith("flowpress"):
+        quantize = replace(quantize, exclude=backend.first_try_float_layers)  # scheduler-driven UNets
+    export = ExportConfig(flavour=backend.flavour, opset=backend.opset)
     guidance = args.guidance if args.guidance is not None else GUIDANCE[kind]
     samples = args.samples if args.samples is not None else 100
     calibration = args.calibration_samples if args.calibration_samples is not None else 32

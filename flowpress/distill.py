@@ -13,7 +13,9 @@ import dataclasses
 import json
 import platform
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from torch import Tensor
 
 from flowpress.compress.distill import build_student, count_params, distill, reflow
 from flowpress.compress.distributed import Dist, config_hash, device, init_distributed
-from flowpress.compress.pairs import generate_pairs, load_pairs
+from flowpress.compress.pairs import Pairs, generate_pairs, load_pairs
+from flowpress.compress.train_state import TrainState
 from flowpress.engines import Evaluator
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
@@ -202,78 +205,86 @@ def run_distill(
         return _run_distill(recipe, runs_root, progress, dist)
 
 
-def _run_distill(recipe: DistillRecipe, runs_root: str | Path, progress: bool, dist: Dist) -> tuple[Path | None, dict]:
-    start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    dev = device()
-    teacher = load_model(recipe.teacher.path, recipe.teacher.time_scale)
-    evaluator = load_evaluator(recipe.evaluator)
-    features = getattr(evaluator, "features", None)
-    teacher_hash = tree_hashes(Path(recipe.teacher.path))
-    work = Path(runs_root) / f"{recipe.name}-work"
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the block's wall time as seconds[stage], rounded to tenths of a second (distill.json's "seconds")."""
+    began = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - began, 1)
+
+
+def _baseline_recipe(recipe: DistillRecipe) -> DistillRecipe:
+    """The baseline: the same pairs and budget, reflow without annealing (2-rectified flow), distillation unguided."""
+    reflow_config = dataclasses.replace(recipe.reflow, anneal_steps=0)
+    distill_config = dataclasses.replace(recipe.distill, guide_weight=0.0)
+    return dataclasses.replace(recipe, reflow=reflow_config, distill=distill_config)
+
+
+def _work_paths(recipe: DistillRecipe, runs_root: str | Path, world: int) -> dict[str, Path]:
+    """The pairs directory and each stage's checkpoint in runs/<name>-work/ (created), named by what shaped them."""
+    pairs_key = config_hash(recipe.pairs, tree_hashes(Path(recipe.teacher.path)))
+    work, base = Path(runs_root) / f"{recipe.name}-work", _baseline_recipe(recipe)
     work.mkdir(parents=True, exist_ok=True)
-    baseline_reflow = dataclasses.replace(recipe.reflow, anneal_steps=0)
-    baseline_distill = dataclasses.replace(recipe.distill, guide_weight=0.0)
-    pairs_key = config_hash(recipe.pairs, teacher_hash)
-    names = {
+    key = partial(config_hash, pairs_key, recipe.student)  # a stage's hash: its pairs, the student, its configs
+    return {
         "pairs": work / f"pairs-{pairs_key}",
-        "reflow": work / f"reflow-{config_hash(pairs_key, recipe.student, recipe.reflow)}.state.safetensors",
-        "baseline_reflow": work
-        / f"baseline-reflow-{config_hash(pairs_key, recipe.student, baseline_reflow)}.state.safetensors",
-        "distill": work
-        / f"distill-{config_hash(pairs_key, recipe.student, recipe.reflow, recipe.distill, dist.world)}.state.safetensors",
-        "baseline_distill": work
-        / f"baseline-distill-{config_hash(pairs_key, recipe.student, baseline_reflow, baseline_distill, dist.world)}.state.safetensors",
+        "reflow": work / f"reflow-{key(recipe.reflow)}.state.safetensors",
+        "baseline_reflow": work / f"baseline-reflow-{key(base.reflow)}.state.safetensors",
+        "distill": work / f"distill-{key(recipe.reflow, recipe.distill, world)}.state.safetensors",
+        "baseline_distill": work / f"baseline-distill-{key(base.reflow, base.distill, world)}.state.safetensors",
     }
 
-    def stage(name: str, began: float) -> None:
-        seconds[name] = round(time.perf_counter() - began, 1)
 
-    began = time.perf_counter()
-    generate_pairs(teacher.to(dev), recipe.pairs, names["pairs"], progress)
-    pairs = load_pairs(names["pairs"], recipe.pairs, teacher.sample_shape, teacher.num_classes or 1)
-    stage("pairs", began)
-    teacher = teacher.cpu()
+def _train(
+    recipe: DistillRecipe,
+    teacher: DiffusersDenoiser,
+    pairs: Pairs,
+    paths: dict[str, Path],
+    features: Callable[[Tensor], Tensor] | None,
+    progress: bool,
+    seconds: dict[str, float],
+) -> dict[str, TrainState]:
+    """Train the student's two stages, then the baseline's (resumable, timed); returns each stage's TrainState."""
+    base = _baseline_recipe(recipe)
     torch.manual_seed(recipe.reflow.seed)  # the student and the baseline start from the same weights
-    student = build_student(recipe.student, teacher).to(dev)
+    student = build_student(recipe.student, teacher).to(device())
     baseline = copy.deepcopy(student)
+    states: dict[str, TrainState] = {}
+    with _timed(seconds, "annealing_reflow"):
+        states["annealing_reflow"] = reflow(student, pairs, recipe.reflow, paths["reflow"], progress)
+        reflowed = states["annealing_reflow"].ema
+    with _timed(seconds, "flow_guided_distill"):
+        one_step = copy.deepcopy(reflowed).requires_grad_(True)
+        states["flow_guided_distill"] = distill(
+            one_step, reflowed, pairs, recipe.distill, paths["distill"], progress, features=features
+        )
+    with _timed(seconds, "baseline_reflow"):
+        states["baseline_reflow"] = reflow(baseline, pairs, base.reflow, paths["baseline_reflow"], progress)
+    with _timed(seconds, "baseline_distill"):
+        base_one = copy.deepcopy(states["baseline_reflow"].ema).requires_grad_(True)
+        states["baseline_distill"] = distill(
+            base_one, None, pairs, base.distill, paths["baseline_distill"], progress, features=features
+        )
+    return states
 
-    began = time.perf_counter()
-    states = {}
-    states["annealing_reflow"] = reflow(student, pairs, recipe.reflow, names["reflow"], progress)
-    reflowed = states["annealing_reflow"].ema
-    stage("annealing_reflow", began)
-    began = time.perf_counter()
-    one_step = copy.deepcopy(reflowed).requires_grad_(True)
-    states["flow_guided_distill"] = distill(
-        one_step, reflowed, pairs, recipe.distill, names["distill"], progress, features=features
-    )
-    distilled = states["flow_guided_distill"].ema
-    stage("flow_guided_distill", began)
-    began = time.perf_counter()
-    states["baseline_reflow"] = reflow(baseline, pairs, baseline_reflow, names["baseline_reflow"], progress)
-    rectified2 = states["baseline_reflow"].ema
-    stage("baseline_reflow", began)
-    began = time.perf_counter()
-    base_one = copy.deepcopy(rectified2).requires_grad_(True)
-    states["baseline_distill"] = distill(
-        base_one, None, pairs, baseline_distill, names["baseline_distill"], progress, features=features
-    )
-    base_distilled = states["baseline_distill"].ema
-    stage("baseline_distill", began)
-    if dist.world > 1:  # training is done: rank 0 alone saves and evaluates
-        torch.distributed.destroy_process_group()
-    if not dist.main:
-        return None, {}
 
-    out = save_model(distilled.cpu(), recipe.student.out)
+def _save_student(student: DiffusersDenoiser, recipe: DistillRecipe) -> Path:
+    """Save the one-step student to student.out, its flowpress.json noting how to sample it and where it came from."""
+    out = save_model(student.cpu(), recipe.student.out)
     meta = json.loads((out / "flowpress.json").read_text())
-    meta["params"] = count_params(distilled)
+    meta["params"] = count_params(student)
     meta["sampling"] = {"steps": 1, "method": "euler", "guidance": 1.0}
     meta["distilled_from"] = {"teacher": recipe.teacher.path, "recipe": recipe.name}
     (out / "flowpress.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
 
-    began = time.perf_counter()
+
+def _evaluate_all(
+    recipe: DistillRecipe, teacher: DiffusersDenoiser, states: dict[str, TrainState], evaluator: Evaluator | None
+) -> dict[str, Evaluated]:
+    """The teacher, the student and the baseline (ENTRIES), and the ablations, on the same seeds."""
+    reflowed, distilled = states["annealing_reflow"].ema, states["flow_guided_distill"].ema
+    rectified2, base_distilled = states["baseline_reflow"].ema, states["baseline_distill"].ema
     s = recipe.sampling
     models = {
         "teacher": (teacher, Schedule(s.steps, s.method), s.guidance, "teacher"),
@@ -284,14 +295,23 @@ def _run_distill(recipe: DistillRecipe, runs_root: str | Path, progress: bool, d
         "reflow_1step": (reflowed.cpu(), Schedule(1), 1.0, "annealing reflow, no distillation"),
         "baseline_reflow_1step": (rectified2.cpu(), Schedule(1), 1.0, "2-rectified flow, no distillation"),
     }
-    results = {name: evaluate(m, sched, g, recipe, evaluator, note) for name, (m, sched, g, note) in models.items()}
-    stage("evaluate", began)
-    seconds["total"] = round(time.perf_counter() - start, 1)
-    entries = {name: r.entry for name, r in results.items()}
-    report = {
+    return {name: evaluate(m, sched, g, recipe, evaluator, note) for name, (m, sched, g, note) in models.items()}
+
+
+def _distill_report(
+    recipe: DistillRecipe,
+    entries: dict[str, dict[str, Any]],
+    evaluator: Evaluator | None,
+    states: dict[str, TrainState],
+    seconds: dict[str, float],
+    student_dir: Path,
+    dist: Dist,
+) -> dict[str, Any]:
+    """distill.json: the entries, the bars they are held to, the budget, the timings and the last losses."""
+    return {
         "recipe": recipe.name,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{dist.world} process(es), {'cuda' if dev.type == 'cuda' else 'cpu'}",
+        f"{dist.world} process(es), {'cuda' if device().type == 'cuda' else 'cpu'}",
         "entries": entries,
         "bars": bars(entries, recipe, evaluator),
         "budget": {
@@ -306,17 +326,46 @@ def _run_distill(recipe: DistillRecipe, runs_root: str | Path, progress: bool, d
         },
         "eval": to_dict(recipe.eval),
         "seconds": seconds,
-        "student": str(out),
+        "student": str(student_dir),
         "recipe_full": to_dict(recipe),
         "loss_last_50": {k: float(np.mean(st.losses[-50:])) if st.losses else None for k, st in states.items()},
     }
-    with staged_run(Path(runs_root) / recipe.name) as run:
+
+
+def _write_run(run_dir: Path, report: dict[str, Any], results: dict[str, Evaluated], cond: dict[str, Tensor]) -> None:
+    """distill.json, distill.png, distill.md and samples.npz, staged: the run directory is whole or as it was."""
+    with staged_run(run_dir) as run:
         (run / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot_grid({k: results[k] for k in ENTRIES}, run / "distill.png")
         (run / "distill.md").write_text(distill_markdown(report))
         arrays: dict[str, Any] = {k: r.samples.numpy() for k, r in results.items()}
-        arrays.update({f"cond_{k}": v.numpy() for k, v in teacher.cycling_condition(recipe.eval.n_samples).items()})
+        arrays.update({f"cond_{k}": v.numpy() for k, v in cond.items()})
         np.savez_compressed(run / "samples.npz", **arrays)  # (N, C, H, W) in [-1, 1] per entry
+
+
+def _run_distill(recipe: DistillRecipe, runs_root: str | Path, progress: bool, dist: Dist) -> tuple[Path | None, dict]:
+    """run_distill under its lock: pairs and training on every rank; rank 0 then saves, evaluates and writes."""
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    teacher = load_model(recipe.teacher.path, recipe.teacher.time_scale)
+    evaluator = load_evaluator(recipe.evaluator)
+    paths = _work_paths(recipe, runs_root, dist.world)
+    with _timed(seconds, "pairs"):
+        generate_pairs(teacher.to(device()), recipe.pairs, paths["pairs"], progress)
+        pairs = load_pairs(paths["pairs"], recipe.pairs, teacher.sample_shape, teacher.num_classes or 1)
+    teacher = teacher.cpu()
+    states = _train(recipe, teacher, pairs, paths, getattr(evaluator, "features", None), progress, seconds)
+    if dist.world > 1:  # training is done: rank 0 alone saves and evaluates
+        torch.distributed.destroy_process_group()
+    if not dist.main:
+        return None, {}
+    out = _save_student(states["flow_guided_distill"].ema, recipe)
+    with _timed(seconds, "evaluate"):
+        results = _evaluate_all(recipe, teacher, states, evaluator)
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    entries = {name: r.entry for name, r in results.items()}
+    report = _distill_report(recipe, entries, evaluator, states, seconds, out, dist)
+    _write_run(Path(runs_root) / recipe.name, report, results, teacher.cycling_condition(recipe.eval.n_samples))
     return Path(runs_root) / recipe.name, report
 
 

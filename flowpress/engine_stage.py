@@ -13,6 +13,7 @@ from flowpress.calibration import CalibrationSet
 from flowpress.compress import (
     PORTABLE_WEIGHT_BITS,
     QuantizedModel,
+    backend_of,
     set_weight_bits,
     weight_form_name,
     weight_form_of,
@@ -85,47 +86,15 @@ def build_engines(
     """Export (parity-checked Q/DQ flavours) and build the engines into `run`; returns
     (exports, engine manifest).  Rebuilding into the same run overwrites the files.  Every graph
     the engines need is exported first; then `release` (when given) frees the torch models and
-    the engines are built from the files alone.
-
-    The CPU engines take the run's int8 weight form (7-bit or U8U8 where portable); the tensorrt
-    graph for GPUs keeps signed 8-bit and is checked on float kernels only where this host's int8
-    kernels saturate.  The other weight range (8 where 7 ships, else 7) is exported as
-    model.w<bits>.onnx for the report's comparison."""
+    the engines are built from the files alone."""
     recipe, timer, host = ctx.recipe, ctx.timer, ctx.host
     portable = resolve_portable(recipe.engine.portable, host)
-    int8 = recipe.quantize.precision == "int8"
+    backend = backend_of(recipe.quantize)
     bits, unsigned = weight_form_of(qmodel)
-    flavour, opset = recipe.export.flavour, recipe.export.opset
+    precisions = _openvino_precisions(ctx)
+    prepared = run / "engine" / "prepared_fp32.onnx"
     with timer.stage("export"):
-        with timer.stage("export_fp32"):
-            export_onnx(ctx.fp, run / "fp32.onnx")
-            fp_feeds = {k: v[:8] for k, v in parity_feeds(calib).items()}
-            check_parity(run / "fp32.onnx", ctx.fp, fp_feeds)
-        (run / "engine").mkdir(exist_ok=True)
-        engine_file = run / "engine" / "model.opt.onnx"
-        with timer.stage("export_qdq"):
-            main, ort_facts = build_ort(
-                qmodel, calib, run / "model.onnx", engine_file, flavour, opset, host, f"{recipe.name}: model.onnx"
-            )
-        exports = [main.as_dict()]
-        with timer.stage("export_twins"):
-            if recipe.quantize.precision != "fp8":  # fp8 has one flavour (symmetric E4M3)
-                other = "tensorrt" if flavour == "ort-cpu" else "ort-cpu"
-                levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
-                with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
-                    exports.append(
-                        export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
-                    )
-            if int8 and flavour == "ort-cpu":  # the other weight range, for the report's comparison
-                alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
-                with weights_in(qmodel, alternative):
-                    path = run / f"model.w{alternative}.onnx"
-                    exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
-        ov_main = recipe.engine.openvino
-        precisions = [ov_main.precision] if recipe.engine.runtime == "openvino" else []
-        if recipe.engine.candidates:  # every CPU engine flowpress can build, for the recommendation
-            precisions += [p for p in ("int8", "bf16") if p not in precisions]
-        prepared = run / "engine" / "prepared_fp32.onnx"
+        exports, ort_facts = _export_graphs(ctx, qmodel, calib, run)
         if precisions:
             with timer.stage("export_openvino_source"):
                 export_onnx(qmodel.fp_module, prepared)
@@ -136,57 +105,28 @@ def build_engines(
             "runtime": "onnxruntime",
             "provider": "CPUExecutionProvider",
             "precision": recipe.quantize.precision,
-            "flavour": flavour,
+            "flavour": recipe.export.flavour,
             "source": "model.onnx",
             "file": "engine/model.opt.onnx",
             **ort_facts,
             "schedule": ctx.sampler.as_dict(),
             "onnxruntime": metadata.version("onnxruntime"),
             "portable": portable,
-            "int8_weights": weight_form_name(bits, unsigned) if int8 else None,
+            "int8_weights": weight_form_name(bits, unsigned) if backend.weight_forms else None,
         }
         if qmodel.step_scales is not None:
             manifest["activation_scales"] = "per sampler step, gathered by the step input (one step per batch)"
-        if recipe.quantize.precision == "w4a8":
-            from flowpress.compress.w4a8 import engine_note
-
-            manifest["weights"] = engine_note(recipe.quantize)  # type: ignore[arg-type]
-        elif recipe.quantize.precision == "w4a4":
-            from flowpress.compress.svdquant import engine_note as w4a4_note
-
-            manifest["weights"] = w4a4_note(recipe.quantize)  # type: ignore[arg-type]
+        note = backend.engine_note(recipe.quantize)
+        if note is not None:
+            manifest["weights"] = note
+        for precision in precisions:
+            manifest[f"openvino-{precision}"] = _nncf_engine(ctx, run, prepared, precision, calib, portable)
         if precisions:
-            for precision in precisions:
-                ov_config = dataclasses.replace(ov_main, precision=precision)
-                export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable, recipe.quantize.exclude)
-                manifest[f"openvino-{precision}"] = {
-                    "version": metadata.version("openvino"),
-                    "precision": precision,
-                    "inference_precision_hint": ov_config.inference_hint,
-                    "nncf_preset": ("transformer" if ov_config.transformer else "default")
-                    if precision == "int8"
-                    else None,
-                    "overflow_fix": overflow_fix(portable) if precision == "int8" else None,
-                    "smooth_quant": ov_config.smooth_quant if precision == "int8" else None,
-                    "float_layers": list(recipe.quantize.exclude) if precision == "int8" else None,
-                    "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
-                    if precision == "int8"
-                    else "the FP graph with temporal tables",
-                    "static_batch": "compiled per batch size at load",
-                }
             remove_graph(prepared)
-        qdq = run / ("model.onnx" if flavour == "tensorrt" else "model.tensorrt.onnx")
-        if int8 and recipe.engine.candidates and qdq.is_file() and not host.int8_saturates:
+        qdq = run / ("model.onnx" if recipe.export.flavour == "tensorrt" else "model.tensorrt.onnx")
+        if backend.weight_forms and recipe.engine.candidates and qdq.is_file() and not host.int8_saturates:
             # its weights are signed 8-bit: exact only where the int8 kernels do not saturate (VNNI, AMX)
-            export_openvino(qdq, ov_xml(run, QDQ), dataclasses.replace(ov_main, precision="f32"))
-            manifest[f"openvino-{QDQ}"] = {
-                "version": metadata.version("openvino"),
-                "precision": "int8",
-                "inference_precision_hint": dataclasses.replace(ov_main, precision="int8").inference_hint,
-                "source": f"{qdq.name}: flowpress's own Q/DQ graph (inputs and 8-bit weights, static ranges), "
-                "run on OpenVINO's int8 kernels",
-                "static_batch": "compiled per batch size at load",
-            }
+            manifest[f"openvino-{QDQ}"] = _openvino_qdq(ctx, run, qdq)
         manifest["validated_on"] = host_record(host)
         engines = {name: engine for name, (engine, _) in cpu_engines(ctx, run).items()}
         fp = OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32", optimization="disabled")
@@ -196,3 +136,91 @@ def build_engines(
         }
         write_json(run / "engine" / "engine.json", manifest)
     return exports, manifest
+
+
+def _export_graphs(
+    ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """fp32.onnx, the recipe's Q/DQ graph and its onnxruntime engine, and the twins, each checked
+    against the model it came from; returns (the exports' records, the engine's facts).
+
+    The CPU engines take the run's int8 weight form (7-bit or U8U8 where portable); the twin of the
+    other flavour (the tensorrt graph for GPUs) keeps signed 8-bit and is checked on float kernels
+    only where this host's int8 kernels saturate.  The other weight range (8 where 7 ships, else 7)
+    is exported as model.w<bits>.onnx for the report's comparison."""
+    recipe, timer, host = ctx.recipe, ctx.timer, ctx.host
+    backend = backend_of(recipe.quantize)
+    bits, unsigned = weight_form_of(qmodel)
+    flavour, opset = recipe.export.flavour, recipe.export.opset
+    with timer.stage("export_fp32"):
+        export_onnx(ctx.fp, run / "fp32.onnx")
+        check_parity(run / "fp32.onnx", ctx.fp, {k: v[:8] for k, v in parity_feeds(calib).items()})
+    (run / "engine").mkdir(exist_ok=True)
+    with timer.stage("export_qdq"):
+        main, ort_facts = build_ort(
+            qmodel, calib, run / "model.onnx", run / "engine" / "model.opt.onnx", flavour, opset, host,
+            f"{recipe.name}: model.onnx",
+        )  # fmt: skip
+    exports = [main.as_dict()]
+    with timer.stage("export_twins"):
+        other = backend.twin(flavour)
+        if other is not None:
+            levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
+            with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
+                exports.append(
+                    export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
+                )
+        if backend.weight_forms and flavour == "ort-cpu":
+            alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
+            with weights_in(qmodel, alternative):
+                path = run / f"model.w{alternative}.onnx"
+                exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
+    return exports, ort_facts
+
+
+def _openvino_precisions(ctx: RunContext) -> list[OvPrecision]:
+    """The OpenVINO engines NNCF / OpenVINO build from the FP graph: the recipe's runtime, and with
+    engine.candidates every CPU engine flowpress can build, for the recommendation."""
+    engine = ctx.recipe.engine
+    precisions: list[OvPrecision] = [engine.openvino.precision] if engine.runtime == "openvino" else []
+    if engine.candidates:
+        precisions += [p for p in ("int8", "bf16") if p not in precisions]  # type: ignore[misc]
+    return precisions
+
+
+def _nncf_engine(
+    ctx: RunContext, run: Path, prepared: Path, precision: OvPrecision, calib: CalibrationSet, portable: bool
+) -> dict[str, Any]:
+    """Build openvino-<precision> from the prepared FP graph (NNCF's int8 on the calibration set,
+    or bf16 / f32); returns its engine-manifest record."""
+    ov_config = dataclasses.replace(ctx.recipe.engine.openvino, precision=precision)
+    exclude = ctx.recipe.quantize.exclude
+    export_openvino(prepared, ov_xml(run, precision), ov_config, calib, portable, exclude)
+    int8 = precision == "int8"  # OpenVINO's own int8 (NNCF), whatever the run's precision
+    return {
+        "version": metadata.version("openvino"),
+        "precision": precision,
+        "inference_precision_hint": ov_config.inference_hint,
+        "nncf_preset": ("transformer" if ov_config.transformer else "default") if int8 else None,
+        "overflow_fix": overflow_fix(portable) if int8 else None,
+        "smooth_quant": ov_config.smooth_quant if int8 else None,
+        "float_layers": list(exclude) if int8 else None,
+        "source": "the FP graph with temporal tables and split shortcuts, quantized by NNCF on calibration/"
+        if int8
+        else "the FP graph with temporal tables",
+        "static_batch": "compiled per batch size at load",
+    }
+
+
+def _openvino_qdq(ctx: RunContext, run: Path, qdq: Path) -> dict[str, Any]:
+    """openvino-qdq: OpenVINO running flowpress's own Q/DQ graph on its int8 kernels; its record."""
+    ov_main = ctx.recipe.engine.openvino
+    export_openvino(qdq, ov_xml(run, QDQ), dataclasses.replace(ov_main, precision="f32"))
+    return {
+        "version": metadata.version("openvino"),
+        "precision": "int8",
+        "inference_precision_hint": dataclasses.replace(ov_main, precision="int8").inference_hint,
+        "source": f"{qdq.name}: flowpress's own Q/DQ graph (inputs and 8-bit weights, static ranges), "
+        "run on OpenVINO's int8 kernels",
+        "static_batch": "compiled per batch size at load",
+    }

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowpress.calibration import CalibrationConfig
-from flowpress.compress import Fp8Config, Int8Config, QuantConfig
+from flowpress.compress import Int8Config, QuantConfig, backend_of
 from flowpress.compress.distill import DistillConfig, ReflowConfig, StudentConfig
 from flowpress.compress.pairs import PairConfig
 from flowpress.engines import GateConfig
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig
 from flowpress.export.openvino import OpenVinoConfig
+from flowpress.extras import need
 from flowpress.sampling import Schedule
 from flowpress.schema import load
 
@@ -59,15 +60,17 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class CompareSection:
-    """modelopt_peer: also judge modelopt's default int8 recipe (INT8_DEFAULT_CFG, calibrated by
-    running the whole sampler on 32 seeds, as its diffusers example does; fake-quant in torch, as
-    a TensorRT GPU would run it exactly) on the same model, schedule and seeds."""
+    """peers: other tools' recipes judged on the same model, schedule and seeds (flowpress/peers.py):
+    'module.path:function' plug-ins, or 'modelopt' — modelopt's default int8 recipe
+    (INT8_DEFAULT_CFG, calibrated by running the whole sampler on 32 seeds, as its diffusers example
+    does; fake-quant in torch, as a TensorRT GPU would run it exactly); modelopt_peer: true names it."""
 
     n_samples: int = 500
     seed_base: int = 0
     batch_size: int = 50
     latency_runs: int = 20
     modelopt_peer: bool = False
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,17 @@ class Recipe:
     prompts: PromptsSection = field(default_factory=PromptsSection)
 
     def __post_init__(self) -> None:
-        if isinstance(self.quantize, Fp8Config):
-            if self.export.flavour != "tensorrt":
-                raise FlowpressError(
-                    f"export.flavour is {self.export.flavour!r} but fp8 Q/DQ is symmetric E4M3: set export.flavour: tensorrt"
-                )
-            if self.engine.runtime != "onnxruntime":
-                raise FlowpressError(
-                    f"engine.runtime is {self.engine.runtime!r}; fp8 engines run in onnxruntime: set engine.runtime: onnxruntime"
-                )
+        backend = backend_of(self.quantize)
+        if self.export.flavour not in backend.flavours:
+            raise FlowpressError(
+                f"export.flavour is {self.export.flavour!r} but {backend.name} Q/DQ is written in the "
+                f"{' / '.join(backend.flavours)} flavour: set export.flavour: {backend.flavour}"
+            )
+        if self.engine.runtime not in backend.runtimes:
+            raise FlowpressError(
+                f"engine.runtime is {self.engine.runtime!r}; {backend.name} engines run in "
+                f"{' / '.join(backend.runtimes)}: set engine.runtime: {backend.runtimes[0]}"
+            )
         mixed = getattr(self.quantize, "mixed_precision", None)
         if mixed is not None and mixed.enabled and self.engine.runtime != "onnxruntime":
             raise FlowpressError(
@@ -169,6 +174,26 @@ class DistillRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
     evaluator: EvaluatorSection = field(default_factory=EvaluatorSection)
     bars: DistillBars = field(default_factory=DistillBars)
+
+
+def need_extras(engine: EngineSection, quantize: QuantConfig) -> None:
+    """Before any work: the extras a run needs — its precision's (the backend's: [lowbit] for
+    w4a8), and [openvino] when its engines include OpenVINO (engine.runtime: openvino, or
+    engine.candidates, on by default, which builds OpenVINO int8 and bf16 beside onnxruntime)."""
+    backend = backend_of(quantize)
+    if backend.extra is not None:
+        need(backend.extra[0], backend.extra[1], f"quantize.precision: {backend.name}")
+    instead: str | None = None
+    if engine.runtime == "openvino":
+        what, int8 = "engine.runtime: openvino", engine.openvino.precision == "int8" or engine.candidates
+    elif engine.candidates:
+        what, int8 = "engine.candidates (the OpenVINO candidate engines)", True
+        instead = "set engine.candidates: false (--no-openvino with --model) for the onnxruntime engine alone"
+    else:
+        return
+    need("openvino", "openvino", what, instead)
+    if int8:
+        need("nncf", "openvino", f"{what} (NNCF's int8)", instead)
 
 
 def load_recipe(path: str | Path) -> Recipe:

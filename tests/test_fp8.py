@@ -110,7 +110,7 @@ def test_fp8_graph_tracks_fake_quant_with_optimizations_on_and_off(fp8):
 
 def test_fp8_fake_quant_matches_torch_e4m3_cast():
     values = torch.linspace(-3, 3, 1001)
-    got = fake_quant(values, 2.0, precision="fp8")
+    got = fake_quant(values, 2.0, e4m3=True)
     scale = 2.0 / 448
     assert torch.equal(
         got[values.abs() <= 2.0], ((values / scale).to(torch.float8_e4m3fn).float() * scale)[values.abs() <= 2.0]

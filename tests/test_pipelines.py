@@ -15,6 +15,7 @@ import flowpress
 from flowpress import defaults
 from flowpress.cli import main
 from flowpress.compress import W4A8Config
+from flowpress.compress.backends.int8 import UNET_FLOAT_LAYERS
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import LARGE_BYTES_ENV, MIN_INLINE_BYTES, graph_files
 from flowpress.models import StepModel, load_source
@@ -63,7 +64,7 @@ def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, cap
     # a scheduler-driven UNet's first try keeps the layers modelopt's diffusers example keeps in full precision
     recipe = json.loads((tmp_path / "run" / "manifest.json").read_text())["recipe"]
     unet = family in ("ddpm", "sd")
-    assert tuple(recipe["quantize"]["exclude"]) == (defaults.UNET_FLOAT_LAYERS if unet else ())
+    assert tuple(recipe["quantize"]["exclude"]) == (UNET_FLOAT_LAYERS if unet else ())
 
 
 @pytest.mark.slow
