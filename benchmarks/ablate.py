@@ -38,9 +38,8 @@ from flowpress.compress import (
 )
 from flowpress.compress.config import Amax
 from flowpress.context import RunContext
-from flowpress.engines import Engine, Evaluator, OrtEngine, TorchEngine, median_step_ms, psnr_db, rel_l2
+from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import build_ort
-from flowpress.engines.compare import Decode
 from flowpress.engines.isa import HostIsa
 from flowpress.engines.portability import int8_weight_form
 from flowpress.errors import FlowpressError
@@ -50,6 +49,8 @@ from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
 from flowpress.sampling import Sampler
 from flowpress.schema import from_dict, load, to_dict
+from flowpress.validation import Evaluator, median_step_ms, psnr_db, rel_l2
+from flowpress.validation.compare import Decode
 
 __all__ = [
     "METHODS",

@@ -14,7 +14,7 @@ from benchmarks.common import ort_quantize_static
 from flowpress.calibration import CalibrationSet
 from flowpress.compress import QuantizedModel
 from flowpress.engines import OrtEngine
-from flowpress.export import ExportConfig, build_ort_engine, export_onnx
+from flowpress.export import ExportConfig, export_onnx, save_ort_engine
 from flowpress.models import DiffusersDenoiser, StepModel
 from flowpress.sampling import Cond, Sampler
 
@@ -81,7 +81,7 @@ def modelopt_engine(
     """The modelopt model as its user runs it on a CPU: Q/DQ on the inputs and weights of every
     Conv / Linear (the placement modelopt exports), its own 8-bit weights, onnxruntime's optimizer."""
     graph = export_onnx(qmodel.fp_module, workdir / "modelopt.onnx", ExportConfig("tensorrt"), qmodel)
-    build_ort_engine(graph, workdir / "modelopt.opt.onnx")
+    save_ort_engine(graph, workdir / "modelopt.opt.onnx")
     return OrtEngine(workdir / "modelopt.opt.onnx", sampler, name)
 
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.rundir import read_manifest, run_lock, staged_run, verify_run
+from flowpress.validation.report import Report
 
 RECIPES = (
     "digits-unet-int8",

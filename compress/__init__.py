@@ -1,5 +1,5 @@
 """Compression: per-precision quantization (modelopt int8 / fp8, brevitas W4A8, SVDQuant-style W4A4), shortcut
-splitting, per-layer sensitivity; SlimFlow distillation lives in compress.distill."""
+splitting, per-layer sensitivity; SlimFlow distillation lives in compress.slimflow."""
 
 from flowpress.compress.backends import BACKENDS, Backend, backend_named, backend_of
 from flowpress.compress.config import (

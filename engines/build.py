@@ -28,11 +28,11 @@ from flowpress.errors import EngineParityError
 from flowpress.export import (
     ExportConfig,
     Parity,
-    build_ort_engine,
     check_parity,
     export_onnx,
     float_weight_ops,
     qdq_types,
+    save_ort_engine,
 )
 from flowpress.models import as_feeds
 
@@ -106,13 +106,13 @@ def build_ort(
     host: HostIsa,
     name: str,
 ) -> tuple[ExportedGraph, dict[str, Any]]:
-    """export_checked + build_ort_engine: (the checked graph, the engine's facts).  A parity
+    """export_checked + save_ort_engine: (the checked graph, the engine's facts).  A parity
     failure on integer kernels becomes the one-line reason for this host (parity_failure)."""
     try:
         exported = export_checked(qmodel, graph, calib, flavour, opset)
     except EngineParityError as err:
         raise parity_failure(err, qmodel, calib, host, name) from None
-    return exported, build_ort_engine(graph, engine)
+    return exported, save_ort_engine(graph, engine)
 
 
 def parity_failure(

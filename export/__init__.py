@@ -9,7 +9,6 @@ from flowpress.export.onnx import (
 from flowpress.export.validate import (
     FP8_DISABLED_OPTIMIZERS,
     Parity,
-    build_ort_engine,
     check_parity,
     cosine_per_sample,
     float_weight_ops,
@@ -17,6 +16,7 @@ from flowpress.export.validate import (
     non_fp8_quantizers,
     ort_session,
     qdq_types,
+    save_ort_engine,
 )
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "ExportConfig",
     "Flavour",
     "Parity",
-    "build_ort_engine",
+    "save_ort_engine",
     "check_parity",
     "cosine_per_sample",
     "export_onnx",

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 LARGE_BYTES_ENV = "FLOWPRESS_LARGE_BYTES"
 # a model (or graph) past this many bytes is large: its graphs keep their weights in a data file
 # (under protobuf's 2 GB with room for the graph itself), and the run releases the torch model
-# before the engines are built (flowpress/chain.py); tests lower it (LARGE_BYTES_ENV) to force
+# before the engines are built (flowpress/stages/chain.py); tests lower it (LARGE_BYTES_ENV) to force
 # tiny models through both paths
 DEFAULT_LARGE_BYTES = 1 << 30
 # scales and zero points (per channel too), shapes, biases: kept in the graph, where passes read them

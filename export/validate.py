@@ -120,7 +120,7 @@ def qdq_types(path: str | Path) -> list[str]:
     return sorted(TensorProto.DataType.Name(t) for t in types)
 
 
-def build_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
+def save_ort_engine(source: str | Path, engine_path: str | Path) -> dict[str, object]:
     """Save `source` as onnxruntime optimizes it (level extended) to `engine_path`, its shape
     arithmetic folded and concat slices bypassed first; an fp8 engine is refused if it gained a
     non-fp8 QuantizeLinear; then twin quantizers are merged and Linear biases folded into the

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from flowpress.engines import Engine, OrtEngine
-from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.recipe import Recipe, load_recipe
 from flowpress.rundir import read_manifest, verify_run
 from flowpress.sampling import schedule_from_dict
 from flowpress.schema import from_dict
+from flowpress.validation.report import Report
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Run:
 
     def engine(self, name: str | None = None) -> Engine:
         """A CPU engine of the run (default: the one the report recommends, else the gate's)."""
-        from flowpress.engine_stage import ov_engine
+        from flowpress.stages.build import ov_engine
 
         name = name or self.report.recommendation.get("engine") or self.report.engine
         if name not in self.engines:
@@ -64,7 +64,7 @@ def _recipe(recipe: str | Path | Recipe) -> Recipe:
 def quantize(recipe: str | Path | Recipe, runs: str | Path = "runs", progress: bool = False) -> Run:
     """Calibrate, quantize, export, build and compare as the recipe says, into runs/<name>/.
     A failed gate is in run.report.passed, not an exception; bad input raises FlowpressError."""
-    from flowpress.chain import run_quantize
+    from flowpress.stages.chain import run_quantize
 
     run_dir, _ = run_quantize(_recipe(recipe), runs, progress)
     return Run.load(run_dir)
@@ -72,7 +72,7 @@ def quantize(recipe: str | Path | Recipe, runs: str | Path = "runs", progress: b
 
 def compare(recipe: str | Path | Recipe, runs: str | Path = "runs", progress: bool = False) -> Run:
     """Re-run the comparison of an existing run (its files checked first)."""
-    from flowpress.chain import run_compare
+    from flowpress.stages.chain import run_compare
 
     run_dir, _ = run_compare(_recipe(recipe), runs, progress)
     return Run.load(run_dir)

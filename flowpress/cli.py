@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.command in ("quantize", "compare"):
-        from flowpress.chain import run_compare, run_quantize, summary_lines
         from flowpress.recipe import load_recipe
+        from flowpress.stages.chain import run_compare, run_quantize, summary_lines
 
         runs = args.runs
         if args.command == "quantize" and args.model is not None:
@@ -116,9 +116,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[flowpress] {write_quantize_result(args.results, run_dir, report)}")
         return 0 if report.passed else 1
     if args.command == "distill":
-        from flowpress.distill import run_distill
-        from flowpress.distill import summary_lines as distill_lines
         from flowpress.recipe import load_distill_recipe
+        from flowpress.stages.distill import run_distill
+        from flowpress.stages.distill import summary_lines as distill_lines
 
         recipe_path = args.recipe or default_recipe(DEFAULT_DISTILL_RECIPE)
         distill_dir, distilled = run_distill(load_distill_recipe(recipe_path), args.runs, progress)
@@ -133,8 +133,8 @@ def _run(args: argparse.Namespace) -> int:
             body = (distill_dir / "distill.md").read_text().split("\n", 1)[1]
             print(f"[flowpress] {write_result(args.results, 'distill', 'make distill', 'flowpress distill', body)}")
         return 0 if all(b["passed"] for b in distilled["bars"].values()) else 1
-    from flowpress import gpu
     from flowpress.recipe import load_recipe
+    from flowpress.stages import gpu
 
     recipe = load_recipe(args.recipe or default_recipe())
     if args.command == "engines":

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from flowpress.engines import CompareConfig, Evaluator
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
@@ -20,6 +19,7 @@ from flowpress.models import Conditions, DiffusersDenoiser, LoadedModel, StepMod
 from flowpress.models.conditioning import CALIBRATION_PROMPTS, COMPARE_PROMPTS
 from flowpress.recipe import Recipe
 from flowpress.sampling import Cond, Sampler
+from flowpress.validation import CompareConfig, Evaluator
 
 PACKAGES = (
     "torch",

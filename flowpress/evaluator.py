@@ -7,9 +7,9 @@ import inspect
 import os
 import sys
 
-from flowpress.engines import Evaluator
 from flowpress.errors import FlowpressError
 from flowpress.recipe import EvaluatorSection
+from flowpress.validation import Evaluator
 
 
 def load_evaluator(section: EvaluatorSection, where: str = "evaluator") -> Evaluator | None:

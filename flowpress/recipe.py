@@ -8,15 +8,15 @@ from typing import Any, Literal
 
 from flowpress.calibration import CalibrationConfig
 from flowpress.compress import Int8Config, QuantConfig, backend_of
-from flowpress.compress.distill import DistillConfig, ReflowConfig, StudentConfig
 from flowpress.compress.pairs import PairConfig
-from flowpress.engines import GateConfig
+from flowpress.compress.slimflow import DistillConfig, ReflowConfig, StudentConfig
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig
 from flowpress.export.openvino import OpenVinoConfig
 from flowpress.extras import need
 from flowpress.sampling import Schedule
 from flowpress.schema import load
+from flowpress.validation import GateConfig
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class CompareSection:
-    """peers: other tools' recipes judged on the same model, schedule and seeds (flowpress/peers.py):
+    """peers: other tools' recipes judged on the same model, schedule and seeds (flowpress/stages/peers.py):
     'module.path:function' plug-ins, or 'modelopt' — modelopt's default int8 recipe
     (INT8_DEFAULT_CFG, calibrated by running the whole sampler on 32 seeds, as its diffusers example
     does; fake-quant in torch, as a TensorRT GPU would run it exactly); modelopt_peer: true names it."""

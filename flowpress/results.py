@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from flowpress.engines.isa import host_isa
-from flowpress.engines.report import Report, report_markdown
 from flowpress.files import write_text
+from flowpress.validation.report import Report, report_markdown
 
 
 def _cpu_model() -> str:

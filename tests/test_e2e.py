@@ -163,7 +163,7 @@ def test_precisions_table_reads_finished_runs_and_names_the_missing(run, capsys)
 
 
 def test_error_spread_says_when_a_few_samples_own_the_error():
-    from flowpress.engines.metrics import error_spread, psnr_db
+    from flowpress.validation.metrics import error_spread, psnr_db
 
     reference = torch.zeros(100, 1, 4, 4)
     test = reference + 0.01

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flowpress.engines import OrtEngine, interleaved_step_times
+from flowpress.engines import OrtEngine
 from flowpress.engines.base import engine_args
 from flowpress.errors import FlowpressError
 from flowpress.sampling import Schedule
+from flowpress.validation import interleaved_step_times
 
 from .conftest import TINY_SCHEDULE
 

@@ -7,11 +7,11 @@ from flowpress.compress import Int8Config, quantize, set_output_quant, set_weigh
 from flowpress.errors import EngineParityError
 from flowpress.export import (
     ExportConfig,
-    build_ort_engine,
     check_parity,
     export_onnx,
     float_weight_ops,
     ort_session,
+    save_ort_engine,
 )
 from flowpress.export.passes import SHAPE_PROBE_BATCHES, _batch_reshape_target
 from flowpress.models import StepModel, load_model
@@ -67,7 +67,7 @@ def test_engine_merges_twin_quantizers_and_folds_linear_bias_without_changing_it
     path = export_onnx(qmodel.fp_module, tmp_path / "m.onnx", ExportConfig("ort-cpu"), qmodel)
     unfused = tmp_path / "unfused.onnx"
     ort_session(path, "extended", optimized_path=str(unfused))
-    facts = build_ort_engine(path, tmp_path / "engine.onnx")
+    facts = save_ort_engine(path, tmp_path / "engine.onnx")
     nodes = onnx.load(str(tmp_path / "engine.onnx")).graph.node
     with_bias = [n for n in nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
     n_bias = sum(
@@ -95,7 +95,7 @@ def test_engine_folds_shape_arithmetic_and_reads_split_shortcuts_from_the_concat
     source_ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     unfolded = tmp_path / "unfolded.onnx"
     ort_session(path, "extended", optimized_path=str(unfolded))
-    facts = build_ort_engine(path, tmp_path / "engine.onnx")
+    facts = save_ort_engine(path, tmp_path / "engine.onnx")
     engine_ops = [n.op_type for n in onnx.load(str(tmp_path / "engine.onnx")).graph.node]
     # every Reshape target and the attention scale came from Shape chains; none is left
     # (measured on this tiny UNet: 49 Shape nodes in the export, none in the engine, 53 tensors folded)

@@ -404,7 +404,7 @@ def test_an_unexpected_exception_is_exit_2_naming_its_stage_with_the_traceback_k
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault\nin a library")
 
-    monkeypatch.setattr("flowpress.chain.quantize", broken)
+    monkeypatch.setattr("flowpress.stages.chain.quantize", broken)
     runs = tmp_path / "runs"
     code = main(["quantize", "--recipe", str(write_recipe(tmp_path, tiny_model_dir)), "--runs", str(runs), "--quiet"])
     err = one_line(capsys.readouterr().err.strip())

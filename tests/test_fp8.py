@@ -17,13 +17,13 @@ from flowpress.compress.amax import fake_quant
 from flowpress.errors import FlowpressError
 from flowpress.export import (
     ExportConfig,
-    build_ort_engine,
     check_parity,
     export_onnx,
     insert_qdq,
     non_fp8_quantizers,
     ort_session,
     qdq_types,
+    save_ort_engine,
 )
 from flowpress.export.graphfile import read_graph
 from flowpress.export.lint import lint_tensorrt
@@ -198,10 +198,10 @@ def test_onnxruntime_qdq_propagation_corrupts_an_unprotected_fp8_graph(tmp_path,
 def test_engine_build_refuses_a_corrupted_fp8_engine(tmp_path, monkeypatch):
     path = tmp_path / "hazard.onnx"
     onnx.save(hazard_graph(), str(path))
-    assert build_ort_engine(path, tmp_path / "ok.onnx")["disabled_optimizers"] == ["QDQPropagationTransformer"]
+    assert save_ort_engine(path, tmp_path / "ok.onnx")["disabled_optimizers"] == ["QDQPropagationTransformer"]
     monkeypatch.setattr(flowpress.export.validate, "FP8_DISABLED_OPTIMIZERS", ())
     with pytest.raises(FlowpressError, match="inserted 1 non-fp8 QuantizeLinear"):
-        build_ort_engine(path, tmp_path / "bad.onnx")
+        save_ort_engine(path, tmp_path / "bad.onnx")
 
 
 def test_our_fp8_engine_is_the_same_with_optimizations_on_and_off(fp8, tmp_path):

@@ -21,11 +21,11 @@ from flowpress.errors import FlowpressError
 from flowpress.export import export_onnx, ort_session
 from flowpress.export.lint import BatchProfile
 from flowpress.export.tensorrt import GpuIdentity, TensorRTConfig, sha256_file, tensorrt_unavailable
-from flowpress.gpu import _row, batch_profile
 from flowpress.models import StepModel, load_model
 from flowpress.recipe import load_recipe
 from flowpress.rundir import tree_hashes
 from flowpress.sampling import Schedule
+from flowpress.stages.gpu import _row, batch_profile
 
 from .conftest import EVALUATOR
 
@@ -177,11 +177,11 @@ def fake_build(onnx_path, plan_path, schedule, config, calibration_sha256=None):
 def test_engines_with_tensorrt_validates_the_plan_and_exits_by_the_gate(run, monkeypatch, capsys, psnr, code):
     import flowpress.engines.tensorrt
     import flowpress.export.tensorrt
-    import flowpress.gpu
+    import flowpress.stages.gpu
 
     recipe, run_dir = run
     recipe = recipe_file(recipe.parent, load_recipe(recipe).model.path, psnr=psnr)
-    monkeypatch.setattr(flowpress.gpu, "tensorrt_unavailable", lambda: None)
+    monkeypatch.setattr(flowpress.stages.gpu, "tensorrt_unavailable", lambda: None)
     monkeypatch.setattr(flowpress.export.tensorrt, "build_engine", fake_build)
     monkeypatch.setattr(flowpress.engines.tensorrt, "TensorRTEngine", OrtStandIn)
     assert cli("engines", recipe, run_dir) == code

@@ -4,14 +4,14 @@ import dataclasses
 
 import pytest
 
-from flowpress.chain import run_quantize
 from flowpress.cli import main
 from flowpress.compress import Int8Config, SensitivityConfig, layer_sensitivity, quantize
 from flowpress.context import RunContext
 from flowpress.errors import FlowpressError
-from flowpress.mixed import mixed_precision
 from flowpress.models import StepModel, load_model
 from flowpress.recipe import load_recipe
+from flowpress.stages.chain import run_quantize
+from flowpress.stages.mixed import mixed_precision
 
 from .conftest import EVALUATOR, TINY_SCHEDULE, for_this_host, labels_of, tiny_calibration
 
@@ -140,7 +140,7 @@ def _fake_search(passing_from: int, confirm_from: int, max_fallback: int = 3):
     from torch import nn
 
     from flowpress.compress import LayerSensitivity, MixedPrecisionConfig, QuantizedModel, Sensitivity
-    from flowpress.mixed import Candidate, gated_search
+    from flowpress.stages.mixed import Candidate, gated_search
 
     module = nn.Module()  # a step model's stand-in: layers are named inside its .model
     module.model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))

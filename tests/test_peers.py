@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from flowpress.errors import FlowpressError
-from flowpress.peers import load_peer, modelopt_int8, peer_names, run_peers
 from flowpress.recipe import CompareSection
+from flowpress.stages.peers import load_peer, modelopt_int8, peer_names, run_peers
 
 
 def fixed_peer(ctx, fp):

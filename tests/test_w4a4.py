@@ -11,7 +11,7 @@ from flowpress.compress import W4A4Config, quantize
 from flowpress.compress.svdquant import QMAX, SVDQuantLayer, quantize_groups, smoothing
 from flowpress.errors import FlowpressError
 from flowpress.export import ExportConfig, check_parity, export_onnx, ort_session
-from flowpress.export.validate import build_ort_engine
+from flowpress.export.validate import save_ort_engine
 from flowpress.models import StepModel, load_model
 
 from .conftest import TINY_SCHEDULE, feeds_of, tiny_calibration
@@ -90,7 +90,7 @@ def test_w4a4_graph_and_engine_track_fake_quant(w4a4, tmp_path):
     # activations) gave 0.62 on, a dropped smoothing factor or a transposed branch lands above 1
     assert all(r.noise_ratio is not None and r.noise_ratio < 0.1 for r in results)
     engine = tmp_path / "m.opt.onnx"
-    build_ort_engine(path, engine)
+    save_ort_engine(path, engine)
     kept = {i.name: i.data_type for i in onnx.load(str(engine)).graph.initializer if ".lowrank_" in i.name}
     assert kept and set(kept.values()) == {onnx.TensorProto.FLOAT16}  # the branch stays 16-bit in the engine
     feeds = feeds_of(calib, 4)

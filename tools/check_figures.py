@@ -1,7 +1,7 @@
 """Measured numbers live only in results/ (written by the tools); docs, code and recipes link to the file.
 
 `python tools/check_figures.py [root]` prints `path:line: text` for each line of docs/**/*.md, the
-.py files of flowpress/, compress/, export/, engines/, calibration/ and examples/, and the .yaml
+.py files of flowpress/, compress/, export/, engines/, validation/, calibration/ and examples/, and the .yaml
 files of examples/ and recipes/ that states a figure with a unit, and exits 1 if there is any.
 
 A figure is a number followed (optionally after a space) by a unit: dB; a time (ns, µs, us, ms, s,
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-CODE_DIRS = ("flowpress", "compress", "export", "engines", "calibration", "examples")
+CODE_DIRS = ("flowpress", "compress", "export", "engines", "validation", "calibration", "examples")
 RECIPE_DIRS = ("examples", "recipes")
 OPT_OUT = re.compile(r"(?:#|<!--)\s*figure:\s*setting\b")
 

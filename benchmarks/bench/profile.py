@@ -12,8 +12,8 @@ import torch
 from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.base import graph_feeds
 from flowpress.engines.openvino import OpenVinoEngine
-from flowpress.engines.timing import ConditionFn
 from flowpress.export import ort_session
+from flowpress.validation.timing import ConditionFn
 
 # operators bench.md counts in each onnxruntime engine: integer vs float compute, and Q/DQ left
 GRAPH_OPS = (

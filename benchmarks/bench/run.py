@@ -31,7 +31,7 @@ from benchmarks.bench.timing import interleaved_loop_seconds, model_batch
 from benchmarks.bench.variants import Built, build_variants
 from benchmarks.common import fp_reference, sample_engine
 from flowpress.context import resident_bytes
-from flowpress.engines import OrtEngine, interleaved_step_times, psnr_db, step_times_ms
+from flowpress.engines import OrtEngine
 from flowpress.engines.base import graph_feeds
 from flowpress.engines.isa import HostIsa, host_isa
 from flowpress.engines.openvino import OpenVinoEngine
@@ -41,6 +41,7 @@ from flowpress.results import write_result
 from flowpress.rundir import run_lock, staged_run
 from flowpress.sampling import Schedule
 from flowpress.schema import to_dict
+from flowpress.validation import interleaved_step_times, psnr_db, step_times_ms
 
 
 def schedule_of(spec: BenchModel, recipe: Recipe) -> tuple[Schedule, float]:

@@ -1,5 +1,5 @@
 """Whole sampling loops timed interleaved across a model's variants (per-step timing is
-flowpress.engines.timing.interleaved_step_times)."""
+flowpress.validation.timing.interleaved_step_times)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from benchmarks.bench.variants import Built
-from flowpress.engines.timing import ConditionFn
 from flowpress.sampling import Cond, sample
+from flowpress.validation.timing import ConditionFn
 
 
 def model_batch(batch: int, guidance: float, cond: Cond) -> int:

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from examples.digits.classifier import DigitClassifier, load_classifier
 from examples.digits.data import load_digits
-from flowpress.engines import frechet_distance
 from flowpress.errors import FlowpressError
+from flowpress.validation import frechet_distance
 
 CLASSIFIER = "examples/digits/checkpoints/digits-classifier"
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from examples.digits.data import load_digits
-from flowpress.compress.distill import train_step, warmup_cosine
+from flowpress.compress.slimflow import train_step, warmup_cosine
 from flowpress.extras import need
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.digits.data import IMAGE_SHAPE, NULL_LABEL, NUM_CLASSES, load_digits
-from flowpress.compress.distill import train_step
+from flowpress.compress.slimflow import train_step
 from flowpress.errors import FlowpressError
 from flowpress.models import DiffusersDenoiser, DiTSpec, UNetSpec, build_dit, build_unet, save_model
 from flowpress.sampling import interpolate, target_velocity

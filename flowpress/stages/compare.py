@@ -16,27 +16,25 @@ from torch import Tensor
 
 from flowpress.calibration import CalibrationSet
 from flowpress.context import RunContext
-from flowpress.engine_stage import cpu_engines, main_engine
-from flowpress.engines import (
+from flowpress.engines import Engine, OrtEngine, TorchEngine
+from flowpress.engines.build import parity_feeds
+from flowpress.engines.portability import check_engine_host, host_record
+from flowpress.export.graphfile import graph_bytes
+from flowpress.stages.build import cpu_engines, main_engine
+from flowpress.stages.peers import run_peers
+from flowpress.validation import (
     Comparison,
-    Engine,
     FpReference,
-    OrtEngine,
-    TorchEngine,
     compare,
     fp_reference,
     interleaved_step_times,
     judge,
     recommend,
 )
-from flowpress.engines.build import parity_feeds
-from flowpress.engines.portability import check_engine_host, host_record
-from flowpress.engines.report import Report, write_report
-from flowpress.export.graphfile import graph_bytes
-from flowpress.peers import run_peers
+from flowpress.validation.report import Report, write_report
 
 # the CPU engines' latency: interleaved rounds of LATENCY_SETTLE untimed + LATENCY_BLOCK timed
-# forwards per runtime (engines/timing.py says why rounds must be long)
+# forwards per runtime (validation/timing.py says why rounds must be long)
 LATENCY_BLOCK, LATENCY_SETTLE = 10, 3
 EXACT_ON = {
     "8-bit": "x86 with VNNI or AMX, ARM with dot-product",
@@ -87,7 +85,7 @@ class TorchSide:
     (a large model is released then: its engines are built and judged without it in memory).
     fp: the FP reference trajectories; latency_ms: {b1, b8} torch fp32 ms per forward;
     end_to_end_ms: torch's ms per image of a pipeline call (pipelines only); peers: the recipe's
-    peers (flowpress/peers.py) judged against fp, without their margin."""
+    peers (flowpress/stages/peers.py) judged against fp, without their margin."""
 
     fp: FpReference
     latency_ms: dict[str, float]

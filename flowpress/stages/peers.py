@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from flowpress.context import RunContext
-from flowpress.engines import Engine, FpReference, TorchEngine, judge
+from flowpress.engines import Engine, TorchEngine
 from flowpress.errors import FlowpressError
+from flowpress.validation import FpReference, judge
 
 Peer = Callable[[RunContext, FpReference], list[dict[str, Any]]]
-BUILT_IN = {"modelopt": "flowpress.peers:modelopt_int8"}
+BUILT_IN = {"modelopt": "flowpress.stages.peers:modelopt_int8"}
 MODELOPT_SEEDS = 32  # modelopt's diffusers example calibrates on 32-64 prompts
 
 

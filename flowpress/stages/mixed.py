@@ -21,13 +21,14 @@ from flowpress.calibration import CalibrationSet
 from flowpress.compress import QuantizedModel, Sensitivity, SensitivityConfig, keep_full_precision, layer_sensitivity
 from flowpress.compress.config import MixedPrecisionConfig
 from flowpress.context import RunContext
-from flowpress.engines import Engine, OrtEngine, TorchEngine, evaluate_gate, median_step_ms
+from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import build_ort
-from flowpress.engines.compare import final_metrics
-from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import graph_bytes
 from flowpress.sampling import batch_cond, noise_for_seeds, sample
+from flowpress.validation import evaluate_gate, median_step_ms
+from flowpress.validation.compare import final_metrics
+from flowpress.validation.report import Report
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,8 @@ def mixed_precision(
     """Rank layers by trajectory sensitivity, then keep them in full precision one at a time
     until the gate passes; returns (exports, engine manifest, report, search) of the confirmed
     assignment and raises FlowpressError when none passes."""
-    from flowpress.compare_stage import compare_stage
-    from flowpress.engine_stage import build_engines
+    from flowpress.stages.build import build_engines
+    from flowpress.stages.compare import compare_stage
 
     recipe = ctx.recipe
     config: MixedPrecisionConfig = recipe.quantize.mixed_precision  # type: ignore[union-attr]

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowpress.engines.compare import Comparison
 from flowpress.errors import FlowpressError
 from flowpress.files import write_json, write_text
+from flowpress.validation.compare import Comparison
 
 
 @dataclass
@@ -324,7 +324,7 @@ def _mixed_precision_section(report: Report) -> list[str]:
     """The gated mixed-precision search (report_mixed.py, imported only when there is one); else empty."""
     if not report.mixed_precision:
         return []
-    from flowpress.engines.report_mixed import mixed_precision_markdown
+    from flowpress.validation.report_mixed import mixed_precision_markdown
 
     return mixed_precision_markdown(report.mixed_precision)
 

@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from flowpress.calibration import CalibrationSet, capture
-from flowpress.compare_stage import compare_stage, measure_torch_side
 from flowpress.compress import QuantizedModel, quantize
 from flowpress.context import RunContext, Timer, versions
-from flowpress.engine_stage import build_engines, weight_form
-from flowpress.engines.report import Report
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import large_bytes
 from flowpress.models import LoadedModel, release_weights
@@ -30,6 +27,9 @@ from flowpress.rundir import (
     write_json,
 )
 from flowpress.schema import to_dict
+from flowpress.stages.build import build_engines, weight_form
+from flowpress.stages.compare import compare_stage, measure_torch_side
+from flowpress.validation.report import Report
 
 REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "trajectory_error.png")
 
@@ -67,7 +67,7 @@ def run_quantize(
             search, released = None, False
             mixed = getattr(recipe.quantize, "mixed_precision", None)
             if mixed is not None and mixed.enabled:
-                from flowpress.mixed import mixed_precision
+                from flowpress.stages.mixed import mixed_precision
 
                 exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
             else:

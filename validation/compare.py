@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from flowpress.engines.base import Engine
-from flowpress.engines.metrics import cosine, error_spread, psnr_db, rel_l2, ssim
 from flowpress.errors import FlowpressError
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
+from flowpress.validation.metrics import cosine, error_spread, psnr_db, rel_l2, ssim
 
 Direction = Literal["higher", "lower"]
 Decode = Callable[[Tensor], Tensor]  # latents -> images in [-1, 1]

@@ -21,9 +21,8 @@ import torch
 from torch import Tensor
 
 from flowpress.context import RunContext
-from flowpress.engines import TorchEngine, compare, median_step_ms
+from flowpress.engines import TorchEngine
 from flowpress.engines.portability import host_record
-from flowpress.engines.report import Report, write_report
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import graph_bytes
 from flowpress.export.lint import BatchProfile, check_tensorrt
@@ -33,6 +32,8 @@ from flowpress.models import StepModel
 from flowpress.recipe import Recipe
 from flowpress.rundir import read_manifest, record_outputs, run_lock, verify_run, write_json
 from flowpress.sampling import Cond, Sampler
+from flowpress.validation import compare, median_step_ms
+from flowpress.validation.report import Report, write_report
 
 BENCH_RUNS = 50  # timed forwards per runtime (median reported)
 BENCH_WARMUP = 10
@@ -203,7 +204,7 @@ def engines_lines(result: EnginesResult) -> list[str]:
     """What `flowpress engines` prints: exactly one line when TensorRT was skipped."""
     if result.skipped is not None:
         return [f"tensorrt: skipped: {result.skipped}"]
-    from flowpress.chain import summary_lines
+    from flowpress.stages.chain import summary_lines
 
     head = [
         f"{result.linted}: TensorRT lint clean",

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowpress.compress.distill import build_student, count_params, distill, reflow
 from flowpress.compress.distributed import Dist, config_hash, device, init_distributed
 from flowpress.compress.pairs import Pairs, generate_pairs, load_pairs
+from flowpress.compress.slimflow import build_student, count_params, distill, reflow
 from flowpress.compress.train_state import TrainState
-from flowpress.engines import Evaluator
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
 from flowpress.models import DiffusersDenoiser, StepModel, load_model, save_model
@@ -35,6 +34,7 @@ from flowpress.recipe import DistillRecipe
 from flowpress.rundir import run_lock, staged_run, tree_hashes
 from flowpress.sampling import Schedule, batch_cond, noise_for_seeds, sample
 from flowpress.schema import to_dict
+from flowpress.validation import Evaluator
 
 ENTRIES = ("teacher", "student_1step", "student_2step", "baseline_1step")
 NOT_SCORES = ("steps", "method", "guidance", "params", "ms_per_image_b8", "model")
