@@ -62,7 +62,7 @@ precisions: $(STAMP)
 
 # full-width SD 1.5 / SDXL / PixArt-a / SD3-medium pipelines (random weights, built from their configs, nothing
 # downloaded) through `quantize --model` at a small latent size -> runs/scale/, results/scale.md
-SCALE_MODELS ?= sd15,sdxl,pixart-alpha,sd3-medium
+SCALE_MODELS ?= sd15,sdxl,pixart-alpha,sd3-medium,flux-dev-depth2
 .PHONY: scale
 scale: $(STAMP)
 	$(PY) -m benchmarks.scale --models $(SCALE_MODELS) --results results

@@ -70,6 +70,7 @@ def _with_run(row: dict, out: Path) -> dict:
             size_bytes=report["size_bytes"],
             denoiser=report.get("model"),
             plan=manifest.get("plan"),
+            settings=_settings(manifest["recipe"]),
         )
         # the larger of the parent's measure and the run's own (a flowpress that reset the kernel's
         # peak per stage hid it from the parent's ru_maxrss)
@@ -78,20 +79,28 @@ def _with_run(row: dict, out: Path) -> dict:
     return row
 
 
+def _settings(recipe: dict) -> str:
+    """How a run was asked, from its own manifest's recipe."""
+    openvino = "" if recipe["engine"]["candidates"] else ", no OpenVINO"
+    return (
+        f"{recipe['sampling']['steps']} steps, {recipe['calibration']['n_samples']} calibration / "
+        f"{recipe['compare']['n_samples']} compare samples{openvino}"
+    )
+
+
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Real-size models through `flowpress quantize --model`",
         "",
         f"Written by `make scale` (`python -m benchmarks.scale`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{_cpu()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB. "
-        f"Random weights at full width (benchmarks/scale_models.py), {args.steps} steps, {args.samples} compare "
-        f"samples, `flowpress quantize` options: {args.options or 'none'}; host ISA class "
+        "Random weights at full width (benchmarks/scale_models.py), each run as its settings column says; host ISA class "
         f"{', '.join(sorted({r['isa'] for r in rows if 'isa' in r})) or 'unknown'}. Peak resident: the process's "
         "whole-run peak; the plan's estimate and the per-stage peaks are in each run's manifest.",
         "",
-        "| model | denoiser params | fp32 bytes | fp32 ONNX bytes | engine bytes | peak resident | peak / fp32 | "
-        "wall s | final PSNR dB | gate | exit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | settings | denoiser params | fp32 bytes | fp32 ONNX bytes | engine bytes | peak resident | "
+        "peak / fp32 | wall s | final PSNR dB | gate | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         plan = row.get("plan") or {}
@@ -101,7 +110,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         psnr = f"{row['final_psnr_db']:.2f}" if "final_psnr_db" in row else "—"
         gate = {True: "pass", False: "FAIL"}.get(row.get("gate_passed"), "—")  # type: ignore[arg-type]
         lines.append(
-            f"| {row['model']} | {plan.get('denoiser_parameters', 0) / 1e9:.3f} B | {fp32 or 0:,} | "
+            f"| {row['model']} | {row.get('settings', '—')} | {plan.get('denoiser_parameters', 0) / 1e9:.3f} B | {fp32 or 0:,} | "
             f"{size.get('fp32_onnx', 0):,} | {size.get('engine', 0):,} | {row['peak_rss_bytes'] / 1e9:.2f} GB | "
             f"{ratio} | {row['seconds']:.0f} | {psnr} | {gate} | {row['exit']} |"
         )
@@ -150,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(rows: list[dict], args: argparse.Namespace, root: Path) -> int:
+    """scale.json / scale.md with `rows`, beside the rows of the models not run this time."""
+    kept = json.loads((root / "scale.json").read_text()) if (root / "scale.json").is_file() else []
+    ran = {row["model"] for row in rows}
+    code = 0 if all(row["exit"] in (0, 1) for row in rows) else 2
+    rows = [row for row in kept if row["model"] not in ran] + rows
     (root / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
     markdown = _table(rows, args)
     (root / "scale.md").write_text(markdown)
@@ -157,7 +171,7 @@ def _write(rows: list[dict], args: argparse.Namespace, root: Path) -> int:
         Path(args.results).mkdir(parents=True, exist_ok=True)
         (Path(args.results) / "scale.md").write_text(markdown)
     print(markdown)
-    return 0 if all(row["exit"] in (0, 1) for row in rows) else 2
+    return code
 
 
 if __name__ == "__main__":

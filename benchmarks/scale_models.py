@@ -45,8 +45,9 @@ def _clip_bigg():  # noqa: ANN202
     return _clip(1280, 32, 20, "gelu", projection=True)
 
 
-def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None = None):  # noqa: ANN202
-    """The SD VAE (83M parameters), or SD3's with 16 latent channels."""
+def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None = None, size: int = 32):  # noqa: ANN202
+    """The SD VAE (83M parameters), or SD3's / Flux's with 16 latent channels; size: its image side
+    (Flux's pipeline samples at the VAE's)."""
     from diffusers import AutoencoderKL
 
     vae: Any = AutoencoderKL(
@@ -59,6 +60,7 @@ def _vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None
         latent_channels=latent_channels,
         scaling_factor=scaling,
         shift_factor=shift,
+        sample_size=size,
     )
     return vae.eval()
 
@@ -203,11 +205,45 @@ def sd3_medium(folder: Path, latent: int = 16) -> Path:
     return folder
 
 
+def flux_dev(folder: Path, latent: int = 16) -> Path:
+    """FLUX.1-dev's width at reduced depth: FluxTransformer2DModel (3072 wide, 24 heads of 128,
+    guidance embedding) with 1 of its 19 double blocks and 1 of its 38 single blocks; CLIP-L and a
+    T5 of T5-XXL's width (1 of its 24 layers); the 16-channel VAE; FlowMatchEuler with dynamic
+    shifting, as the published configs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    need("transformers", "text", "the scale models' text encoders")
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tokenizer(folder / ".tokenizer")
+    t5_tokenizer = _tokenizer(folder / ".tokenizer-t5", max_length=512)
+    encoder = T5EncoderModel(
+        T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64, pad_token_id=1,
+                 feed_forward_proj="gated-gelu")
+    ).eval()  # fmt: skip
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe: Any = FluxPipeline(
+        scheduler=scheduler, vae=_vae(16, scaling=0.3611, shift=0.1159, size=8 * latent), text_encoder=_clip_l(),
+        tokenizer=tokenizer, text_encoder_2=encoder, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
 BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "sd15": sd15,
     "sdxl": sdxl,
     "pixart-alpha": pixart_alpha,
     "sd3-medium": sd3_medium,
+    "flux-dev-depth2": flux_dev,
 }
 
 

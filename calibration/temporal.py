@@ -111,7 +111,12 @@ def discover_temporal(model: DiffusersDenoiser, times: Tensor) -> list[str]:
             for x, y in zip(a, b, strict=True)
         )
 
-    temporal = {name for name, (a, b) in calls.items() if same(a, b)}
+    def per_sample(a: list[list[Tensor]]) -> bool:  # a table is gathered by row: (B, ...) outputs only
+        return all(u.dim() > 0 and u.shape[0] == n for x in a for u in x)
+
+    # rotary position tables (Flux's pos_embed) repeat for every row and every step: not per sample,
+    # they stay in the graph, where the exporter folds them into constants
+    temporal = {name for name, (a, b) in calls.items() if same(a, b) and per_sample(a)}
     return sorted(name for name in temporal if name.rpartition(".")[0] not in temporal)
 
 

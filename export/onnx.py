@@ -16,6 +16,7 @@ from flowpress.compress.model import UNSIGNED_ZERO_POINT
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import Graph, check_graph, read_graph, write_graph
 from flowpress.export.learned import learned_dequantize, learned_weight
+from flowpress.export.symbolics import register_symbolics
 from flowpress.models import StepModel
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def export_onnx(
     shape = step_model.sample_shape
     example = step_model.example_inputs(2)
     names = ["x", "step", *step_model.cond_names]
+    register_symbolics(config.opset)
     # torch writes a graph over 2 GB as one file per tensor beside it: into a scratch folder
     # beside the target (same file system), consolidated by write_graph
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as scratch:

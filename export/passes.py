@@ -180,9 +180,10 @@ def _probe_shapes(source: Graph, frontier: dict[str, list[tuple[int, int]]]) -> 
             tensor_type = graph_input.type.tensor_type
             shape = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
             feeds[graph_input.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        got = session.run(names, feeds)
-        for name, value in zip(names, got, strict=True):
-            values[name].append(np.asarray(value))
+        fetched = [n for n in names if n not in feeds]  # a Reshape of a graph input (Flux's packing) reads the feed
+        got = dict(zip(fetched, session.run(fetched, feeds), strict=True))
+        for name in names:
+            values[name].append(np.asarray(feeds[name] if name in feeds else got[name]))
     return values
 
 

@@ -24,7 +24,8 @@ from flowpress.recipe import (
 )
 
 # classifier-free guidance the pipelines of each conditioning use by default
-GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0}
+# (a guidance-distilled Flux takes its scale as an input: no classifier-free guidance)
+GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0, "distilled": 1.0}
 
 
 def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:
@@ -43,6 +44,8 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
         source = load_source(path, None, args.scheduler, args.prediction_type)
     denoiser = source.denoiser
     kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
+    if denoiser.architecture == "flux":
+        kind = "distilled"
     if source.kind.startswith("flowpress"):
         kind = "flow" if denoiser.num_classes else "none"
     out = Path(args.out) if args.out else Path(args.runs) / path.resolve().name

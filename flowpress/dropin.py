@@ -23,8 +23,9 @@ from torch import Tensor
 
 from flowpress.engines import Engine
 from flowpress.errors import FlowpressError
+from flowpress.models.velocity import ARCHITECTURES, PACKED
 
-COND_INPUTS = ("encoder_hidden_states", "pooled_projections", "class_labels", "encoder_attention_mask")
+COND_INPUTS = ("encoder_hidden_states", "pooled_projections", "class_labels", "encoder_attention_mask", "guidance")
 
 
 def _output_class() -> Any:
@@ -45,6 +46,8 @@ class EngineForward:
         self.times = engine.schedule.model_times.double()
         self.learned_sigma = int(getattr(net.config, "out_channels", None) or shape[0]) == 2 * shape[0]
         self.output = _output_class()
+        # Flux's pipeline hands its transformer 2x2-packed latents and the timestep over 1000
+        self.packed = ARCHITECTURES.get(type(net).__name__) in PACKED
         self.next = 0  # the call index the schedule expects next
 
     def step_of(self, timestep: Tensor | float, batch: int) -> Tensor:
@@ -56,6 +59,16 @@ class EngineForward:
             step = self.lookup(t)
         self.next = (int(step[-1]) + 1) % len(self.times)
         return step
+
+    def unpacked(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) latents of the pipeline's (B, H/2 * W/2, 4C) packed ones (FluxPipeline._unpack_latents)."""
+        c, h, w = self.shape
+        if x.dim() != 3 or tuple(x.shape[1:]) != ((h // 2) * (w // 2), c * 4):
+            raise FlowpressError(
+                f"{self.where}: this engine takes {(h // 2) * (w // 2)} packed patches of {c * 4} values, the "
+                f"pipeline passed {tuple(x.shape[1:])}; call it with the height / width the run was built for"
+            )
+        return x.reshape(-1, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, h, w)
 
     def lookup(self, t: Tensor) -> Tensor:
         gap, step = (t.reshape(-1, 1) - self.times.reshape(1, -1)).abs().min(dim=1)
@@ -73,6 +86,9 @@ class EngineForward:
         x = given.get("sample", given.get("hidden_states"))
         if x is None or "timestep" not in given:
             raise FlowpressError(f"{self.where}: the pipeline called its denoiser without a sample and a timestep")
+        timestep = given["timestep"]
+        if self.packed:
+            x, timestep = self.unpacked(x), timestep * 1000
         if tuple(x.shape[1:]) != tuple(self.shape):
             raise FlowpressError(
                 f"{self.where}: this engine takes {tuple(self.shape)} samples, the pipeline passed {tuple(x.shape[1:])}; "
@@ -85,7 +101,14 @@ class EngineForward:
             cond = {k: v for k, v in cond.items() if k in names_in}
         if "encoder_attention_mask" in cond and cond["encoder_attention_mask"].dtype != torch.int64:
             cond["encoder_attention_mask"] = cond["encoder_attention_mask"].long()
-        out = self.engine(x.float(), self.step_of(given["timestep"], x.shape[0]), cond)
+        out = self.engine(x.float(), self.step_of(timestep, x.shape[0]), cond)
+        if self.packed:
+            c, h, w = self.shape
+            out = (
+                out.reshape(-1, c, h // 2, 2, w // 2, 2)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(-1, (h // 2) * (w // 2), c * 4)
+            )
         if self.learned_sigma:  # the pipeline splits [mean, variance]; its schedulers read the mean only
             out = torch.cat([out, torch.zeros_like(out)], dim=1)
         out = out.to(x.dtype)

@@ -207,3 +207,44 @@ def pixart_pipeline(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def flux_pipeline(folder: Path) -> Path:
+    """Flux layout: FluxTransformer2DModel (one double and one single block, guidance embedding,
+    4x8x8 latents packed in 2x2 patches) on a tiny CLIP and a tiny T5 (the tiny CLIP tokenizer for
+    both), FlowMatchEuler with dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(folder / ".tokenizer")
+    t5_tokenizer = tiny_tokenizer(folder / ".tokenizer-t5", max_length=32)
+    encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, pad_token_id=1)
+    ).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(4, shift=0.1159),
+        text_encoder=tiny_clip(len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=encoder,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder

@@ -29,6 +29,7 @@ FAMILIES = {
     "dit": pipelines.dit_pipeline,
     "sd3": pipelines.sd3_pipeline,
     "pixart": pipelines.pixart_pipeline,
+    "flux": pipelines.flux_pipeline,
 }
 
 
@@ -59,12 +60,27 @@ def test_every_family_quantizes_from_its_pipeline_directory(pipes, tmp_path, cap
     samples = np.load(tmp_path / "run" / "samples.npz")
     latent = family != "ddpm"
     assert samples["fp"].shape == ((4, 3, 16, 16) if latent else (4, 1, 8, 8))  # decoded by the pipeline's VAE
-    assert ("prompts" in samples) is (family in ("sd", "sd3", "pixart"))
+    assert ("prompts" in samples) is (family in ("sd", "sd3", "pixart", "flux"))
     assert f"model: {report['model']}" in out
     # a scheduler-driven UNet's first try keeps the layers modelopt's diffusers example keeps in full precision
     recipe = json.loads((tmp_path / "run" / "manifest.json").read_text())["recipe"]
     unet = family in ("ddpm", "sd")
     assert tuple(recipe["quantize"]["exclude"]) == (UNET_FLOAT_LAYERS if unet else ())
+    if family == "flux":  # guidance-distilled: its scale is an input, no classifier-free guidance
+        assert recipe["sampling"]["guidance"] == 1.0 and samples["cond_guidance"].tolist() == [3.5] * 4
+        # the drop-in answers FluxPipeline's packed call with the run's engine: its samples, to rounding
+        pipe = flowpress.load_pipeline(tmp_path / "run", "ort-int8")
+        images = pipe(
+            list(samples["prompts"]),
+            num_inference_steps=4,
+            height=16,
+            width=16,
+            generator=[torch.Generator().manual_seed(s) for s in samples["seeds"].tolist()],
+            output_type="np",
+        ).images
+        got = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+        # measured max |diff| 6e-8 (Zen 3)
+        assert float((got - torch.from_numpy(samples["samples_ort-int8"]).clamp(-1, 1)).abs().max()) < 1e-4
 
 
 @pytest.mark.slow
@@ -109,6 +125,35 @@ def test_the_drop_in_pipeline_draws_the_run_engines_samples(pipes, tmp_path, cap
     assert float((got - torch.from_numpy(samples["samples_ort-int8"]).clamp(-1, 1)).abs().max()) < 1e-4
     with pytest.raises(FlowpressError, match="num_inference_steps=4"):
         pipe(["a red car"], num_inference_steps=6, output_type="np")
+
+
+def test_the_flux_trajectory_is_the_pipelines_own(pipes):
+    """Packing, position ids, the shifted sigmas, the distilled guidance input: flowpress's FP
+    trajectory must end where FluxPipeline's own latents do."""
+    source = load_source(pipes["flux"])
+    sampler = source.sampler(4, "")
+    conditions = source.conditioner.conditions(2)
+    seeds = [3, 4]
+    model = StepModel(source.denoiser, sampler).run
+    ours = sample(sampler, model, noise_for_seeds(seeds, (4, 8, 8)), conditions.model, seeds=seeds).final
+    pipe = source.pipe
+    packed = pipe(
+        list(conditions.prompts), num_inference_steps=4, height=16, width=16, output_type="latent",
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    ).images  # fmt: skip
+    theirs = pipe._unpack_latents(packed, 16, 16, pipe.vae_scale_factor)
+    assert float((ours - theirs).abs().max()) < 1e-5 * float(theirs.abs().max())  # measured: equal (Zen 3)
+
+
+def test_fluxs_rotary_embedding_is_diffusers_own_with_a_symbolic_batch():
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from flowpress.models.velocity import _rotary
+
+    x = torch.randn(3, 10, 2, 8)
+    freqs = (torch.randn(10, 8), torch.randn(10, 8))
+    for dim, shaped in ((1, x), (2, x.transpose(1, 2))):
+        assert torch.equal(_rotary(shaped, freqs, dim), apply_rotary_emb(shaped, freqs, sequence_dim=dim))
 
 
 def test_the_ddpm_sampler_is_the_pipelines_own(pipes):

@@ -27,6 +27,8 @@ CALIBRATION_PROMPTS = (
     "a watercolor painting of flowers",
     "a close-up of a green leaf",
 )
+# the distilled guidance scale FluxPipeline passes by default (guidance_scale) to a model that embeds it
+FLUX_GUIDANCE = 3.5
 COMPARE_PROMPTS = (
     "a lighthouse on a rocky coast",
     "a cup of coffee next to a laptop",
@@ -138,6 +140,14 @@ class PromptConditioner:
                 {"encoder_hidden_states": pos, "pooled_projections": pooled},
                 {"encoder_hidden_states": neg, "pooled_projections": neg_pooled},
             )
+        if self.family == "flux":  # no negative prompt: guidance-distilled, its scale is an input
+            pos, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+            neg, neg_pooled, _ = pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=device)
+            scale = {"guidance": torch.full((len(prompts),), FLUX_GUIDANCE)} if self._flux_guidance() else {}
+            return (
+                {"encoder_hidden_states": pos, "pooled_projections": pooled, **scale},
+                {"encoder_hidden_states": neg, "pooled_projections": neg_pooled, **scale},
+            )
         if self.family == "pixart":
             pos, mask, neg, neg_mask = pipe.encode_prompt(
                 prompts, do_classifier_free_guidance=True, device=device, clean_caption=False
@@ -147,6 +157,9 @@ class PromptConditioner:
                 {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask},
             )
         raise FlowpressError(f"prompts: a {self.family} denoiser takes no text")
+
+    def _flux_guidance(self) -> bool:
+        return bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
 
     def conditions(self, n: int, offset: int = 0, prompts: Sequence[str] | None = None) -> Conditions:
         pool = list(prompts or COMPARE_PROMPTS)

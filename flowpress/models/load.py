@@ -21,6 +21,7 @@ from flowpress.models.conditioning import ClassConditioner, Conditioner, NoCondi
 from flowpress.models.velocity import (
     ARCHITECTURES,
     FLOWPRESS_JSON,
+    PACKED,
     DiffusersDenoiser,
     check_finite_weights,
     check_velocity_model,
@@ -80,17 +81,32 @@ def _refuse_other_classes(name: str, where: Path) -> None:
 
 
 def _diffusers_sampler(
-    base: Any, scheduler: str | None, prediction: Prediction | None
+    base: Any, scheduler: str | None, prediction: Prediction | None, image_tokens: int | None = None
 ) -> Callable[[int, str], Sampler]:
+    """The sampler factory of a diffusers scheduler; image_tokens: the denoiser's image sequence
+    length, which a scheduler with dynamic shifting (Flux's) needs to place its sigmas."""
     if scheduler is not None and scheduler != "pipeline":
         base = scheduler_named(scheduler, base)
     if prediction is not None:
         base = type(base).from_config(base.config, prediction_type=prediction)
 
     def make(steps: int, _method: str) -> Sampler:
-        return DiffusersSampler(base, steps)
+        return DiffusersSampler(base, steps, _shifted_sigmas(base, steps, image_tokens))
 
     return make
+
+
+def _shifted_sigmas(base: Any, steps: int, image_tokens: int | None) -> dict[str, Any]:
+    """What FluxPipeline hands set_timesteps when the scheduler shifts by resolution: sigmas from 1
+    to 1/steps and mu from the image sequence length ({} for any other scheduler)."""
+    config = base.config
+    if not config.get("use_dynamic_shifting") or image_tokens is None:
+        return {}
+    slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (
+        config.get("max_image_seq_len", 4096) - config.get("base_image_seq_len", 256)
+    )
+    mu = image_tokens * slope + config.get("base_shift", 0.5) - slope * config.get("base_image_seq_len", 256)
+    return {"sigmas": [1.0 - k * (1.0 - 1.0 / steps) / max(steps - 1, 1) for k in range(steps)], "mu": mu}
 
 
 def _flow_sampler(steps: int, method: str) -> Sampler:
@@ -160,6 +176,24 @@ def load_source(
     return LoadedModel(denoiser, make, conditioner, None, None, kind, path)
 
 
+def _latent_size(pipe: Any, net: Any) -> int | None:
+    """The latent side the pipeline samples by default: its denoiser's config, or (Flux, whose
+    config has none) its VAE's image size over the VAE's scale."""
+    if getattr(net.config, "sample_size", None):
+        return None
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not getattr(vae.config, "sample_size", None):
+        raise FlowpressError(f"{type(net).__name__}: neither it nor the pipeline's VAE says the sample size")
+    return int(vae.config.sample_size) // int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _image_tokens(denoiser: DiffusersDenoiser, net: Any) -> int:
+    """The image sequence length of a transformer (patches of its latents; Flux packs 2x2)."""
+    _, h, w = denoiser.sample_shape
+    patch = 2 if denoiser.architecture in PACKED else int(getattr(net.config, "patch_size", 1) or 1)
+    return (h // patch) * (w // patch)
+
+
 def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction | None) -> Any:
     """The scheduler config in path/scheduler/, path/../scheduler/ or path/scheduler_config.json;
     without one, a named scheduler with its default training schedule and the given prediction type."""
@@ -215,13 +249,14 @@ def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | N
     check_finite_weights(net, str(path / role))
     if scheduler == "flow":
         raise FlowpressError(f"{path}: a diffusers pipeline samples with a diffusers scheduler, not 'flow'")
-    make = _diffusers_sampler(pipe.scheduler, scheduler, prediction)
-    denoiser = DiffusersDenoiser(net.eval(), 1.0)
+    size = _latent_size(pipe, net)
+    denoiser = DiffusersDenoiser(net.eval(), 1.0, sample_size=size)
+    make = _diffusers_sampler(pipe.scheduler, scheduler, prediction, _image_tokens(denoiser, net))
     conditioner: Conditioner
     if denoiser.text_conditioned:
         pipe.set_progress_bar_config(disable=True)
         prompts = PromptConditioner(pipe, denoiser.architecture, denoiser.sample_shape[1])
-        denoiser = DiffusersDenoiser(net, 1.0, cond_spec=prompts.spec()).eval()
+        denoiser = DiffusersDenoiser(net, 1.0, cond_spec=prompts.spec(), sample_size=size).eval()
         conditioner = prompts
     elif denoiser.num_classes:
         conditioner = ClassConditioner(denoiser.num_classes, int(denoiser.null_label))  # type: ignore[arg-type]

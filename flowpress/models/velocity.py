@@ -34,8 +34,10 @@ ARCHITECTURES = {
     "DiTTransformer2DModel": "dit",
     "SD3Transformer2DModel": "sd3",
     "PixArtTransformer2DModel": "pixart",
+    "FluxTransformer2DModel": "flux",
 }
-TEXT_ARCHITECTURES = ("unet-cond", "sd3", "pixart")
+TEXT_ARCHITECTURES = ("unet-cond", "sd3", "pixart", "flux")
+PACKED = ("flux",)  # 2x2 latent patches packed into channels around the network (FluxPipeline._pack_latents)
 CondSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # input name -> (shape without the batch, dtype)
 
 
@@ -58,15 +60,22 @@ class DiffusersDenoiser(nn.Module):
     null_label: int | None
 
     def __init__(
-        self, net: Any, time_scale: float = 1000.0, null_label: int | None = None, cond_spec: CondSpec | None = None
+        self,
+        net: Any,
+        time_scale: float = 1000.0,
+        null_label: int | None = None,
+        cond_spec: CondSpec | None = None,
+        sample_size: int | None = None,
     ):
         super().__init__()
         self.net = net
         self.architecture = ARCHITECTURES[type(net).__name__]
         self.time_scale = float(time_scale)
         cfg = net.config
-        self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-        self.out_channels = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        packing = 4 if self.architecture in PACKED else 1
+        size = int(sample_size or cfg.sample_size)  # a Flux config has none: the loader gives the pipeline's
+        self.sample_shape = (int(cfg.in_channels) // packing, size, size)
+        self.out_channels = int(getattr(cfg, "out_channels", None) or cfg.in_channels) // packing
         n_embeds: int | None = getattr(cfg, "num_class_embeds", None)
         if self.architecture == "dit":  # DiT's label embedding adds the null class itself, after num_embeds_ada_norm
             self.num_classes = cfg.num_embeds_ada_norm
@@ -127,6 +136,8 @@ class DiffusersDenoiser(nn.Module):
                 pooled_projections=cond["pooled_projections"],
                 timestep=timestep,
             ).sample
+        elif arch == "flux":
+            out = self._flux(x, timestep, cond)
         else:  # pixart
             added: dict[str, Tensor | None] = {
                 "resolution": cond.get("resolution"),
@@ -143,12 +154,68 @@ class DiffusersDenoiser(nn.Module):
             out = out[:, : self.sample_shape[0]]
         return out
 
+    def _flux(self, x: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        _export_safe_rotary()
+        """FluxPipeline's call around the network: the latents packed in 2x2 patches, each patch's
+        (0, row, column) position and zero text positions for the rotary embedding, the timestep
+        over 1000, the distilled guidance scale as an input (`guidance`, when the model embeds it)."""
+        _, c, h, w = x.shape  # the batch stays symbolic (-1) for the ONNX export
+        packed = (
+            x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, (h // 2) * (w // 2), c * 4)
+        )
+        rows = torch.arange(h // 2, dtype=x.dtype).reshape(-1, 1).expand(h // 2, w // 2)
+        columns = torch.arange(w // 2, dtype=x.dtype).reshape(1, -1).expand(h // 2, w // 2)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3)
+        text = cond["encoder_hidden_states"]
+        out = self.net(
+            hidden_states=packed,
+            encoder_hidden_states=text,
+            pooled_projections=cond["pooled_projections"],
+            timestep=timestep / 1000,
+            img_ids=img_ids,
+            txt_ids=torch.zeros(text.shape[1], 3, dtype=x.dtype),
+            guidance=cond.get("guidance"),
+        ).sample
+        return out.reshape(-1, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, h, w)
+
     def flowpress_config(self) -> dict[str, Any]:
         return {
             "adapter": f"diffusers-{self.architecture}",
             "time_scale": self.time_scale,
             "null_label": self.null_label,
         }
+
+
+def _rotary(x: Tensor, freqs_cis: tuple[Tensor, Tensor], sequence_dim: int) -> Tensor:
+    """diffusers' apply_rotary_emb (real form, pairs along the last dim), with the pairs split by
+    unflatten: its reshape to (*x.shape[:-1], -1, 2) is recorded by the TorchScript exporter with
+    the traced batch as a constant, so the graph refused any other batch.  Same arithmetic."""
+    cos, sin = freqs_cis
+    index = (None, slice(None), None, slice(None)) if sequence_dim == 1 else (None, None, slice(None), slice(None))
+    cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def _export_safe_rotary() -> None:
+    """Flux's attention looks apply_rotary_emb up in its module: answer its (real, last-dim) calls
+    with `_rotary`, anything else with diffusers' own."""
+    import diffusers.models.transformers.transformer_flux as flux
+
+    original = flux.apply_rotary_emb
+    if getattr(original, "export_safe", False):
+        return
+
+    def apply_rotary_emb(
+        x: Tensor, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1, sequence_dim: int = 2
+    ) -> Tensor:
+        if use_real and use_real_unbind_dim == -1 and sequence_dim in (1, 2):
+            return _rotary(x, freqs_cis, sequence_dim)
+        return original(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)  # type: ignore[return-value]
+
+    apply_rotary_emb.export_safe = True  # type: ignore[attr-defined]
+    flux.apply_rotary_emb = apply_rotary_emb  # type: ignore[assignment]
 
 
 def save_model(model: DiffusersDenoiser, path: str | Path) -> Path:

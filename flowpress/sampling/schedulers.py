@@ -50,20 +50,22 @@ def scheduler_named(name: str, base: Any) -> Any:
 
 
 class DiffusersSampler:
-    """`n_inference` steps of a configured diffusers scheduler (its config is read, never mutated)."""
+    """`n_inference` steps of a configured diffusers scheduler (its config is read, never mutated);
+    options: what else its pipeline hands set_timesteps (Flux: the sigmas and the resolution's shift mu)."""
 
-    def __init__(self, scheduler: Any, n_inference: int):
+    def __init__(self, scheduler: Any, n_inference: int, options: dict[str, Any] | None = None):
         if isinstance(n_inference, bool) or not isinstance(n_inference, int) or n_inference < 1:
             raise FlowpressError(f"sampling.steps must be an integer >= 1, got {n_inference!r}")
         self.scheduler = scheduler
         self.n_inference = n_inference
+        self.options = dict(options or {})
         self.name = type(scheduler).__name__
         self.prediction_type = str(getattr(scheduler.config, "prediction_type", "flow"))
         self._timesteps = self._fresh().timesteps.clone()
 
     def _fresh(self) -> Any:
         scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(self.n_inference)
+        scheduler.set_timesteps(self.n_inference, **self.options)
         return scheduler
 
     @property
