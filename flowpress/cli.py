@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         "--precision", default=None, choices=["int8", "fp8", "w4a8", "w4a4"], help="with --model (default int8)"
     )
     q.add_argument("--guidance", type=float, default=None, help="with --model (default: the pipeline's usual)")
+    q.add_argument(
+        "--height", type=int, default=None, help="with --model: image height in pixels (default: the model's)"
+    )
+    q.add_argument("--width", type=int, default=None, help="with --model: image width in pixels (default: the model's)")
     q.add_argument("--samples", type=int, default=None, help="with --model: compare samples (default 100)")
     q.add_argument(
         "--calibration-samples", type=int, default=None, help="with --model: calibration trajectories (default 32)"

@@ -28,6 +28,15 @@ from flowpress.recipe import (
 GUIDANCE = {"text": 7.5, "class": 4.0, "none": 1.0, "flow": 2.0, "distilled": 1.0}
 
 
+def _resolution(height: int | None, width: int | None) -> int | None:
+    """The square image side --height / --width ask for (one alone is the other too)."""
+    if height is not None and width is not None and height != width:
+        raise FlowpressError(
+            f"--height {height} --width {width}: non-square images are not supported yet; give one side for both"
+        )
+    return height if height is not None else width
+
+
 def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:
     """(recipe, runs root, the loaded model) for --model and its options (the model loaded in
     `timer`'s 'load' stage, after its memory plan is checked); the run is --out (default runs/<folder>)."""
@@ -40,8 +49,9 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     if not args.quiet:
         print(f"[flowpress] {plan.line()}", flush=True)
     check_memory(plan, path)  # before the first load
+    resolution = _resolution(args.height, args.width)
     with timer.stage("load"):
-        source = load_source(path, None, args.scheduler, args.prediction_type)
+        source = load_source(path, None, args.scheduler, args.prediction_type, resolution)
     denoiser = source.denoiser
     kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
     if denoiser.architecture == "flux":
@@ -58,7 +68,9 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     calibration = args.calibration_samples if args.calibration_samples is not None else 32
     recipe = Recipe(
         name=out.name,
-        model=ModelSection(str(path), scheduler=args.scheduler, prediction_type=args.prediction_type),
+        model=ModelSection(
+            str(path), scheduler=args.scheduler, prediction_type=args.prediction_type, resolution=resolution
+        ),
         sampling=SamplingSection(steps=args.steps if args.steps is not None else 20, guidance=guidance),
         calibration=CalibrationConfig(
             n_samples=calibration, batch_size=min(calibration, 16) if args.batch is None else args.batch

@@ -27,12 +27,19 @@ class ModelSection:
     flowpress models), 'flow', or ddim | ddpm | dpm-solver++ | euler | euler-ancestral | heun |
     pndm | flow-euler built from the model's scheduler config.  prediction_type: overrides the
     scheduler's (a bare denoiser without a scheduler config must be given it with a scheduler).
-    time_scale: network timestep = t * time_scale (flowpress models: from their flowpress.json)."""
+    time_scale: network timestep = t * time_scale (flowpress models: from their flowpress.json).
+    resolution: the image side in pixels the run samples and its engines take (square); null = the
+    model's default (its config's sample size; Flux: its VAE's)."""
 
     path: str
     time_scale: float | None = None
     scheduler: str | None = None
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = None
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None and self.resolution < 1:
+            raise FlowpressError(f"model.resolution must be >= 1 pixel, got {self.resolution}")
 
 
 @dataclass(frozen=True)

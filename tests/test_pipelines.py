@@ -145,6 +145,24 @@ def test_the_flux_trajectory_is_the_pipelines_own(pipes):
     assert float((ours - theirs).abs().max()) < 1e-5 * float(theirs.abs().max())  # measured: equal (Zen 3)
 
 
+@pytest.mark.slow
+def test_height_and_width_set_the_resolution_and_are_checked(pipes, tmp_path, capsys):
+    code, _, err = quantize_model(pipes["flux"], tmp_path / "run", capsys, "--no-openvino", "--height", "24")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert code == (0 if report["gate"]["passed"] else 1), err
+    samples = np.load(tmp_path / "run" / "samples.npz")
+    assert samples["fp"].shape == (4, 3, 24, 24)  # 12x12 latents, 6x6 packed patches (the VAE's default: 16 px)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["recipe"]["model"]["resolution"] == 24
+    for options, said in (
+        (("--height", "24", "--width", "32"), "non-square images are not supported yet"),
+        (("--height", "26"), "resolution 26 px is not a multiple of 4"),
+    ):
+        code, _, err = quantize_model(pipes["flux"], tmp_path / "bad", capsys, "--no-openvino", *options)
+        line = err.splitlines()[-1]  # after diffusers' loading bars, when the pipeline had to be read first
+        assert code == 2 and line.startswith("flowpress: error: ") and said in line, err
+
+
 def test_fluxs_rotary_embedding_is_diffusers_own_with_a_symbolic_batch():
     from diffusers.models.embeddings import apply_rotary_emb
 

@@ -131,16 +131,18 @@ def load_source(
     time_scale: float | None = None,
     scheduler: str | None = None,
     prediction_type: Prediction | None = None,
+    resolution: int | None = None,
 ) -> LoadedModel:
     """Whatever diffusers saved at `path` (or a flowpress flow model), ready to sample and compare.
 
     scheduler: None = the model's own (its pipeline's scheduler, the scheduler config beside a bare
     denoiser, flowpress's flow sampler for flowpress models), 'flow', or a name of SCHEDULERS built
     from the model's scheduler config.  prediction_type overrides the scheduler's (a bare denoiser
-    with a scheduler name but no scheduler config must be given one)."""
+    with a scheduler name but no scheduler config must be given one).  resolution: the image side
+    in pixels to sample at (a pipeline's latents are its VAE's scale smaller); None: the model's."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        return _load_pipeline(path, scheduler, prediction_type)
+        return _load_pipeline(path, scheduler, prediction_type, resolution)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FlowpressError(
@@ -154,12 +156,12 @@ def load_source(
     net = load_net(name, path, "save the model with diffusers' save_pretrained")
     if flow:
         scale = time_scale if time_scale is not None else float(denoiser_extra.get("time_scale", 1000.0))
-        denoiser = DiffusersDenoiser(net, scale, denoiser_extra.get("null_label")).eval()
+        denoiser = DiffusersDenoiser(net, scale, denoiser_extra.get("null_label"), sample_size=resolution).eval()
         make: Callable[[int, str], Sampler] = _flow_sampler
         kind = f"flowpress rectified flow ({name})"
     else:
         base = _scheduler_beside(path, scheduler, prediction_type)
-        denoiser = DiffusersDenoiser(net, 1.0 if time_scale is None else time_scale).eval()
+        denoiser = DiffusersDenoiser(net, 1.0 if time_scale is None else time_scale, sample_size=resolution).eval()
         make = _diffusers_sampler(base, scheduler, prediction_type)
         kind = f"{name} with {type(base).__name__} ({getattr(base.config, 'prediction_type', 'flow')})"
     if denoiser.text_conditioned:
@@ -176,12 +178,22 @@ def load_source(
     return LoadedModel(denoiser, make, conditioner, None, None, kind, path)
 
 
-def _latent_size(pipe: Any, net: Any) -> int | None:
-    """The latent side the pipeline samples by default: its denoiser's config, or (Flux, whose
-    config has none) its VAE's image size over the VAE's scale."""
+def _latent_size(pipe: Any, net: Any, resolution: int | None, path: Path) -> int | None:
+    """The latent side the pipeline samples: `resolution` pixels over the VAE's scale (a multiple of
+    it, and of 2 more for Flux's packing), else its denoiser's config, or (Flux, whose config has
+    none) its VAE's image size over the VAE's scale."""
+    vae = getattr(pipe, "vae", None)
+    scale = int(getattr(pipe, "vae_scale_factor", 8)) if vae is not None else 1
+    if resolution is not None:
+        multiple = scale * (2 if ARCHITECTURES.get(type(net).__name__) in PACKED else 1)
+        if resolution % multiple:
+            raise FlowpressError(
+                f"{path}: resolution {resolution} px is not a multiple of {multiple} (the VAE's scale"
+                f"{' x 2 for the packing' if multiple != scale else ''}); pick one that is"
+            )
+        return resolution // scale
     if getattr(net.config, "sample_size", None):
         return None
-    vae = getattr(pipe, "vae", None)
     if vae is None or not getattr(vae.config, "sample_size", None):
         raise FlowpressError(f"{type(net).__name__}: neither it nor the pipeline's VAE says the sample size")
     return int(vae.config.sample_size) // int(getattr(pipe, "vae_scale_factor", 8))
@@ -220,7 +232,9 @@ def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction 
     return getattr(d, SCHEDULERS[scheduler])(prediction_type=prediction)
 
 
-def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | None) -> LoadedModel:
+def _load_pipeline(
+    path: Path, scheduler: str | None, prediction: Prediction | None, resolution: int | None = None
+) -> LoadedModel:
     import diffusers
 
     index = _config(path / "model_index.json")
@@ -249,7 +263,7 @@ def _load_pipeline(path: Path, scheduler: str | None, prediction: Prediction | N
     check_finite_weights(net, str(path / role))
     if scheduler == "flow":
         raise FlowpressError(f"{path}: a diffusers pipeline samples with a diffusers scheduler, not 'flow'")
-    size = _latent_size(pipe, net)
+    size = _latent_size(pipe, net, resolution, path)
     denoiser = DiffusersDenoiser(net.eval(), 1.0, sample_size=size)
     make = _diffusers_sampler(pipe.scheduler, scheduler, prediction, _image_tokens(denoiser, net))
     conditioner: Conditioner
