@@ -1,4 +1,4 @@
-"""Peers are opt-in plug-ins of the compare stage: 'modelopt' or 'module.path:function'."""
+"""Peers are opt-in plug-ins of the compare stage: 'modelopt' or 'module.path:function'; evaluators are named the same way."""
 
 from types import SimpleNamespace
 
@@ -45,3 +45,20 @@ def test_a_wrong_peer_name_is_one_line(name, said):
     with pytest.raises(FlowpressError, match=said) as err:
         load_peer(name)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("examples.digits.evaluator", "must be 'module.path:Class'"),
+        ("examples.digits.evaluator:Nope", "examples.digits.evaluator has no class 'Nope'"),
+        ("examples.digits.evaluator:CLASSIFIER", "is not a class"),
+    ],
+)
+def test_a_wrong_evaluator_name_is_one_line_like_a_peers(name, said):
+    from flowpress.evaluator import load_evaluator
+    from flowpress.recipe import EvaluatorSection
+
+    with pytest.raises(FlowpressError, match=said) as err:
+        load_evaluator(EvaluatorSection(name))
+    assert "\n" not in str(err.value) and str(err.value).startswith("evaluator.name: ")

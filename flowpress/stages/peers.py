@@ -6,15 +6,13 @@ reference trajectories — and returns rows made by `peer_row`."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from flowpress.context import RunContext
 from flowpress.engines import Engine, TorchEngine
 from flowpress.errors import FlowpressError
+from flowpress.plugins import import_named
 from flowpress.validation import FpReference, judge
 
 Peer = Callable[[RunContext, FpReference], list[dict[str, Any]]]
@@ -31,20 +29,11 @@ def peer_names(ctx: RunContext) -> list[str]:
 
 def load_peer(name: str) -> Peer:
     """The peer function `name` names ('modelopt' or 'module.path:function')."""
-    module_name, _, function = BUILT_IN.get(name, name).partition(":")
-    if not function:
+    if ":" not in BUILT_IN.get(name, name):
         raise FlowpressError(f"compare.peers: {name!r} must be 'modelopt' or 'module.path:function'")
-    if os.getcwd() not in sys.path:  # as the recipe's evaluator: resolved from the working directory
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise FlowpressError(
-            f"compare.peers: cannot import {module_name!r} ({err}); install it or fix the name"
-        ) from None
-    peer = getattr(module, function, None)
+    peer = import_named(BUILT_IN.get(name, name), "compare.peers", "function")
     if not callable(peer):
-        raise FlowpressError(f"compare.peers: {module_name} has no function {function!r}")
+        raise FlowpressError(f"compare.peers: {name} is not a function")
     return peer  # type: ignore[no-any-return]
 
 
