@@ -30,6 +30,7 @@ def pair(tiny_model_dir):
     return plain, corrected, calib
 
 
+@pytest.mark.slow
 def test_corrected_layers_lose_their_mean_shift(pair):
     plain, corrected, calib = pair
     layers = list(corrected.layers)

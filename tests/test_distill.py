@@ -339,6 +339,7 @@ def run_distill_cli(tiny_model_dir, tmp_path, nproc: int, cuda_visible: str | No
     return done, report
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     """`flowpress distill` under torchrun --nproc_per_node=2 (gloo): pairs split by rank, DDP training, rank-0 report."""
     done, report = run_distill_cli(tiny_model_dir, tmp_path, 2, cuda_visible="")

@@ -39,6 +39,7 @@ def test_f32_ir_matches_torch_at_any_batch(prepared, tmp_path):
         engine(calib.x[:1], torch.tensor([9]), batch_cond(calib.cond, slice(0, 1)))
 
 
+@pytest.mark.slow
 def test_nncf_int8_on_the_calibration_set_stays_near_fp(prepared, tmp_path):
     model, fp_module, calib, onnx_path = prepared
     xml = export_openvino(onnx_path, tmp_path / "ir" / "model.xml", OpenVinoConfig(precision="int8"), calib)
@@ -51,6 +52,7 @@ def test_nncf_int8_on_the_calibration_set_stays_near_fp(prepared, tmp_path):
     assert 1e-4 < rel < 0.2
 
 
+@pytest.mark.slow
 def test_smooth_quant_is_the_recipes_to_turn_off(prepared, tmp_path):
     # NNCF's SmoothQuant rescales MatMul inputs into their weights: model-dependent (results of the
     # digits SD recipe, which turns it off); off, the int8 IR is another graph, still near FP
@@ -71,6 +73,7 @@ def test_smooth_quant_is_the_recipes_to_turn_off(prepared, tmp_path):
         OpenVinoConfig(precision="int8", smooth_quant=1.5)
 
 
+@pytest.mark.slow
 def test_the_recipes_excluded_layers_stay_float_in_the_int8_ir(prepared, tmp_path):
     """quantize.exclude holds for the OpenVINO int8 engine too: NNCF leaves those layers' inputs
     and weights in float (before, it quantized every layer whatever the recipe kept)."""

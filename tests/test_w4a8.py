@@ -35,6 +35,7 @@ def w4a8(tiny_model_dir):
     return model, quantize(model, W4A8, calib, SCHEDULE), calib
 
 
+@pytest.mark.slow
 def test_learned_rounding_reduces_block_output_error(w4a8):
     _, qmodel, _ = w4a8
     errors = qmodel.reconstruction
