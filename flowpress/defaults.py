@@ -34,7 +34,10 @@ def _resolution(height: int | None, width: int | None) -> int | None:
         raise FlowpressError(
             f"--height {height} --width {width}: non-square images are not supported yet; give one side for both"
         )
-    return height if height is not None else width
+    side = height if height is not None else width
+    if side is not None and side < 1:
+        raise FlowpressError(f"--height / --width {side}: give the image side in pixels, >= 1")
+    return side
 
 
 def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:

@@ -154,6 +154,7 @@ def test_the_flux_trajectory_is_the_pipelines_own(pipes):
     [
         (("--height", "24", "--width", "32"), "non-square images are not supported yet"),
         (("--height", "26"), "resolution 26 px is not a multiple of 4"),  # the VAE's 2, and 2 for the packing
+        (("--width", "-8"), "give the image side in pixels, >= 1"),
     ],
 )
 def test_a_resolution_the_model_cannot_take_is_one_line(pipes, tmp_path, capsys, options, said):

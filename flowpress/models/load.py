@@ -102,11 +102,17 @@ def _shifted_sigmas(base: Any, steps: int, image_tokens: int | None) -> dict[str
     config = base.config
     if not config.get("use_dynamic_shifting") or image_tokens is None:
         return {}
-    slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (
-        config.get("max_image_seq_len", 4096) - config.get("base_image_seq_len", 256)
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(
+        image_tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
     )
-    mu = image_tokens * slope + config.get("base_shift", 0.5) - slope * config.get("base_image_seq_len", 256)
-    return {"sigmas": [1.0 - k * (1.0 - 1.0 / steps) / max(steps - 1, 1) for k in range(steps)], "mu": mu}
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps).tolist(), "mu": mu}
 
 
 def _flow_sampler(steps: int, method: str) -> Sampler:
