@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from flowpress.errors import FlowpressError
+from flowpress.ranks import run_sharded, shard
 from flowpress.sampling import ModelCall, Sampler, StepFn, batch_cond, noise_for_seeds, sample
 
 Strategy = Literal["all", "naive", "uniform", "ndtc"]
@@ -122,32 +123,41 @@ def capture(
     """Run the FP sampler from seeded noise and keep what the network saw at every step.
 
     cond: the conditioning of the config.n_samples trajectories, (n_samples, ...) per name;
-    progress: a bar over the model calls (trajectories x steps), with its ETA."""
+    progress: a bar over the model calls (trajectories x steps), with its ETA.  Under torchrun each
+    rank samples its share of the batches of config.batch_size seeds; every rank gets the whole set."""
     from tqdm import tqdm
 
     seeds = list(range(config.seed_base, config.seed_base + config.n_samples))
-    calls: list[ModelCall] = []
-    batches = range(0, config.n_samples, config.batch_size)
-    bar = tqdm(total=len(batches) * sampler.n_steps, desc="FP trajectories", disable=not progress)
+    starts = range(0, config.n_samples, config.batch_size)
+    mine = len(shard(starts))
+    bar = tqdm(total=mine * sampler.n_steps, desc="FP trajectories", disable=not progress or mine == 0)
 
-    def keep(call: ModelCall) -> None:
-        calls.append(call)
-        bar.update()
+    def trajectories(start: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """What the network saw along one batch of seeds, call after call."""
+        calls: list[ModelCall] = []
+
+        def keep(call: ModelCall) -> None:
+            calls.append(call)
+            bar.update()
+
+        chunk = seeds[start : start + config.batch_size]
+        rows = batch_cond(cond, slice(start, start + len(chunk)))
+        sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, keep, chunk)
+        for c in calls:
+            if not (bool(torch.isfinite(c.model_out).all()) and bool(torch.isfinite(c.model_x).all())):
+                raise FlowpressError(
+                    f"calibration: the FP model's inputs or outputs hold NaN / Inf at sampler step {c.step}; check "
+                    "the model's weights and the recipe's sampling settings before quantizing"
+                )
+        x = torch.cat([c.model_x for c in calls])
+        step = torch.cat([c.model_step for c in calls])
+        return x, step, {name: torch.cat([c.model_cond[name] for c in calls]) for name in cond}
 
     with bar:
-        for start in batches:
-            chunk = seeds[start : start + config.batch_size]
-            rows = batch_cond(cond, slice(start, start + len(chunk)))
-            sample(sampler, model, noise_for_seeds(chunk, shape), rows, guidance, null, keep, chunk)
-    for c in calls:
-        if not (bool(torch.isfinite(c.model_out).all()) and bool(torch.isfinite(c.model_x).all())):
-            raise FlowpressError(
-                f"calibration: the FP model's inputs or outputs hold NaN / Inf at sampler step {c.step}; check the "
-                "model's weights and the recipe's sampling settings before quantizing"
-            )
-    x = torch.cat([c.model_x for c in calls])
-    step = torch.cat([c.model_step for c in calls])
-    cond_out = {name: torch.cat([c.model_cond[name] for c in calls]) for name in cond}
+        batches = run_sharded(starts, trajectories)  # the batches of every rank, in seed order
+    x = torch.cat([b[0] for b in batches])
+    step = torch.cat([b[1] for b in batches])
+    cond_out = {name: torch.cat([b[2][name] for b in batches]) for name in cond}
     full = CalibrationSet(x, step, cond_out, sampler.model_times)
     return select(full, config, sampler.n_steps)
 

@@ -3,7 +3,7 @@ reductions QuantConfig.amax names."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from flowpress.calibration import CalibrationSet
 from flowpress.compress.config import QuantConfig
 from flowpress.models import StepModel
+from flowpress.ranks import reduce_max, shard
 
 E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
 
@@ -23,16 +24,23 @@ def hooked_pass(
     hooks: dict[str, Callable[..., None]],
     pre: bool = False,
     each_batch: Callable[[int], None] | None = None,
+    sharded: bool = False,
 ) -> None:
     """Run every calibration input through `fp_module` with `hooks` installed (layer name -> a
-    forward hook, or a forward pre-hook when `pre`); `each_batch(step)` runs before each batch."""
+    forward hook, or a forward pre-hook when `pre`); `each_batch(step)` runs before each batch.
+    sharded: this rank's share of the batches only (the first batch on a rank without one: for
+    statistics whose reduction over the ranks is idempotent, such as a maximum)."""
     modules = dict(fp_module.model.named_modules())
     handles = [
         modules[n].register_forward_pre_hook(h) if pre else modules[n].register_forward_hook(h)
         for n, h in hooks.items()
     ]
     try:
-        for x, step, cond, k in calib.batches(batch_size):
+        batches: Iterable[tuple[Tensor, Tensor, dict[str, Tensor], int]] = calib.batches(batch_size)
+        if sharded:
+            every = list(batches)
+            batches = [batch for _, batch in shard(every)] or every[:1]
+        for x, step, cond, k in batches:
             if each_batch is not None:
                 each_batch(k)
             fp_module.run(x, step, cond)
@@ -48,7 +56,8 @@ def per_step_absmax(
     """abs-max of each named layer's input and output at every calibration step.
 
     Returns {f"{name}.input": (S,), f"{name}.output": (S,)}, S = distinct steps in calib, in
-    step order; the step comes from calib.batches, never from counting calls.
+    step order; the step comes from calib.batches, never from counting calls.  Under torchrun each
+    rank runs its share of the batches and the maxima are reduced over the ranks.
     """
     steps = torch.unique(calib.step).tolist()
     stats = {f"{n}.{io}": torch.zeros(len(steps)) for n in names for io in ("input", "output")}
@@ -65,7 +74,8 @@ def per_step_absmax(
     def at_step(k: int) -> None:
         current["s"] = steps.index(k)
 
-    hooked_pass(fp_module, calib, batch_size, {n: hook(n) for n in names}, each_batch=at_step)
+    hooked_pass(fp_module, calib, batch_size, {n: hook(n) for n in names}, each_batch=at_step, sharded=True)
+    reduce_max([stats[key] for key in sorted(stats)])  # every rank's batches: the maximum is exact
     return stats
 
 

@@ -23,6 +23,7 @@ from flowpress.compress.model import (
 )
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel, copy_sharing_weights
+from flowpress.ranks import dist_info, shard
 from flowpress.sampling import Sampler
 
 
@@ -52,7 +53,7 @@ def modelopt_config(config: Int8Config | Fp8Config, exclude: tuple[str, ...]) ->
         quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": act})
     for pattern in exclude:
         quant_cfg.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}.*", "enable": False})
-    return {"quant_cfg": quant_cfg, "algorithm": "max"}
+    return {"quant_cfg": quant_cfg, "algorithm": {"method": "max", "distributed_sync": dist_info().world > 1}}
 
 
 def layer_quants(qmodule: StepModel, exclude: tuple[str, ...], config: Int8Config | Fp8Config) -> dict[str, LayerQuant]:
@@ -93,10 +94,13 @@ def quantize_modelopt(
     qmodule = copy_sharing_weights(fp_module)  # max calibration reads the weights, never writes them
 
     def forward_loop(_denoiser: nn.Module) -> None:
+        """This rank's share of the batches (a rank without one repeats the first: max is idempotent);
+        modelopt then takes each amax's maximum over the ranks (distributed_sync)."""
         from tqdm import tqdm
 
         batches = list(calib.batches(config.calib_batch_size))
-        for x, step, cond, _k in tqdm(batches, desc="modelopt calibration", disable=not progress):
+        mine = [batch for _, batch in shard(batches)] or batches[:1]
+        for x, step, cond, _k in tqdm(mine, desc="modelopt calibration", disable=not progress):
             qmodule.run(x, step, cond)
 
     mtq.quantize(qmodule.model, modelopt_config(config, exclude), forward_loop)

@@ -12,10 +12,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flowpress.compress.distributed import _why, barrier, dist_info
+from flowpress.compress.distributed import _why
 from flowpress.errors import FlowpressError
 from flowpress.files import staged_file
 from flowpress.models import DiffusersDenoiser, StepModel
+from flowpress.ranks import barrier, dist_info
 from flowpress.sampling import Schedule, noise_for_seeds, sample
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from flowpress.compress.model import QuantizedModel
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel
+from flowpress.ranks import run_sharded, shard
 from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
 
 QUANTIZERS = ("input_quantizer", "weight_quantizer", "output_quantizer")
@@ -132,14 +133,17 @@ def layer_sensitivity(
 
     baseline = mse_of(qmodel.module)
     baseline_db = final_psnr_db(baseline)
-    found = []
     names = list(qmodel.layers) if names is None else [n for n in names if n in qmodel.layers]
-    for name in tqdm(names, desc="sensitivity", disable=not progress):
+
+    def left_out(name: str) -> LayerSensitivity:
         switched = disable_layer_quant(qmodel.module, name)
         try:
             mse = mse_of(qmodel.module)
         finally:
             enable_quantizers(switched)
-        found.append(LayerSensitivity(name, mse, final_psnr_db(mse), final_psnr_db(mse) - baseline_db))
+        return LayerSensitivity(name, mse, final_psnr_db(mse), final_psnr_db(mse) - baseline_db)
+
+    with tqdm(total=len(shard(names)), desc="sensitivity", disable=not progress) as bar:
+        found = run_sharded(names, left_out, bar.update)  # under torchrun each rank measures its share
     found.sort(key=lambda layer: layer.final_mse)
     return Sensitivity(baseline, baseline_db, tuple(found), config.n_samples)

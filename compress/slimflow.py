@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowpress.compress.distributed import barrier, dist_info
 from flowpress.compress.pairs import Pairs
 from flowpress.compress.train_state import TrainState, _load_state, _save_state
 from flowpress.errors import FlowpressError
 from flowpress.models import DiffusersDenoiser, UNetSpec, build_unet
+from flowpress.ranks import barrier, dist_info
 from flowpress.sampling import interpolate
 
 Anneal = Literal["linear", "exponential", "cosine"]

@@ -7,11 +7,14 @@ written), 3 an engine that is not faithful on this host (parity).  Nothing else 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from flowpress.errors import EngineParityError, FlowpressError
+from flowpress.launch import LAUNCHED
+from flowpress.ranks import PeerStopped
 
 # the defaults are the repository's digits example, wherever the command runs from
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -71,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         "--modelopt-peer", action="store_true", help="with --model: also judge modelopt's default int8 recipe"
     )
     q.add_argument("--results", default=None, help="also write the report into RESULTS/quantize-<recipe>.md")
+    q.add_argument(
+        "--nproc-per-node", type=int, default=1, help="run on N processes of this host (torch.distributed, gloo)"
+    )
     c = sub.add_parser("compare", help="re-run the FP-vs-engine comparison of an existing run")
     c.add_argument("--recipe", default=None, help=f"(default: {DEFAULT_RECIPE} in the repository)")
     c.add_argument("--runs", default="runs")
@@ -111,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
             recipe = load_recipe(args.recipe or default_recipe())
             verb = run_quantize if args.command == "quantize" else run_compare
             run_dir, report = verb(recipe, runs, progress)
+        if report is None:  # a torchrun rank other than 0: rank 0 reports
+            return 0
         print(f"[flowpress] {run_dir}: report.json, report.md, samples.png, trajectory_error.png")
         for line in summary_lines(report):
             print(f"[flowpress] {line}")
@@ -153,7 +161,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return guarded(_run, _parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    if getattr(args, "nproc_per_node", 1) != 1 and "WORLD_SIZE" not in os.environ:
+        from flowpress.launch import launch
+
+        rest, skip = [], False
+        for arg in sys.argv[1:] if argv is None else argv:  # the ranks' own command line: without the flag
+            if not skip and arg != "--nproc-per-node" and not arg.startswith("--nproc-per-node="):
+                rest.append(arg)
+            skip = arg == "--nproc-per-node"
+        return guarded(lambda _args: launch(rest, args.nproc_per_node), args)
+    return guarded(_run, args)
 
 
 def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -164,7 +182,10 @@ def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         print(f"flowpress: engine not faithful on this host: {err}", file=sys.stderr)
         return err.exit_code
     except FlowpressError as err:
-        print(f"flowpress: error: {err}", file=sys.stderr)
+        if not (
+            isinstance(err, PeerStopped) and os.environ.get(LAUNCHED)
+        ):  # else the failing rank, or the launcher, says why
+            print(f"flowpress: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowpress: interrupted; the run directory was not replaced", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 from flowpress import files
 from flowpress.errors import FlowpressError
 from flowpress.files import sha256_file
+from flowpress.ranks import dist_info, lost_peer
 
 MANIFEST = "manifest.json"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -124,16 +125,20 @@ def reported_failures(final: Path, stage: Callable[[], str | None]) -> Iterator[
     FlowpressError and writes that write_error maps pass through as they are."""
     final = Path(final)
     failed = final.with_name(f".{final.name}.failed")
-    shutil.rmtree(failed, ignore_errors=True)
+    rank = dist_info().rank
+    if rank == 0:  # under torchrun the other ranks keep their own log beside rank 0's
+        shutil.rmtree(failed, ignore_errors=True)
     try:
         yield
     except FlowpressError:
         raise
     except Exception as err:
+        if (stopped := lost_peer(err)) is not None:
+            raise stopped from err
         if isinstance(err, OSError) and (mapped := write_error(err, str(final))) is not None:
             raise mapped from None
         where = stage() or "setup"
-        log = failed / "error.log"
+        log = failed / ("error.log" if rank == 0 else f"error.rank{rank}.log")
         try:
             failed.mkdir(parents=True, exist_ok=True)
             log.write_text(f"stage: {where}\n" + "".join(traceback.format_exception(err)))

@@ -11,10 +11,11 @@ import pytest
 from .conftest import ROOT
 
 # the stages, lowest first; a module may import its own stage and the stages below it.  The root
-# package (flowpress.* outside these) may import everything; flowpress.errors, flowpress.files and
-# flowpress.extras (optional dependencies, imported where used) are leaves every stage may use.
+# package (flowpress.* outside these) may import everything; flowpress.errors, flowpress.files,
+# flowpress.extras (optional dependencies, imported where used) and flowpress.ranks (data parallelism)
+# are leaves every stage may use.
 STAGES = ["sampling", "models", "calibration", "compress", "export", "engines", "validation"]
-LEAVES = {"flowpress", "flowpress.errors", "flowpress.files", "flowpress.extras"}
+LEAVES = {"flowpress", "flowpress.errors", "flowpress.files", "flowpress.extras", "flowpress.ranks"}
 CORE = [ROOT / "flowpress" / s for s in STAGES]
 
 

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from flowpress.engines.base import Engine
 from flowpress.errors import FlowpressError
-from flowpress.sampling import Cond, Sampler, batch_cond, noise_for_seeds, sample
+from flowpress.ranks import run_sharded, shard
+from flowpress.sampling import Cond, Sampler, Trajectory, batch_cond, noise_for_seeds, sample
 from flowpress.validation.metrics import cosine, error_spread, psnr_db, rel_l2, ssim
 
 Direction = Literal["higher", "lower"]
@@ -201,6 +202,36 @@ def _images(latents: Tensor, decode: Decode | None) -> Tensor:
     return latents if decode is None else decode(latents)
 
 
+def _sampled(
+    sampler: Sampler, engine: Engine, chunk: Tensor, rows: Cond, shape: tuple[int, ...], config: CompareConfig,
+    null: Cond | None,
+) -> Trajectory:  # fmt: skip
+    """`engine`'s trajectory from the noise of the seeds `chunk` (rows: their conditioning), checked finite."""
+    seeds = chunk.tolist()
+    trajectory = sample(sampler, engine, noise_for_seeds(seeds, shape), rows, config.guidance, null, seeds=seeds)
+    check_finite(trajectory.final, engine, chunk)
+    return trajectory
+
+
+def _by_batch(
+    config: CompareConfig, seeds: Tensor, cond: Cond, work: Callable[[Tensor, Cond], Any], desc: str = "",
+    progress: bool = False,
+) -> list[Any]:  # fmt: skip
+    """work(seeds, conditioning) of each batch of config.batch_size samples, in seed order.  Under
+    torchrun each rank runs its share of the batches and every rank gets them all (flowpress.ranks);
+    the batches are the same whatever the number of ranks, so are the numbers."""
+    from tqdm import tqdm
+
+    starts = range(0, len(seeds), config.batch_size)
+
+    def one(start: int) -> Any:
+        chunk = seeds[start : start + config.batch_size]
+        return work(chunk, batch_cond(cond, slice(start, start + len(chunk))))
+
+    with tqdm(total=len(shard(starts)), desc=desc, disable=not progress) as bar:
+        return run_sharded(starts, one, bar.update)
+
+
 @dataclass
 class FpReference:
     """The FP side of a compare, sampled once and kept (it is small; the FP model need not stay
@@ -232,19 +263,15 @@ def fp_reference(
     prompts: tuple[str, ...] | None = None,
 ) -> FpReference:
     """`reference`'s trajectories from the compare's seeds (cond: n_samples rows), kept whole."""
-    from tqdm import tqdm
-
     seeds = config.seeds
-    states = []
-    for start in tqdm(range(0, config.n_samples, config.batch_size), desc="FP reference", disable=not progress):
-        chunk = seeds[start : start + config.batch_size]
-        rows = batch_cond(cond, slice(start, start + len(chunk)))
-        noise = noise_for_seeds(chunk.tolist(), shape)
-        trajectory = sample(sampler, reference, noise, rows, config.guidance, null, seeds=chunk.tolist())
-        check_finite(trajectory.final, reference, chunk)
-        states.append(torch.stack(list(trajectory.xs)))
-    all_states = torch.cat(states, dim=1)
-    fp = _images(all_states[-1], decode)
+
+    def states_of(chunk: Tensor, rows: Cond) -> tuple[Tensor, Tensor]:
+        trajectory = _sampled(sampler, reference, chunk, rows, shape, config, null)
+        return torch.stack(list(trajectory.xs)), _images(trajectory.final, decode)
+
+    batches = _by_batch(config, seeds, cond, states_of, "FP reference", progress)
+    all_states = torch.cat([b[0] for b in batches], dim=1)
+    fp = torch.cat([b[1] for b in batches])
     quality = {"reference": _scores(evaluator, fp, cond, prompts)}
     return FpReference(all_states, fp, cond, seeds, quality, reference.name, prompts)
 
@@ -266,27 +293,23 @@ def compare(
     """Sample with `engine` from the noise and conditioning of the FP reference (cond: n_samples
     rows; `reference` an engine to sample it from, or its kept FpReference) and measure the gap
     step by step, at the end (on images: `decode` turns latents into them), and by the evaluator."""
-    from tqdm import tqdm
-
     if not isinstance(reference, FpReference):
         reference = fp_reference(reference, sampler, config, shape, cond, null, evaluator, False, decode, prompts)
     seeds = reference.seeds
     n_states = sampler.n_steps + 1
+
+    def states_of(chunk: Tensor, rows: Cond) -> tuple[Tensor, Tensor]:
+        trajectory = _sampled(sampler, engine, chunk, rows, shape, config, null)
+        return torch.stack(list(trajectory.xs)), _images(trajectory.final, decode)
+
+    batches = _by_batch(config, seeds, reference.cond, states_of, f"compare {engine.name}", progress)
     rel_sum, cos_sum = torch.zeros(n_states, dtype=torch.float64), torch.zeros(n_states, dtype=torch.float64)
-    finals_engine = []
-    starts = range(0, config.n_samples, config.batch_size)
-    for start in tqdm(starts, desc=f"compare {engine.name}", disable=not progress):
-        chunk = seeds[start : start + config.batch_size]
-        noise = noise_for_seeds(chunk.tolist(), shape)
-        rows = batch_cond(reference.cond, slice(start, start + len(chunk)))
-        traj_engine = sample(sampler, engine, noise, rows, config.guidance, null, seeds=chunk.tolist())
-        check_finite(traj_engine.final, engine, chunk)
-        fp_states = reference.states[:, start : start + len(chunk)]
+    for start, (states, _) in zip(range(0, config.n_samples, config.batch_size), batches, strict=True):
+        fp_states = reference.states[:, start : start + states.shape[1]]
         for k in range(n_states):
-            rel_sum[k] += rel_l2(fp_states[k], traj_engine.xs[k]).sum()
-            cos_sum[k] += cosine(fp_states[k], traj_engine.xs[k]).sum()
-        finals_engine.append(traj_engine.final)
-    eng = _images(torch.cat(finals_engine), decode)
+            rel_sum[k] += rel_l2(fp_states[k], states[k]).sum()
+            cos_sum[k] += cosine(fp_states[k], states[k]).sum()
+    eng = torch.cat([b[1] for b in batches])
     times = sampler.state_times
     per_step = [
         {
@@ -317,14 +340,11 @@ def judge(
 ) -> dict[str, Any]:
     """Another engine on the comparison's seeds and conditioning, judged by the same gate against
     the same FP finals: {final, quality, gate, samples (images)}."""
-    finals = []
-    for start in range(0, len(comparison.seeds), config.batch_size):
-        chunk = comparison.seeds[start : start + config.batch_size]
-        rows = batch_cond(comparison.cond, slice(start, start + len(chunk)))
-        noise = noise_for_seeds(chunk.tolist(), shape)
-        finals.append(sample(sampler, engine, noise, rows, config.guidance, null, seeds=chunk.tolist()).final)
-        check_finite(finals[-1], engine, chunk)
-    eng = _images(torch.cat(finals), decode)
+
+    def images_of(chunk: Tensor, rows: Cond) -> Tensor:
+        return _images(_sampled(sampler, engine, chunk, rows, shape, config, null).final, decode)
+
+    eng = torch.cat(_by_batch(config, comparison.seeds, comparison.cond, images_of))
     final = final_metrics(comparison.fp, eng)
     engine_scores = _scores(evaluator, eng, comparison.cond, comparison.prompts)
     quality = {"reference": comparison.quality["reference"], "engine": engine_scores}

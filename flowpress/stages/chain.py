@@ -3,7 +3,12 @@ written into runs/<name>/ (staged, locked, hashed: flowpress/rundir.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,7 @@ from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import large_bytes
 from flowpress.models import LoadedModel, release_weights
 from flowpress.plan import MemoryPlan, check_memory, plan_memory
+from flowpress.ranks import agree, alone, barrier, broadcast, dist_info, init_distributed
 from flowpress.recipe import Recipe, need_extras
 from flowpress.rundir import (
     read_manifest,
@@ -40,11 +46,15 @@ def run_quantize(
     progress: bool = True,
     loaded: LoadedModel | None = None,
     timer: Timer | None = None,
-) -> tuple[Path, Report]:
+) -> tuple[Path, Report | None]:
     """The whole chain into runs/<name>/; returns (run dir, report).  The gate decides the exit code.
+    Under torchrun (or --nproc-per-node) the ranks share the sampling, rank 0 alone builds, writes
+    and reports (the others return no report).
     loaded: the recipe's model when the caller has loaded it already (--model reads its config),
     in `timer`'s 'load' stage after checking its plan."""
     final_dir = Path(runs_root) / recipe.name
+    dist = init_distributed()
+    progress = progress and dist.main  # under torchrun, rank 0 speaks and writes
     timer = timer or Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
         engine = recipe.engine
@@ -58,7 +68,8 @@ def run_quantize(
                 ctx = RunContext.load(recipe, timer)
         else:
             ctx = RunContext.load(recipe, timer, loaded)
-        with run_lock(final_dir, "quantize"), staged_run(final_dir) as run:
+        _same_inputs(recipe)
+        with _written_by_rank0(final_dir) as run:
             with timer.stage("calibrate"):
                 calib = _calibrate(ctx, run, progress)
             with timer.stage("quantize"):
@@ -75,12 +86,76 @@ def run_quantize(
                     torch_side = measure_torch_side(ctx, progress)
                 released = plan.denoiser_fp32_bytes > large_bytes()  # its graphs on disk, the engines need no torch
                 release = (lambda: release_weights(ctx.model, qmodel.module, qmodel.fp_module)) if released else None
-                exports, engine_manifest = build_engines(ctx, qmodel, calib, run, release)
+                exports, engine_manifest = _built_by_rank0(ctx, qmodel, calib, run, release)
                 report = compare_stage(ctx, run, progress, torch_side=torch_side, one_at_a_time=released)
-            manifest = _run_manifest(ctx, calib, qmodel, exports, engine_manifest, search, plan, released)
-            manifest["outputs"] = tree_hashes(run)
-            write_json(run / "manifest.json", manifest)
+            if dist.main:
+                manifest = _run_manifest(ctx, calib, qmodel, exports, engine_manifest, search, plan, released)
+                manifest["outputs"] = tree_hashes(run)
+                write_json(run / "manifest.json", manifest)
     return final_dir, report
+
+
+def _same_inputs(recipe: Recipe) -> None:
+    """Under torchrun, every rank must run the same recipe on the same model files with the same
+    flowpress: one line before any work where one differs (a node with another copy of them)."""
+    if dist_info().world == 1:
+        return
+    facts = {
+        "recipe": json.dumps(to_dict(recipe), sort_keys=True),
+        "model (its files' hashes)": json.dumps(tree_hashes(Path(recipe.model.path)), sort_keys=True),
+    }
+    facts = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in facts.items()}
+    facts["flowpress (its source files' hash)"] = _source_hash()
+    agree(facts, "start every rank with the same recipe, model files and flowpress")
+
+
+def _source_hash() -> str:
+    """sha256 over flowpress's own Python files (its version is the code each rank runs)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent.parent
+    for folder, dirs, files in sorted(os.walk(package, followlinks=True)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder) / name
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _written_by_rank0(final: Path) -> Iterator[Path]:
+    """run_lock + staged_run on rank 0, which alone writes the run; the other ranks get the staged
+    directory's path (they read the engines rank 0 builds there) and write nothing."""
+    if dist_info().main:
+        with run_lock(final, "quantize"), staged_run(final) as run:
+            broadcast(str(run))
+            yield run
+            barrier()  # the other ranks are done with its files before it becomes the run
+        return
+    run = Path(broadcast(""))
+    yield run
+    barrier()
+
+
+def _built_by_rank0(
+    ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, release: Callable[[], None] | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """build_engines on rank 0 alone (export and the engine builds are serial); every rank waits
+    for its engines, then reads the engine manifest it wrote."""
+    exports: list[dict[str, Any]] = []
+    if dist_info().main:
+        with alone():
+            exports, manifest = build_engines(ctx, qmodel, calib, run, release)
+    elif release is not None:
+        release()
+    barrier()
+    if not dist_info().main:
+        if not (run / "engine" / "engine.json").is_file():
+            raise FlowpressError(
+                f"{run}: rank {dist_info().rank} cannot see the engines rank 0 built; put --runs on a file system "
+                "every node shares"
+            )
+        manifest = json.loads((run / "engine" / "engine.json").read_text())
+    return exports, manifest
 
 
 def _calibrate(ctx: RunContext, run: Path, progress: bool) -> CalibrationSet:
@@ -96,8 +171,9 @@ def _calibrate(ctx: RunContext, run: Path, progress: bool) -> CalibrationSet:
         ctx.null,
         progress,
     )
-    (run / "calibration").mkdir()
-    calib.save(run / "calibration" / "inputs.safetensors")
+    if dist_info().main:
+        (run / "calibration").mkdir()
+        calib.save(run / "calibration" / "inputs.safetensors")
     return calib
 
 
@@ -128,6 +204,7 @@ def _run_manifest(
         **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
         "inputs": {"model": tree_hashes(Path(recipe.model.path))},
         "stage_seconds": timer.seconds,
+        "world_size": dist_info().world,
         "plan": {**plan.as_dict(), "large_bytes": large_bytes(), "released_before_engines": released},
         "stages": timer.as_dict(),
         "peak_rss_bytes": timer.peak_rss_bytes,
@@ -155,6 +232,7 @@ def run_compare(recipe: Recipe, runs_root: str | Path = "runs", progress: bool =
         with staged_run(final_dir) as run:
             shutil.copytree(final_dir, run, dirs_exist_ok=True)
             report = compare_stage(ctx, run, progress)
+            assert report is not None  # one process: it reports
             manifest = record_outputs(run, manifest, REPORT_FILES)
             manifest["stage_seconds"] = {**manifest.get("stage_seconds", {}), **ctx.timer.seconds}
             write_json(run / "manifest.json", manifest)

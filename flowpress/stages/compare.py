@@ -20,6 +20,7 @@ from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import parity_feeds
 from flowpress.engines.portability import check_engine_host, host_record
 from flowpress.export.graphfile import graph_bytes
+from flowpress.ranks import alone, dist_info
 from flowpress.stages.build import cpu_engines, main_engine
 from flowpress.stages.peers import run_peers
 from flowpress.validation import (
@@ -103,14 +104,17 @@ def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
         reference, sampler, config, ctx.shape, conditions.model, ctx.null, ctx.evaluator, progress,
         ctx.source.decode, conditions.prompts,
     )  # fmt: skip
-    latency = {}
-    for batch in (1, 8):
-        times = interleaved_step_times(
-            {"torch_fp32": reference}, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3,
-            LATENCY_BLOCK, LATENCY_SETTLE,
-        )  # fmt: skip
-        latency[f"b{batch}"] = float(np.median(times["torch_fp32"]))
-    end_to_end = _end_to_end(ctx, {"torch_fp32": reference})["torch_fp32"] if ctx.source.pipe is not None else None
+    latency, end_to_end = {}, None
+    if dist_info().main:  # under torchrun, rank 0 alone times (the others wait)
+        with alone():
+            for batch in (1, 8):
+                times = interleaved_step_times(
+                    {"torch_fp32": reference}, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3,
+                    LATENCY_BLOCK, LATENCY_SETTLE,
+                )  # fmt: skip
+                latency[f"b{batch}"] = float(np.median(times["torch_fp32"]))
+            if ctx.source.pipe is not None:
+                end_to_end = _end_to_end(ctx, {"torch_fp32": reference})["torch_fp32"]
     peers = run_peers(ctx, fp)
     return TorchSide(fp, latency, end_to_end, peers)
 
@@ -160,8 +164,10 @@ def compare_stage(
     amend: Callable[[Report], None] | None = None,
     torch_side: TorchSide | None = None,
     one_at_a_time: bool = False,
-) -> Report:
-    """Compare, time, judge and report the engines of `run` (report files written into it);
+) -> Report | None:
+    """Compare, time, judge and report the engines of `run` (report files written into it; under
+    torchrun every rank samples its share, rank 0 alone times, writes and returns the report, the
+    others None);
     torch_side: what was measured of the torch model before (measured here when None, the model
     loaded); `amend` may add to the report before it is written (the mixed-precision search does);
     one_at_a_time (large models): each engine is loaded only while it is used and timed on its own,
@@ -178,8 +184,11 @@ def compare_stage(
     main = main_engine(ctx)
     engine, engine_files = candidates[main]
     engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
-    with timer.stage("host_check"):
-        revalidated = _host_check(ctx, run, engine_manifest, candidates)
+    speaks = dist_info().main  # under torchrun the ranks share the sampling; rank 0 times and reports
+    revalidated = None
+    if speaks:
+        with timer.stage("host_check"), alone():
+            revalidated = _host_check(ctx, run, engine_manifest, candidates)
     with timer.stage("compare"):
         fp = torch_side.fp
         comparison = compare(
@@ -187,16 +196,24 @@ def compare_stage(
             fp.prompts,
         )  # fmt: skip
         done(engine)
-    with timer.stage("latency"):
-        latency = _latency(ctx, run, torch_side, engine, main, candidates, one_at_a_time)
+    latency: dict[str, dict[str, float]] = {}
+    if speaks:
+        with timer.stage("latency"), alone():
+            latency = _latency(ctx, run, torch_side, engine, main, candidates, one_at_a_time)
     with timer.stage("judge"):
-        engines, samples = _judge_all(ctx, comparison, candidates, main, latency, done)
+        judged, samples = _judge_all(ctx, comparison, candidates, main, done)
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
         peers = [{**p, "margin_db": comparison.final["psnr_db"] - p["final_psnr_db"]} for p in torch_side.peers]
+    if not speaks:
+        return None
+    engines = [
+        _engine_row(name, judged[name], files, latency["engine" if name == main else name.replace("-", "_")])
+        for name, (_, files) in candidates.items()
+    ]
     recommendation = recommend(engines)
     end_to_end = None
     if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
-        with timer.stage("end_to_end"):
+        with timer.stage("end_to_end"), alone():
             end_to_end = _pipeline_cost(ctx, run, torch_side, engine, candidates, recommendation["engine"], done)
     report = Report(
         recipe=recipe.name,
@@ -293,37 +310,37 @@ def _latency(
 
 
 def _judge_all(
-    ctx: RunContext, comparison: Comparison, candidates: Candidates, main: str,
-    latency: dict[str, dict[str, float]], done: Callable[[Engine], None],
-) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:  # fmt: skip
-    """(one row per CPU engine: fidelity, quality, speed, size, gate; the samples of each): the
-    judged engine's from `comparison`, every other candidate's sampled on the same seeds."""
-    engines, samples = [], {main: comparison.engine}
-    for name, (candidate, files) in candidates.items():
-        judged: dict[str, Any]
+    ctx: RunContext, comparison: Comparison, candidates: Candidates, main: str, done: Callable[[Engine], None]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """({engine: its final fidelity, quality and gate}, {engine: its samples}) of every CPU engine:
+    the judged engine's from `comparison`, every other candidate's sampled on the same seeds."""
+    judged: dict[str, dict[str, Any]] = {}
+    samples = {main: comparison.engine}
+    for name, (candidate, _) in candidates.items():
         if name == main:
-            judged = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
+            judged[name] = {"final": comparison.final, "quality": comparison.quality["engine"], "gate": comparison.gate}
         else:
-            judged = judge(
+            judged[name] = judge(
                 comparison, candidate, ctx.sampler, ctx.compare_config, ctx.shape, ctx.null, ctx.evaluator,
                 ctx.source.decode,
             )  # fmt: skip
-            samples[name] = judged["samples"]
+            samples[name] = judged[name]["samples"]
             done(candidate)
-        ms = latency["engine" if name == main else name.replace("-", "_")]
-        engines.append(
-            {
-                "engine": name,
-                "final_psnr_db": judged["final"]["psnr_db"],
-                "final_ssim": judged["final"]["ssim"],
-                "quality": judged["quality"],
-                "ms_b1": ms["b1"],
-                "ms_b8": ms["b8"],
-                "size_bytes": sum(f.stat().st_size for f in files),
-                "gate_passed": judged["gate"]["passed"],
-            }
-        )
-    return engines, samples
+    return judged, samples
+
+
+def _engine_row(name: str, judged: dict[str, Any], files: list[Path], ms: dict[str, float]) -> dict[str, Any]:
+    """The report's row of one CPU engine: fidelity, quality, speed, size, gate."""
+    return {
+        "engine": name,
+        "final_psnr_db": judged["final"]["psnr_db"],
+        "final_ssim": judged["final"]["ssim"],
+        "quality": judged["quality"],
+        "ms_b1": ms["b1"],
+        "ms_b8": ms["b8"],
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "gate_passed": judged["gate"]["passed"],
+    }
 
 
 def _detached(samples: dict[str, Tensor]) -> dict[str, Tensor]:

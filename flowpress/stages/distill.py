@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowpress.compress.distributed import Dist, config_hash, device, init_distributed
+from flowpress.compress.distributed import config_hash, device
 from flowpress.compress.pairs import Pairs, generate_pairs, load_pairs
 from flowpress.compress.slimflow import build_student, count_params, distill, reflow
 from flowpress.compress.train_state import TrainState
 from flowpress.errors import FlowpressError
 from flowpress.evaluator import load_evaluator
 from flowpress.models import DiffusersDenoiser, StepModel, load_model, save_model
+from flowpress.ranks import Dist, init_distributed
 from flowpress.recipe import DistillRecipe
 from flowpress.rundir import run_lock, staged_run, tree_hashes
 from flowpress.sampling import Schedule, batch_cond, noise_for_seeds, sample
