@@ -67,6 +67,11 @@ SCALE_MODELS ?= sd15,sdxl,pixart-alpha,sd3-medium,flux-dev-depth2
 scale: $(STAMP)
 	$(PY) -m benchmarks.scale --models $(SCALE_MODELS) --results results
 
+# the quick recipe through quantize with 1 process, then 2 (1 thread each): stage times, equal bytes -> results/distributed.md
+.PHONY: distributed
+distributed: $(STAMP)
+	$(PY) -m benchmarks.distributed --results results
+
 teacher: $(STAMP)
 	$(PY) -m examples.digits teacher --recipe $(TEACHER_RECIPE)
 

@@ -36,6 +36,8 @@ def import_modelopt() -> Any:
         # torch modules (checked: make quantize's numbers are the same with and without transformers)
         warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
         import modelopt.torch.quantization as mtq
+    # under torchrun: modelopt's default data-parallel group is the whole world, which is what flowpress shards over
+    warnings.filterwarnings("ignore", message="Distributed training is initialized but no parallel_state is set")
     return mtq
 
 

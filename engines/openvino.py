@@ -12,6 +12,7 @@ from torch import Tensor
 from flowpress.engines.base import engine_args, graph_feeds
 from flowpress.errors import FlowpressError
 from flowpress.extras import need
+from flowpress.ranks import runtime_threads
 from flowpress.sampling import Cond, Sampler
 
 LARGE_IR_BYTES = 256 << 20
@@ -80,8 +81,8 @@ class OpenVinoEngine:
             config = {"PERFORMANCE_HINT": "LATENCY"}
             if self.precision_hint is not None:
                 config["INFERENCE_PRECISION_HINT"] = self.precision_hint
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = str(self.threads)
+            if self.threads or runtime_threads():
+                config["INFERENCE_NUM_THREADS"] = str(self.threads or runtime_threads())
             if self.perf_counters:
                 config["PERF_COUNT"] = "YES"
             self.compiled[batch] = self.core.compile_model(model, "CPU", config)

@@ -23,6 +23,7 @@ from flowpress.export.passes import (
     merge_twin_quantizers,
 )
 from flowpress.models import rows_by_step
+from flowpress.ranks import runtime_threads
 
 OPT_LEVELS = ("disabled", "all")
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul")
@@ -61,7 +62,7 @@ def ort_session(  # noqa: ANN201
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or runtime_threads()
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path

@@ -77,18 +77,19 @@ def timeout_s() -> int:
     return int(raw)
 
 
-def init_distributed() -> Dist:
-    """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU), collectives timing
-    out after FLOWPRESS_DIST_TIMEOUT_S; a no-op otherwise."""
+def init_distributed(cpu: bool = False) -> Dist:
+    """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU; gloo whenever `cpu`:
+    the work runs on the CPU), collectives timing out after FLOWPRESS_DIST_TIMEOUT_S; a no-op otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        gpu = torch.cuda.is_available() and not cpu
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if torch.cuda.is_available() and torch.cuda.device_count() < local:
+        if gpu and torch.cuda.device_count() < local:
             raise FlowpressError(
                 f"torchrun started {local} processes on this host, which has {torch.cuda.device_count()} CUDA "
                 f"GPU(s): nccl needs one GPU per process; use --nproc_per_node={torch.cuda.device_count()}, "
                 "or CUDA_VISIBLE_DEVICES= to run on the CPU (gloo)"
             )
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if gpu else "gloo"
         torch.distributed.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
         signal.signal(signal.SIGTERM, _stop)  # torchrun stops the others when one fails: unwind, remove what was staged
     return dist_info()
@@ -106,6 +107,13 @@ def lost_peer(err: BaseException) -> PeerStopped | None:
             f"failed or left, or waited over FLOWPRESS_DIST_TIMEOUT_S={timeout_s()} s"
         )
     return None
+
+
+def runtime_threads() -> int:
+    """Threads for a runtime's session (onnxruntime, OpenVINO): torch's thread count where the user
+    or the launcher set one (OMP_NUM_THREADS; cores / ranks under --nproc-per-node); else 0, the
+    runtime's own default (every physical core)."""
+    return torch.get_num_threads() if dist_info().world > 1 or "OMP_NUM_THREADS" in os.environ else 0
 
 
 def barrier() -> None:

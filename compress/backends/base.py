@@ -34,7 +34,9 @@ class Backend:
     precision.  parity_fix: what to change when the host's integer kernels disagree with the
     graph.  note: 'module:function' of the engine manifest's sentence on how the weights are stored
     (none: the Q/DQ types say it).  extra: (module, pyproject extra) the quantizer needs beyond
-    the core install, checked before any work (flowpress.extras)."""
+    the core install, checked before any work (flowpress.extras).  library: 'module:function' that
+    imports the quantizer's own library (seconds for modelopt): the run calls it while it loads, so
+    that the quantize stage times quantization."""
 
     name: str
     config: type
@@ -50,10 +52,15 @@ class Backend:
     parity_fix: str = "try engine.portable: true or engine.runtime: openvino"
     note: str | None = None
     extra: tuple[str, str] | None = None
+    library: str | None = None
 
     def quantize(self, fp_module: Any, temporal: list[str], calib: Any, config: Any, progress: bool) -> Any:
         """The QuantizedModel of a prepared model (compress.quantize prepares it)."""
         return _function(self.quantizer)(fp_module, temporal, calib, config, progress)
+
+    def load_library(self) -> None:
+        if self.library is not None:
+            _function(self.library)()
 
     def engine_note(self, config: Any) -> str | None:
         return str(_function(self.note)(config)) if self.note is not None else None

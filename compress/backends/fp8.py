@@ -9,6 +9,7 @@ FP8 = Backend(
     name="fp8",
     config=Fp8Config,
     quantizer="flowpress.compress.modelopt:quantize_modelopt",
+    library="flowpress.compress.modelopt:import_modelopt",
     flavour="tensorrt",
     opset=19,
     flavours=("tensorrt",),

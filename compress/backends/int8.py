@@ -15,6 +15,7 @@ INT8 = Backend(
     name="int8",
     config=Int8Config,
     quantizer="flowpress.compress.modelopt:quantize_modelopt",
+    library="flowpress.compress.modelopt:import_modelopt",
     flavour="ort-cpu",
     opset=20,
     flavours=("ort-cpu", "tensorrt"),

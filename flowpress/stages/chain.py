@@ -14,6 +14,7 @@ from typing import Any
 
 from flowpress.calibration import CalibrationSet, capture
 from flowpress.compress import QuantizedModel, quantize
+from flowpress.compress.backends import backend_of
 from flowpress.context import RunContext, Timer, versions
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import large_bytes
@@ -53,7 +54,7 @@ def run_quantize(
     loaded: the recipe's model when the caller has loaded it already (--model reads its config),
     in `timer`'s 'load' stage after checking its plan."""
     final_dir = Path(runs_root) / recipe.name
-    dist = init_distributed()
+    dist = init_distributed(cpu=True)  # quantize's torch models run on the CPU, on a GPU host too
     progress = progress and dist.main  # under torchrun, rank 0 speaks and writes
     timer = timer or Timer(announce=progress)
     with reported_failures(final_dir, lambda: timer.failed_in):
@@ -66,8 +67,10 @@ def run_quantize(
             check_memory(plan, Path(recipe.model.path))
             with timer.stage("load"):
                 ctx = RunContext.load(recipe, timer)
+                backend_of(recipe.quantize).load_library()
         else:
             ctx = RunContext.load(recipe, timer, loaded)
+            backend_of(recipe.quantize).load_library()
         _same_inputs(recipe)
         with _written_by_rank0(final_dir) as run:
             with timer.stage("calibrate"):
@@ -82,8 +85,7 @@ def run_quantize(
 
                 exports, engine_manifest, report, search = mixed_precision(ctx, qmodel, calib, run, progress)
             else:
-                with timer.stage("fp_reference"):
-                    torch_side = measure_torch_side(ctx, progress)
+                torch_side = measure_torch_side(ctx, progress)
                 released = plan.denoiser_fp32_bytes > large_bytes()  # its graphs on disk, the engines need no torch
                 release = (lambda: release_weights(ctx.model, qmodel.module, qmodel.fp_module)) if released else None
                 exports, engine_manifest = _built_by_rank0(ctx, qmodel, calib, run, release)

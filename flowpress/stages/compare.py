@@ -20,7 +20,7 @@ from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import parity_feeds
 from flowpress.engines.portability import check_engine_host, host_record
 from flowpress.export.graphfile import graph_bytes
-from flowpress.ranks import alone, dist_info
+from flowpress.ranks import alone, barrier, dist_info
 from flowpress.stages.build import cpu_engines, main_engine
 from flowpress.stages.peers import run_peers
 from flowpress.validation import (
@@ -100,13 +100,14 @@ def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
     recipe, sampler, config = ctx.recipe, ctx.sampler, ctx.compare_config
     reference = TorchEngine(ctx.fp, sampler, "torch-fp32")
     conditions = ctx.conditions(config.n_samples)
-    fp = fp_reference(
-        reference, sampler, config, ctx.shape, conditions.model, ctx.null, ctx.evaluator, progress,
-        ctx.source.decode, conditions.prompts,
-    )  # fmt: skip
+    with ctx.timer.stage("fp_reference"):
+        fp = fp_reference(
+            reference, sampler, config, ctx.shape, conditions.model, ctx.null, ctx.evaluator, progress,
+            ctx.source.decode, conditions.prompts,
+        )  # fmt: skip
     latency, end_to_end = {}, None
     if dist_info().main:  # under torchrun, rank 0 alone times (the others wait)
-        with alone():
+        with ctx.timer.stage("latency_fp"), alone():
             for batch in (1, 8):
                 times = interleaved_step_times(
                     {"torch_fp32": reference}, batch, ctx.shape, ctx.condition, recipe.compare.latency_runs, 3,
@@ -115,7 +116,9 @@ def measure_torch_side(ctx: RunContext, progress: bool) -> TorchSide:
                 latency[f"b{batch}"] = float(np.median(times["torch_fp32"]))
             if ctx.source.pipe is not None:
                 end_to_end = _end_to_end(ctx, {"torch_fp32": reference})["torch_fp32"]
-    peers = run_peers(ctx, fp)
+    barrier()  # the other ranks start their next share once the timing is done
+    with ctx.timer.stage("peers"):
+        peers = run_peers(ctx, fp)
     return TorchSide(fp, latency, end_to_end, peers)
 
 
@@ -175,8 +178,7 @@ def compare_stage(
     recipe, timer, sampler = ctx.recipe, ctx.timer, ctx.sampler
     config = ctx.compare_config
     if torch_side is None:
-        with timer.stage("fp_reference"):
-            torch_side = measure_torch_side(ctx, progress)
+        torch_side = measure_torch_side(ctx, progress)
     candidates = cpu_engines(ctx, run)
     done = _release if one_at_a_time else (lambda _engine: None)
     for candidate, _ in candidates.values():
@@ -200,6 +202,7 @@ def compare_stage(
     if speaks:
         with timer.stage("latency"), alone():
             latency = _latency(ctx, run, torch_side, engine, main, candidates, one_at_a_time)
+    barrier()  # as above
     with timer.stage("judge"):
         judged, samples = _judge_all(ctx, comparison, candidates, main, done)
         forms = _weight_forms(ctx, engine_manifest, run, comparison)
