@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flowpress.errors import EngineParityError, FlowpressError
-from flowpress.launch import LAUNCHED
+from flowpress.launch import LAUNCHED, STOPPED
 from flowpress.ranks import PeerStopped
 
 # the defaults are the repository's digits example, wherever the command runs from
@@ -182,10 +182,9 @@ def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         print(f"flowpress: engine not faithful on this host: {err}", file=sys.stderr)
         return err.exit_code
     except FlowpressError as err:
-        if not (
-            isinstance(err, PeerStopped) and os.environ.get(LAUNCHED)
-        ):  # else the failing rank, or the launcher, says why
-            print(f"flowpress: error: {err}", file=sys.stderr)
+        if isinstance(err, PeerStopped) and os.environ.get(LAUNCHED):
+            return STOPPED  # another rank failed and said why (or the launcher does)
+        print(f"flowpress: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowpress: interrupted; the run directory was not replaced", file=sys.stderr)

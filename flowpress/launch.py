@@ -13,6 +13,7 @@ import uuid
 from flowpress.errors import FlowpressError
 
 LAUNCHED = "FLOWPRESS_LAUNCHED"  # set in the ranks this launcher starts: a rank stopped for another's fault is silent
+STOPPED = 75  # ... and exits with this code, which the launcher reads as "stopped", never as the run's verdict
 
 
 def launch(argv: list[str], nproc: int) -> int:
@@ -43,16 +44,23 @@ def launch(argv: list[str], nproc: int) -> int:
         elastic_launch(config, sys.executable)("-m", "flowpress", *argv)
     except ChildFailedError as err:
         codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        exited = {rank: code for rank, code in codes.items() if code > 0 and code != STOPPED}  # each said why
+        if exited:
+            return exited[0] if set(exited) == {0} else 2  # rank 0 alone: its verdict (gate 1, parity 3, error 2)
+        # a rank killed by a signal other than the SIGTERM the launcher stops the others with, else any
         killed = {rank: -code for rank, code in codes.items() if code < 0}
-        if killed:
-            rank, number = min(killed.items())
+        if not killed:
             print(
-                f"flowpress: error: rank {rank} of {nproc} was killed by {signal.Signals(number).name}; every rank "
-                "stopped and the run directory was not written; rerun the command",
+                f"flowpress: error: the {nproc} ranks stopped: a collective failed or timed out "
+                f"(FLOWPRESS_DIST_TIMEOUT_S); the run directory was not written",
                 file=sys.stderr,
             )
             return 2
-        if set(codes) == {0}:
-            return codes[0]  # rank 0's verdict: the gate (1), parity (3) or its own one-line error (2)
+        rank, number = min(({r: n for r, n in killed.items() if n != signal.SIGTERM} or killed).items())
+        print(
+            f"flowpress: error: rank {rank} of {nproc} was killed by {signal.Signals(number).name}; every rank "
+            "stopped and the run directory was not written; rerun the command",
+            file=sys.stderr,
+        )
         return 2
     return 0

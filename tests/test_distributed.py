@@ -92,6 +92,15 @@ def test_two_ranks_write_the_bytes_and_numbers_of_one_process(tiny_model_dir, tm
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["tiny-ranks"]  # no lock, nothing staged
 
 
+@pytest.mark.slow
+def test_a_failed_gate_on_two_ranks_is_exit_1_with_the_report_written(tiny_model_dir, tmp_path):
+    code, out, err = finished(
+        quantize(write_recipe(tmp_path, tiny_model_dir, psnr=99.0), tmp_path, "--nproc-per-node", "2")
+    )
+    assert code == 1 and out.count("gate: FAILED") == 1, err[-2000:]
+    assert flowpress_lines(err) == [] and (tmp_path / "tiny-ranks" / "report.json").is_file()
+
+
 def _children(pid: int) -> dict[int, dict[str, str]]:
     """{pid: environment} of the processes whose parent is `pid` (Linux /proc)."""
     found = {}

@@ -169,12 +169,10 @@ def compare_stage(
     one_at_a_time: bool = False,
 ) -> Report | None:
     """Compare, time, judge and report the engines of `run` (report files written into it; under
-    torchrun every rank samples its share, rank 0 alone times, writes and returns the report, the
-    others None);
+    torchrun every rank samples its share, rank 0 alone times, writes and returns the report);
     torch_side: what was measured of the torch model before (measured here when None, the model
     loaded); `amend` may add to the report before it is written (the mixed-precision search does);
-    one_at_a_time (large models): each engine is loaded only while it is used and timed on its own,
-    so the run holds one runtime's weights at a time (else they are timed interleaved)."""
+    one_at_a_time (large models): each engine is loaded only while it is used and timed alone."""
     recipe, timer, sampler = ctx.recipe, ctx.timer, ctx.sampler
     config = ctx.compare_config
     if torch_side is None:
@@ -209,15 +207,7 @@ def compare_stage(
         peers = [{**p, "margin_db": comparison.final["psnr_db"] - p["final_psnr_db"]} for p in torch_side.peers]
     if not speaks:
         return None
-    engines = [
-        _engine_row(name, judged[name], files, latency["engine" if name == main else name.replace("-", "_")])
-        for name, (_, files) in candidates.items()
-    ]
-    recommendation = recommend(engines)
-    end_to_end = None
-    if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
-        with timer.stage("end_to_end"), alone():
-            end_to_end = _pipeline_cost(ctx, run, torch_side, engine, candidates, recommendation["engine"], done)
+    engines, recommendation, end_to_end = _ranked(ctx, run, torch_side, judged, candidates, main, latency, done)
     report = Report(
         recipe=recipe.name,
         precision=recipe.quantize.precision,
@@ -250,6 +240,24 @@ def compare_stage(
     report.stages, report.peak_rss_bytes = timer.as_dict(), timer.peak_rss_bytes
     write_report(run, comparison, report, _detached(samples), f"{recipe.name}: {engine.name} vs FP")
     return report
+
+
+def _ranked(
+    ctx: RunContext, run: Path, torch_side: TorchSide, judged: dict[str, dict[str, Any]], candidates: Candidates,
+    main: str, latency: dict[str, dict[str, float]], done: Callable[[Engine], None],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float] | None]:  # fmt: skip
+    """(the CPU engines' rows, the recommendation, the pipeline's end-to-end ms per image or None)."""
+    engines = [
+        _engine_row(name, judged[name], files, latency["engine" if name == main else name.replace("-", "_")])
+        for name, (_, files) in candidates.items()
+    ]
+    recommendation = recommend(engines)
+    end_to_end = None
+    if ctx.source.pipe is not None:  # a pipeline call's whole cost, text encoder and VAE included
+        with ctx.timer.stage("end_to_end"), alone():
+            engine = candidates[main][0]
+            end_to_end = _pipeline_cost(ctx, run, torch_side, engine, candidates, recommendation["engine"], done)
+    return engines, recommendation, end_to_end
 
 
 def _latency_note(runs: int) -> str:

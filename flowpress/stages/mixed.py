@@ -25,6 +25,7 @@ from flowpress.engines import Engine, OrtEngine, TorchEngine
 from flowpress.engines.build import build_ort
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import graph_bytes
+from flowpress.ranks import alone, barrier, dist_info
 from flowpress.sampling import batch_cond, noise_for_seeds, sample
 from flowpress.validation import evaluate_gate, median_step_ms
 from flowpress.validation.compare import final_metrics
@@ -221,10 +222,11 @@ def gated_search(
 
 def mixed_precision(
     ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path, progress: bool
-) -> tuple[list[dict[str, Any]], dict[str, Any], Report, SearchResult]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], Report | None, SearchResult | None]:
     """Rank layers by trajectory sensitivity, then keep them in full precision one at a time
     until the gate passes; returns (exports, engine manifest, report, search) of the confirmed
-    assignment and raises FlowpressError when none passes."""
+    assignment and raises FlowpressError when none passes.  Under torchrun the ranks share the
+    ranking by layer; rank 0 alone searches (the others return nothing)."""
     from flowpress.stages.build import build_engines
     from flowpress.stages.compare import compare_stage
 
@@ -253,8 +255,10 @@ def mixed_precision(
         ranking = layer_sensitivity(ctx.fp, qmodel, sensitivity, progress, names)
         set_output_quant(qmodel, True)
     found: dict[str, Any] = {}
-
-    with tempfile.TemporaryDirectory(prefix="flowpress-search-") as workdir:
+    if not dist_info().main:  # under torchrun the ranking was shared; rank 0 searches alone
+        barrier()
+        return [], {}, None, None
+    with tempfile.TemporaryDirectory(prefix="flowpress-search-") as workdir, alone():
         check = EngineCheck(ctx, calib, config.check_samples, Path(workdir))
 
         def confirm(search: SearchResult) -> bool:
@@ -270,4 +274,5 @@ def mixed_precision(
 
         with ctx.timer.stage("mixed_precision"):
             search = gated_search(qmodel, ranking, config, check, confirm, lambda line: print(f"[flowpress] {line}"))
+    barrier()
     return found["exports"], found["engine"], found["report"], search
