@@ -51,18 +51,29 @@ def host_record(host: HostIsa | None = None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def error_vs_fp(engine: Engine, fp: Engine, feeds: dict[str, Tensor]) -> float:
-    """Mean over the feeds of ||engine - fp|| / ||fp|| of one forward at each feed's step."""
+def _outputs(engine: Engine, feeds: dict[str, Tensor]) -> Tensor:
+    """One forward of each feed at its step; the engine's runtime is released after (a large
+    model's engines are then held one at a time)."""
     cond = {name: value for name, value in feeds.items() if name not in ("x", "step")}
-    got, want = engine(feeds["x"], feeds["step"], cond), fp(feeds["x"], feeds["step"], cond)
+    out = engine(feeds["x"], feeds["step"], cond)
+    release = getattr(engine, "release", None)
+    if release is not None:
+        release()
+    return out
+
+
+def _error(got: Tensor, want: Tensor) -> float:
+    """Mean over the rows of ||got - want|| / ||want|| (inf where the engine is not finite)."""
     if not torch.isfinite(got).all():
         return float("inf")
     return float(((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
 
 
 def host_figures(engines: dict[str, Engine], fp: Engine, feeds: dict[str, Tensor]) -> dict[str, float]:
-    """error_vs_fp of every engine: the figures engine.json records where they are validated."""
-    return {name: error_vs_fp(engine, fp, feeds) for name, engine in engines.items()}
+    """Each engine's mean relative error vs FP on `feeds`, the figures engine.json records where they
+    are validated (FP's outputs computed once; one runtime in memory at a time)."""
+    want = _outputs(fp, feeds)
+    return {name: _error(_outputs(engine, feeds), want) for name, engine in engines.items()}
 
 
 def check_engine_host(
@@ -81,12 +92,13 @@ def check_engine_host(
     if validated_on.get("isa_class") == host.isa_class:
         return None
     feeds = load_feeds()
+    want = _outputs(fp, feeds)
     figures: dict[str, float] = {}
     for name, engine in engines.items():
         before = recorded.get(name)
         if before is None or before < FLOAT_ENGINE_ERROR:
             continue
-        figures[name] = error_vs_fp(engine, fp, feeds)
+        figures[name] = _error(_outputs(engine, feeds), want)
         if not figures[name] <= HOST_DRIFT_LIMIT * before + FLOAT_ENGINE_ERROR:
             raise EngineParityError(
                 f"{where}: engine {name} was validated on {validated_on.get('isa_class')} "

@@ -75,10 +75,12 @@ def test_the_shards_cover_every_unit_once_in_order_on_one_process():
 
 @pytest.mark.slow
 def test_two_ranks_write_the_bytes_and_numbers_of_one_process(tiny_model_dir, tmp_path):
-    recipe = write_recipe(tmp_path, tiny_model_dir)
+    """A gate the tiny model cannot pass: both runs are written whole and exit 1 (rank 0's verdict)."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, psnr=99.0)
     one = finished(quantize(recipe, tmp_path / "one"))
     two = finished(quantize(recipe, tmp_path / "two", "--nproc-per-node", "2"))
-    assert one[0] == 0 and two[0] == 0, (one[2] + two[2])[-3000:]
+    assert one[0] == 1 and two[0] == 1, (one[2] + two[2])[-3000:]
+    assert flowpress_lines(two[2]) == [] and two[1].count("gate: FAILED") == 1  # rank 0 alone reports
     run_one, run_two = tmp_path / "one" / "tiny-ranks", tmp_path / "two" / "tiny-ranks"
     files = files_of(run_one)
     assert "engine/model.opt.onnx" in files and "calibration/inputs.safetensors" in files
@@ -88,17 +90,7 @@ def test_two_ranks_write_the_bytes_and_numbers_of_one_process(tiny_model_dir, tm
         assert report_two[key] == report_one[key], key
     manifest = json.loads((run_two / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and json.loads((run_one / "manifest.json").read_text())["world_size"] == 1
-    assert two[1].count("gate: PASSED") == 1  # rank 0 alone reports
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["tiny-ranks"]  # no lock, nothing staged
-
-
-@pytest.mark.slow
-def test_a_failed_gate_on_two_ranks_is_exit_1_with_the_report_written(tiny_model_dir, tmp_path):
-    code, out, err = finished(
-        quantize(write_recipe(tmp_path, tiny_model_dir, psnr=99.0), tmp_path, "--nproc-per-node", "2")
-    )
-    assert code == 1 and out.count("gate: FAILED") == 1, err[-2000:]
-    assert flowpress_lines(err) == [] and (tmp_path / "tiny-ranks" / "report.json").is_file()
 
 
 def _children(pid: int) -> dict[int, dict[str, str]]:
