@@ -80,9 +80,11 @@ def export_checked(
     flavour: str,
     opset: int = 19,
     levels: tuple[str, ...] = ("disabled", "all"),
+    source: Path | None = None,
 ) -> ExportedGraph:
-    """Export one Q/DQ flavour and check it against the torch fake-quant model it came from."""
-    export_onnx(qmodel.fp_module, path, ExportConfig(flavour=flavour, opset=opset), qmodel)  # type: ignore[arg-type]
+    """Export one Q/DQ flavour and check it against the torch fake-quant model it came from
+    (source: the prepared FP graph at `opset`, export_onnx's)."""
+    export_onnx(qmodel.fp_module, path, ExportConfig(flavour=flavour, opset=opset), qmodel, source)  # type: ignore[arg-type]
     set_output_quant(qmodel, flavour == "ort-cpu")
     set_step_scales(qmodel, flavour == "ort-cpu")  # the TensorRT graph's scales are static
     try:
@@ -105,11 +107,12 @@ def build_ort(
     opset: int,
     host: HostIsa,
     name: str,
+    source: Path | None = None,
 ) -> tuple[ExportedGraph, dict[str, Any]]:
     """export_checked + save_ort_engine: (the checked graph, the engine's facts).  A parity
     failure on integer kernels becomes the one-line reason for this host (parity_failure)."""
     try:
-        exported = export_checked(qmodel, graph, calib, flavour, opset)
+        exported = export_checked(qmodel, graph, calib, flavour, opset, source=source)
     except EngineParityError as err:
         raise parity_failure(err, qmodel, calib, host, name) from None
     return exported, save_ort_engine(graph, engine)

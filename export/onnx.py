@@ -54,41 +54,19 @@ def export_onnx(
     path: str | Path,
     config: ExportConfig = ExportConfig(),
     quant: QuantizedModel | None = None,
+    source: Path | None = None,
 ) -> Path:
     """Write the FP graph of a step model to `path` (inputs x, step, *cond_names; output v), with
     Q/DQ when `quant` is given.
 
     Q/DQ nodes are placed from quant.layers (modelopt's calibrated amax values) on the
-    full-precision graph, so placement is ours and the same for every backend.
+    full-precision graph, so placement is ours and the same for every backend.  source: the same
+    step model's FP graph, written by export_onnx at config.opset: the Q/DQ graph is placed on it
+    instead of tracing the model again (a large model's tracing costs minutes and a copy of its weights).
     """
     path = Path(path)
-    step_model = model.eval()
-    shape = step_model.sample_shape
-    example = step_model.example_inputs(2)
-    names = ["x", "step", *step_model.cond_names]
-    register_symbolics(config.opset)
-    # torch writes a graph over 2 GB as one file per tensor beside it: into a scratch folder
-    # beside the target (same file system), consolidated by write_graph
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.export-", dir=path.parent) as scratch:
-        raw = Path(scratch) / "exported.onnx"
-        with warnings.catch_warnings():
-            for message in EXPORTER_NOTICES:
-                warnings.filterwarnings("ignore", message=message)
-            torch.onnx.export(
-                step_model,
-                tuple(example),
-                str(raw),
-                input_names=names,
-                output_names=["v"],
-                dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
-                opset_version=config.opset,
-                dynamo=False,
-            )
-        graph = read_graph(raw)
-        resolve_shape_ifs(graph)
-        for dim, size in zip(graph.proto.graph.output[0].type.tensor_type.shape.dim[1:], shape, strict=True):
-            dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
-            dim.dim_value = size
+        graph = read_graph(source) if source is not None else _traced(model, Path(scratch), config.opset)
         if quant is not None:
             if config.opset < 21 and any(layer.weight_bits == 4 for layer in quant.layers.values()):
                 raise FlowpressError(
@@ -103,6 +81,37 @@ def export_onnx(
             file.unlink(missing_ok=True)
         raise
     return path
+
+
+def _traced(model: StepModel, scratch: Path, opset: int) -> Graph:
+    """The FP graph of a step model, traced by torch's exporter into `scratch`."""
+    step_model = model.eval()
+    names = ["x", "step", *step_model.cond_names]
+    register_symbolics(opset)
+    # torch writes a graph over 2 GB as one file per tensor beside it: into a scratch folder
+    # beside the target (same file system), consolidated by write_graph
+    raw = scratch / "exported.onnx"
+    with warnings.catch_warnings():
+        for message in EXPORTER_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        torch.onnx.export(
+            step_model,
+            tuple(step_model.example_inputs(2)),
+            str(raw),
+            input_names=names,
+            output_names=["v"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
+            opset_version=opset,
+            dynamo=False,
+        )
+    graph = read_graph(raw)
+    resolve_shape_ifs(graph)
+    for dim, size in zip(
+        graph.proto.graph.output[0].type.tensor_type.shape.dim[1:], step_model.sample_shape, strict=True
+    ):
+        dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
+        dim.dim_value = size
+    return graph
 
 
 def resolve_shape_ifs(graph: Graph) -> int:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flowpress.errors import FlowpressError
+from flowpress.export.graphfile import large_bytes
 
 PEAK_DENOISER_COPIES = {"onnxruntime": 1.7, "openvino": 2.7}  # by the engines built; results/scale.md
 RUNTIME_BYTES = 2 << 30
@@ -64,7 +65,8 @@ def folder_weights(folder: Path) -> tuple[int, int]:
 @dataclass(frozen=True)
 class MemoryPlan:
     """denoiser_*: the UNet / transformer; pipeline_fp32_bytes: every component as loaded;
-    peak_bytes: the estimate; available_bytes: what the machine had free when planned."""
+    peak_bytes: the estimate; available_bytes: what the machine had free when planned; openvino:
+    the run builds NNCF's int8 OpenVINO engine."""
 
     denoiser_parameters: int
     denoiser_fp32_bytes: int
@@ -98,9 +100,10 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def plan_memory(model: Path, openvino: bool = True) -> MemoryPlan:
+def plan_memory(model: Path, openvino: bool = True, nncf_when_large: bool = False) -> MemoryPlan:
     """The memory plan of a run on `model` (a pipeline directory or a bare denoiser directory);
-    openvino: the run builds OpenVINO engines too (NNCF's quantization is its largest peak)."""
+    openvino: the run builds OpenVINO engines too (NNCF's quantization is its largest peak; a
+    large model's candidates leave NNCF's int8 out unless `nncf_when_large`: the recipe's own engine)."""
     model = Path(model)
     if (model / "model_index.json").is_file():
         index = json.loads((model / "model_index.json").read_text())
@@ -112,9 +115,10 @@ def plan_memory(model: Path, openvino: bool = True) -> MemoryPlan:
     measured = {c: folder_weights(c) for c in components if c.is_dir()}
     params, fp32 = measured.get(denoiser) or folder_weights(denoiser)
     pipeline = sum(nbytes for _, nbytes in measured.values()) or fp32
-    copies = PEAK_DENOISER_COPIES["openvino" if openvino else "onnxruntime"]
+    nncf = openvino and (nncf_when_large or fp32 <= large_bytes())
+    copies = PEAK_DENOISER_COPIES["openvino" if nncf else "onnxruntime"]
     peak = int(pipeline + copies * fp32 + RUNTIME_BYTES)
-    return MemoryPlan(params, fp32, pipeline, peak, available_bytes(), openvino)
+    return MemoryPlan(params, fp32, pipeline, peak, available_bytes(), nncf)
 
 
 def check_memory(plan: MemoryPlan, model: Path) -> None:

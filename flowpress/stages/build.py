@@ -24,7 +24,7 @@ from flowpress.engines import Engine, OrtEngine
 from flowpress.engines.build import build_ort, export_checked, parity_feeds
 from flowpress.engines.openvino import OpenVinoEngine
 from flowpress.engines.portability import host_figures, host_record, int8_weight_form, resolve_portable
-from flowpress.export import check_parity, export_onnx
+from flowpress.export import ExportConfig, check_parity, export_onnx
 from flowpress.export.graphfile import graph_files, remove_graph
 from flowpress.export.openvino import OpenVinoConfig, OvPrecision, export_openvino, overflow_fix
 from flowpress.rundir import write_json
@@ -91,13 +91,15 @@ def build_engines(
     portable = resolve_portable(recipe.engine.portable, host)
     backend = backend_of(recipe.quantize)
     bits, unsigned = weight_form_of(qmodel)
-    precisions = _openvino_precisions(ctx)
+    precisions = _openvino_precisions(ctx, large=release is not None)
     prepared = run / "engine" / "prepared_fp32.onnx"
     with timer.stage("export"):
-        exports, ort_facts = _export_graphs(ctx, qmodel, calib, run)
-        if precisions:
-            with timer.stage("export_openvino_source"):
-                export_onnx(qmodel.fp_module, prepared)
+        exports, ort_facts, source = _export_graphs(ctx, qmodel, calib, run)
+        if source != prepared:
+            remove_graph(source)
+            if precisions:
+                with timer.stage("export_openvino_source"):
+                    export_onnx(qmodel.fp_module, prepared)
     if release is not None:
         release()
     with timer.stage("engine"):
@@ -121,7 +123,9 @@ def build_engines(
             manifest["weights"] = note
         for precision in precisions:
             manifest[f"openvino-{precision}"] = _nncf_engine(ctx, run, prepared, precision, calib, portable)
-        if precisions:
+        if recipe.engine.candidates and "int8" not in precisions:
+            manifest["openvino-int8"] = {"skipped": NNCF_SKIPPED}
+        if prepared.is_file():
             remove_graph(prepared)
         qdq = run / ("model.onnx" if recipe.export.flavour == "tensorrt" else "model.tensorrt.onnx")
         if backend.weight_forms and recipe.engine.candidates and qdq.is_file() and not host.int8_saturates:
@@ -140,9 +144,11 @@ def build_engines(
 
 def _export_graphs(
     ctx: RunContext, qmodel: QuantizedModel, calib: CalibrationSet, run: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], Path]:
     """fp32.onnx, the recipe's Q/DQ graph and its onnxruntime engine, and the twins, each checked
-    against the model it came from; returns (the exports' records, the engine's facts).
+    against the model it came from; returns (the exports' records, the engine's facts, the
+    prepared FP graph the Q/DQ graphs were placed on: engine/prepared_fp32.onnx, OpenVINO's
+    source, at the default opset, else a scratch graph beside it, for the caller to remove).
 
     The CPU engines take the run's int8 weight form (7-bit or U8U8 where portable); the twin of the
     other flavour (the tensorrt graph for GPUs) keeps signed 8-bit and is checked on float kernels
@@ -157,9 +163,12 @@ def _export_graphs(
         check_parity(run / "fp32.onnx", ctx.fp, {k: v[:8] for k, v in parity_feeds(calib).items()})
     (run / "engine").mkdir(exist_ok=True)
     with timer.stage("export_qdq"):
+        opsets_match = opset == ExportConfig().opset
+        source = run / "engine" / ("prepared_fp32.onnx" if opsets_match else f"prepared_opset{opset}.onnx")
+        export_onnx(qmodel.fp_module, source, ExportConfig(opset=opset))  # traced once, every Q/DQ graph placed on it
         main, ort_facts = build_ort(
             qmodel, calib, run / "model.onnx", run / "engine" / "model.opt.onnx", flavour, opset, host,
-            f"{recipe.name}: model.onnx",
+            f"{recipe.name}: model.onnx", source,
         )  # fmt: skip
     exports = [main.as_dict()]
     with timer.stage("export_twins"):
@@ -168,23 +177,30 @@ def _export_graphs(
             levels = ("disabled",) if other == "tensorrt" and host.int8_saturates else ("disabled", "all")
             with weights_in(qmodel, *((8, False) if other == "tensorrt" else (bits, unsigned))):
                 exports.append(
-                    export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels).as_dict()
+                    export_checked(qmodel, run / f"model.{other}.onnx", calib, other, opset, levels, source).as_dict()
                 )
         if backend.weight_forms and flavour == "ort-cpu":
             alternative = 8 if bits == PORTABLE_WEIGHT_BITS else PORTABLE_WEIGHT_BITS
             with weights_in(qmodel, alternative):
                 path = run / f"model.w{alternative}.onnx"
-                exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",)).as_dict())
-    return exports, ort_facts
+                exports.append(export_checked(qmodel, path, calib, flavour, opset, ("disabled",), source).as_dict())
+    return exports, ort_facts, source
 
 
-def _openvino_precisions(ctx: RunContext) -> list[OvPrecision]:
+NNCF_SKIPPED = (
+    "not built: the model is large (its torch weights are released before the engines) and NNCF's int8 "
+    "calibration holds several copies of its weights; engine.runtime: openvino with precision int8 builds it"
+)
+
+
+def _openvino_precisions(ctx: RunContext, large: bool) -> list[OvPrecision]:
     """The OpenVINO engines NNCF / OpenVINO build from the FP graph: the recipe's runtime, and with
-    engine.candidates every CPU engine flowpress can build, for the recommendation."""
+    engine.candidates every CPU engine flowpress can build, for the recommendation (for a large
+    model, the candidates leave out NNCF's int8: NNCF_SKIPPED)."""
     engine = ctx.recipe.engine
     precisions: list[OvPrecision] = [engine.openvino.precision] if engine.runtime == "openvino" else []
     if engine.candidates:
-        precisions += [p for p in ("int8", "bf16") if p not in precisions]  # type: ignore[misc]
+        precisions += [p for p in (("bf16",) if large else ("int8", "bf16")) if p not in precisions]  # type: ignore[misc]
     return precisions
 
 

@@ -60,7 +60,8 @@ def run_quantize(
     with reported_failures(final_dir, lambda: timer.failed_in):
         engine = recipe.engine
         need_extras(engine, recipe.quantize)  # a missing extra fails here, before the model loads
-        plan = plan_memory(Path(recipe.model.path), engine.candidates or engine.runtime == "openvino")
+        nncf = engine.runtime == "openvino" and engine.openvino.precision == "int8"
+        plan = plan_memory(Path(recipe.model.path), engine.candidates or engine.runtime == "openvino", nncf)
         if loaded is None:
             if progress:
                 print(f"[flowpress] {plan.line()}", flush=True)
