@@ -10,7 +10,7 @@ BENCH  ?= recipes/bench.yaml
 ABLATION ?= $(DIGITS)/ablation.yaml
 STAMP  := $(VENV)/.installed
 # every extra but gpu (tensorrt installs only on GPU hosts): pyproject.toml says what needs each
-EXTRAS := dev,openvino,lowbit,text,examples
+EXTRAS := dev,openvino,lowbit,text,examples,lora
 
 .PHONY: install lock quantize compare engines ablate bench teacher classifier distill precisions test test-fast test-benchmarks quality clean
 

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--batch", type=int, default=None, help="with --model: trajectories sampled at once (default 16 / 25)"
     )
+    q.add_argument("--lora", default=None, help="with --model: a LoRA .safetensors fused into the pipeline first")
+    q.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: its weight (default 1.0)")
     q.add_argument("--out", default=None, help="with --model: the run directory (default runs/<model folder name>)")
     q.add_argument("--no-openvino", action="store_true", help="with --model: build the onnxruntime engine only")
     q.add_argument(

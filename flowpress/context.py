@@ -159,8 +159,9 @@ class RunContext:
         """loaded: the recipe's model, when the caller loaded it already (as recipe.model says)."""
         section = recipe.model
         source = loaded or load_source(
-            Path(section.path), section.time_scale, section.scheduler, section.prediction_type, section.resolution
-        )
+            Path(section.path), section.time_scale, section.scheduler, section.prediction_type, section.resolution,
+            section.lora, section.lora_scale,
+        )  # fmt: skip
         sampler = source.sampler(recipe.sampling.steps, recipe.sampling.method)
         evaluator = load_evaluator(recipe.evaluator)
         measured = evaluator.metrics if evaluator is not None else {}

@@ -54,7 +54,7 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     check_memory(plan, path)  # before the first load
     resolution = _resolution(args.height, args.width)
     with timer.stage("load"):
-        source = load_source(path, None, args.scheduler, args.prediction_type, resolution)
+        source = load_source(path, None, args.scheduler, args.prediction_type, resolution, args.lora, args.lora_scale)
     denoiser = source.denoiser
     kind = "text" if denoiser.text_conditioned else "class" if denoiser.num_classes else "none"
     if denoiser.architecture == "flux":
@@ -72,8 +72,13 @@ def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Pa
     recipe = Recipe(
         name=out.name,
         model=ModelSection(
-            str(path), scheduler=args.scheduler, prediction_type=args.prediction_type, resolution=resolution
-        ),
+            str(path),
+            scheduler=args.scheduler,
+            prediction_type=args.prediction_type,
+            resolution=resolution,
+            lora=args.lora,
+            lora_scale=args.lora_scale,
+        ),  # fmt: skip
         sampling=SamplingSection(steps=args.steps if args.steps is not None else 20, guidance=guidance),
         calibration=CalibrationConfig(
             n_samples=calibration, batch_size=min(calibration, 16) if args.batch is None else args.batch

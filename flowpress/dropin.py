@@ -124,8 +124,9 @@ def load_pipeline(run_dir: str | Path, engine: str | None = None) -> Any:
     run = Run.load(run_dir)
     section = run.recipe.model
     source = load_source(
-        Path(section.path), section.time_scale, section.scheduler, section.prediction_type, section.resolution
-    )
+        Path(section.path), section.time_scale, section.scheduler, section.prediction_type, section.resolution,
+        section.lora, section.lora_scale,
+    )  # fmt: skip
     if source.pipe is None:
         raise FlowpressError(
             f"{run_dir}: its model ({section.path}) is not a diffusers pipeline directory; sample the engine "

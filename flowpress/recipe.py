@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,17 +30,23 @@ class ModelSection:
     scheduler's (a bare denoiser without a scheduler config must be given it with a scheduler).
     time_scale: network timestep = t * time_scale (flowpress models: from their flowpress.json).
     resolution: the image side in pixels the run samples and its engines take (square); null = the
-    model's default (its config's sample size; Flux: its VAE's)."""
+    model's default (its config's sample size; Flux: its VAE's).  lora: a LoRA file (.safetensors,
+    as diffusers saves one) fused into the pipeline at lora_scale before calibration (the run
+    quantizes the model it makes; unfused LoRA would break Q/DQ fusion); its hash is in the manifest."""
 
     path: str
     time_scale: float | None = None
     scheduler: str | None = None
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = None
     resolution: int | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.resolution is not None and self.resolution < 1:
             raise FlowpressError(f"model.resolution must be >= 1 pixel, got {self.resolution}")
+        if not math.isfinite(self.lora_scale):
+            raise FlowpressError(f"model.lora_scale must be a finite number, got {self.lora_scale}")
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,11 @@ def load_source(
     scheduler: str | None = None,
     prediction_type: Prediction | None = None,
     resolution: int | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> LoadedModel:
-    """Whatever diffusers saved at `path` (or a flowpress flow model), ready to sample and compare.
+    """Whatever diffusers saved at `path` (or a flowpress flow model), ready to sample and compare
+    (a pipeline with the LoRA file `lora` fused in at `lora_scale`: fuse_lora).
 
     scheduler: None = the model's own (its pipeline's scheduler, the scheduler config beside a bare
     denoiser, flowpress's flow sampler for flowpress models), 'flow', or a name of SCHEDULERS built
@@ -147,8 +150,15 @@ def load_source(
     with a scheduler name but no scheduler config must be given one).  resolution: the image side
     in pixels to sample at (a pipeline's latents are its VAE's scale smaller); None: the model's."""
     path = Path(path)
+    if lora is not None:
+        need("peft", "lora", "--lora (diffusers fuses a LoRA through peft)")  # before the pipeline loads
     if (path / "model_index.json").is_file():
-        return _load_pipeline(path, scheduler, prediction_type, resolution)
+        return _load_pipeline(path, scheduler, prediction_type, resolution, lora, lora_scale)
+    if lora is not None:
+        raise FlowpressError(
+            f"{path}: a LoRA is fused into a diffusers pipeline (model_index.json), not a bare denoiser directory; "
+            "point --model at the pipeline"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FlowpressError(
@@ -239,8 +249,9 @@ def _scheduler_beside(path: Path, scheduler: str | None, prediction: Prediction 
 
 
 def _load_pipeline(
-    path: Path, scheduler: str | None, prediction: Prediction | None, resolution: int | None = None
-) -> LoadedModel:
+    path: Path, scheduler: str | None, prediction: Prediction | None, resolution: int | None = None,
+    lora: str | Path | None = None, lora_scale: float = 1.0,
+) -> LoadedModel:  # fmt: skip
     import diffusers
 
     index = _config(path / "model_index.json")
@@ -265,6 +276,8 @@ def _load_pipeline(
     except Exception as err:  # noqa: BLE001 - diffusers / transformers raise many types for a broken directory
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FlowpressError(f"{path}: diffusers cannot load this pipeline ({reason[:300]})") from None
+    if lora is not None:
+        fuse_lora(pipe, Path(lora), lora_scale)
     net = getattr(pipe, role)
     check_finite_weights(net, str(path / role))
     if scheduler == "flow":
@@ -287,3 +300,24 @@ def _load_pipeline(
     decode = _latent_decoder(pipe) if latent else None
     kind = f"{type(pipe).__name__} ({name}, {type(pipe.scheduler).__name__}, {getattr(pipe.scheduler.config, 'prediction_type', 'flow')})"
     return LoadedModel(denoiser, make, conditioner, decode, pipe, kind, path)
+
+
+def fuse_lora(pipe: Any, lora: Path, scale: float) -> None:
+    """Fuse the LoRA file `lora` into `pipe`'s weights at `scale` (diffusers' load_lora_weights +
+    fuse_lora through peft), then drop the adapter: the pipeline is the plain model the LoRA makes."""
+    if not lora.is_file():
+        raise FlowpressError(f"--lora {lora}: no such file; give the LoRA's .safetensors file")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise FlowpressError(f"--lora {lora}: {type(pipe).__name__} does not load LoRA; use a pipeline that does")
+    from safetensors.torch import load_file
+
+    try:
+        pipe.load_lora_weights(load_file(str(lora)), adapter_name="flowpress")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["flowpress"])
+        pipe.unload_lora_weights()
+    except Exception as err:  # noqa: BLE001 - safetensors, diffusers and peft raise many types for a wrong file
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise FlowpressError(
+            f"--lora {lora}: cannot fuse it into this {type(pipe).__name__} ({reason}); give a LoRA trained for "
+            "this model's architecture"
+        ) from None

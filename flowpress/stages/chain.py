@@ -18,6 +18,7 @@ from flowpress.compress.backends import backend_of
 from flowpress.context import RunContext, Timer, versions
 from flowpress.errors import FlowpressError
 from flowpress.export.graphfile import large_bytes
+from flowpress.files import sha256_file
 from flowpress.models import LoadedModel, release_weights
 from flowpress.plan import MemoryPlan, check_memory, plan_memory
 from flowpress.ranks import agree, alone, barrier, broadcast, dist_info, init_distributed
@@ -205,7 +206,14 @@ def _run_manifest(
         "temporal_modules": {"mode": recipe.quantize.temporal, "modules": qmodel.temporal_modules},
         "exports": exports,
         **({"reconstruction": qmodel.reconstruction} if qmodel.reconstruction else {}),
-        "inputs": {"model": tree_hashes(Path(recipe.model.path))},
+        "inputs": {
+            "model": tree_hashes(Path(recipe.model.path)),
+            **(
+                {"lora": {Path(recipe.model.lora).name: sha256_file(Path(recipe.model.lora))}}
+                if recipe.model.lora
+                else {}
+            ),
+        },
         "stage_seconds": timer.seconds,
         "world_size": dist_info().world,
         "plan": {**plan.as_dict(), "large_bytes": large_bytes(), "released_before_engines": released},
