@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowpress.calibration import CalibrationSet
+from flowpress.ranks import run_sharded
 
 BIAS_CORRECTION_BATCH = 256
 
@@ -21,9 +22,11 @@ BIAS_CORRECTION_BATCH = 256
 def bias_shifts(module: Any, layers: list[str], calib: CalibrationSet) -> dict[str, Tensor]:
     """For each of `layers` (names inside module.model) that has a bias: the per-output-channel
     mean of FP minus quantized output over every calibration input, both from the input the
-    quantized model feeds that layer.  `module` is the fake-quant step model as it runs now."""
+    quantized model feeds that layer.  `module` is the fake-quant step model as it runs now.
+    Under torchrun each rank measures its share of the batches; the sums are added in batch order
+    on every rank, as one process adds them."""
     modules = dict(module.model.named_modules())
-    sums: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}  # of the batch being run
     counts: dict[str, int] = {}
 
     def record(name: str):  # noqa: ANN202
@@ -44,10 +47,22 @@ def bias_shifts(module: Any, layers: list[str], calib: CalibrationSet) -> dict[s
         for name in layers
         if modules[name].bias is not None and getattr(modules[name], "padding_mode", "zeros") == "zeros"
     ]
+
+    def measured(batch: tuple[Tensor, Tensor, dict[str, Tensor], int]) -> tuple[dict[str, Tensor], dict[str, int]]:
+        sums.clear()
+        counts.clear()
+        module(*batch[:3])
+        return dict(sums), dict(counts)
+
     try:
-        for x, step, cond, _ in calib.batches(BIAS_CORRECTION_BATCH):
-            module(x, step, cond)
+        per_batch = run_sharded(list(calib.batches(BIAS_CORRECTION_BATCH)), measured)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: (sums[name] / counts[name]).float() for name in sums}
+    total: dict[str, Any] = {}
+    count: dict[str, int] = {}
+    for batch_sums, batch_counts in per_batch:
+        for name, value in batch_sums.items():
+            total[name] = total.get(name, 0) + value
+            count[name] = count.get(name, 0) + batch_counts[name]
+    return {name: (total[name] / count[name]).float() for name in total}
