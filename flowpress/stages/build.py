@@ -49,15 +49,24 @@ def main_engine(ctx: RunContext) -> str:
     return f"openvino-{engine.openvino.precision}" if engine.runtime == "openvino" else ort_name(ctx)
 
 
-def cpu_engines(ctx: RunContext, run: Path) -> dict[str, tuple[Engine, list[Path]]]:
-    """The run's CPU engines by name (ort-<precision>, openvino-<precision>) with the files they ship as."""
+def cpu_engines(ctx: RunContext, run: Path, one_at_a_time: bool = False) -> dict[str, tuple[Engine, list[Path]]]:
+    """The run's CPU engines by name (ort-<precision>, openvino-<precision>) with the files they ship
+    as; one_at_a_time (large models): each runtime is released as soon as it has loaded (its files
+    checked), to load again when used, so that no two are ever in memory together."""
+
+    def loaded(engine: Engine) -> Engine:
+        release = getattr(engine, "release", None)
+        if one_at_a_time and release is not None:
+            release()
+        return engine
+
     opt = run / "engine" / "model.opt.onnx"
     name = ort_name(ctx)
-    found: dict[str, tuple[Engine, list[Path]]] = {name: (OrtEngine(opt, ctx.sampler, name), graph_files(opt))}
+    found: dict[str, tuple[Engine, list[Path]]] = {name: (loaded(OrtEngine(opt, ctx.sampler, name)), graph_files(opt))}
     for precision in ("int8", "bf16", "f32", QDQ):
         xml = ov_xml(run, precision)
         if xml.is_file():
-            engine = ov_engine(run, precision, ctx.recipe.engine.openvino, ctx.sampler)
+            engine = loaded(ov_engine(run, precision, ctx.recipe.engine.openvino, ctx.sampler))
             found[f"openvino-{precision}"] = (engine, [xml, xml.with_suffix(".bin")])
     return found
 
@@ -132,7 +141,7 @@ def build_engines(
             # its weights are signed 8-bit: exact only where the int8 kernels do not saturate (VNNI, AMX)
             manifest[f"openvino-{QDQ}"] = _openvino_qdq(ctx, run, qdq)
         manifest["validated_on"] = host_record(host)
-        engines = {name: engine for name, (engine, _) in cpu_engines(ctx, run).items()}
+        engines = {name: engine for name, (engine, _) in cpu_engines(ctx, run, one_at_a_time=True).items()}
         fp = OrtEngine(run / "fp32.onnx", ctx.sampler, "ort-fp32", optimization="disabled")
         manifest["host_check"] = {
             "feeds": "32 calibration inputs spread over the steps (calibration/inputs.safetensors)",

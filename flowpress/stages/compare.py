@@ -177,10 +177,8 @@ def compare_stage(
     config = ctx.compare_config
     if torch_side is None:
         torch_side = measure_torch_side(ctx, progress)
-    candidates = cpu_engines(ctx, run)
+    candidates = cpu_engines(ctx, run, one_at_a_time)
     done = _release if one_at_a_time else (lambda _engine: None)
-    for candidate, _ in candidates.values():
-        done(candidate)  # loaded (their files checked), then left to load again when used
     main = main_engine(ctx)
     engine, engine_files = candidates[main]
     engine_manifest = json.loads((run / "engine" / "engine.json").read_text())
