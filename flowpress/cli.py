@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    progress = not args.quiet
+    progress = not args.quiet and os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
     if args.command in ("quantize", "compare"):
         from flowpress.recipe import load_recipe
         from flowpress.stages.chain import run_compare, run_quantize, summary_lines
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
             from flowpress.context import Timer
 
             timer = Timer(announce=progress)
-            recipe, runs, loaded = recipe_for_model(args, timer)
+            recipe, runs, loaded = recipe_for_model(args, timer, progress)
             run_dir, report = run_quantize(recipe, runs, progress, loaded, timer)
         else:
             recipe = load_recipe(args.recipe or default_recipe())

@@ -40,16 +40,17 @@ def _resolution(height: int | None, width: int | None) -> int | None:
     return side
 
 
-def recipe_for_model(args: argparse.Namespace, timer: Timer) -> tuple[Recipe, Path, LoadedModel]:
+def recipe_for_model(args: argparse.Namespace, timer: Timer, progress: bool = True) -> tuple[Recipe, Path, LoadedModel]:
     """(recipe, runs root, the loaded model) for --model and its options (the model loaded in
-    `timer`'s 'load' stage, after its memory plan is checked); the run is --out (default runs/<folder>)."""
+    `timer`'s 'load' stage, after its memory plan is checked, printed when `progress`); the run is
+    --out (default runs/<folder>)."""
     path = Path(args.model)
     if not path.exists():
         raise FlowpressError(f"--model {path}: no such directory; give a diffusers pipeline or denoiser directory")
     backend = backend_named(args.precision or "int8")
     need_extras(EngineSection(candidates=not args.no_openvino), backend.config())  # before the load
     plan = plan_memory(path, openvino=not args.no_openvino)
-    if not args.quiet:
+    if progress:
         print(f"[flowpress] {plan.line()}", flush=True)
     check_memory(plan, path)  # before the first load
     resolution = _resolution(args.height, args.width)
