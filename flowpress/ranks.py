@@ -24,7 +24,8 @@ from flowpress.errors import FlowpressError
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_TIMEOUT_S = 1800  # a collective waits this long for a rank (FLOWPRESS_DIST_TIMEOUT_S)
+DEFAULT_TIMEOUT_S = 7200  # a collective waits this long for a rank (FLOWPRESS_DIST_TIMEOUT_S): rank 0 builds a
+# real-size model's engines alone, for many minutes, while the others wait
 
 
 @dataclass(frozen=True)
