@@ -84,32 +84,23 @@ def export_onnx(
 
 
 def _traced(model: StepModel, scratch: Path, opset: int) -> Graph:
-    """The FP graph of a step model, traced by torch's exporter into `scratch`."""
-    step_model = model.eval()
+    """The FP graph of a step model, traced by torch's exporter into `scratch` (a graph over 2 GB
+    is written as one file per tensor there, beside the target: write_graph consolidates it)."""
+    step_model, raw = model.eval(), scratch / "exported.onnx"
     names = ["x", "step", *step_model.cond_names]
     register_symbolics(opset)
-    # torch writes a graph over 2 GB as one file per tensor beside it: into a scratch folder
-    # beside the target (same file system), consolidated by write_graph
-    raw = scratch / "exported.onnx"
     with warnings.catch_warnings():
         for message in EXPORTER_NOTICES:
             warnings.filterwarnings("ignore", message=message)
         torch.onnx.export(
-            step_model,
-            tuple(step_model.example_inputs(2)),
-            str(raw),
-            input_names=names,
-            output_names=["v"],
-            dynamic_axes={name: {0: "batch"} for name in [*names, "v"]},
-            opset_version=opset,
-            dynamo=False,
-        )
+            step_model, tuple(step_model.example_inputs(2)), str(raw), input_names=names, output_names=["v"],
+            dynamic_axes={name: {0: "batch"} for name in [*names, "v"]}, opset_version=opset, dynamo=False,
+        )  # fmt: skip
     graph = read_graph(raw)
     resolve_shape_ifs(graph)
-    for dim, size in zip(
-        graph.proto.graph.output[0].type.tensor_type.shape.dim[1:], step_model.sample_shape, strict=True
-    ):
-        dim.Clear()  # v has x's shape; the exporter loses it through the step bounds check's broadcast
+    dims = graph.proto.graph.output[0].type.tensor_type.shape.dim[1:]
+    for dim, size in zip(dims, step_model.sample_shape, strict=True):  # v has x's shape; the exporter loses it
+        dim.Clear()  # through the step bounds check's broadcast
         dim.dim_value = size
     return graph
 
