@@ -23,7 +23,7 @@ from flowpress.compress.model import (
 )
 from flowpress.errors import FlowpressError
 from flowpress.models import StepModel, copy_sharing_weights
-from flowpress.ranks import dist_info, shard
+from flowpress.ranks import agree, reduce_max, shard
 from flowpress.sampling import Sampler
 
 
@@ -55,7 +55,20 @@ def modelopt_config(config: Int8Config | Fp8Config, exclude: tuple[str, ...]) ->
         quant_cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": act})
     for pattern in exclude:
         quant_cfg.append({"quantizer_name": pattern if pattern.endswith("*") else f"{pattern}.*", "enable": False})
-    return {"quant_cfg": quant_cfg, "algorithm": {"method": "max", "distributed_sync": dist_info().world > 1}}
+    return {"quant_cfg": quant_cfg, "algorithm": {"method": "max", "distributed_sync": False}}  # ranks: sync_amax
+
+
+def sync_amax(model: nn.Module) -> None:
+    """Every calibrated range becomes its maximum over the ranks, in one collective (exact: every
+    rank calibrated on its share of the batches; modelopt's own sync takes one per quantizer)."""
+    amaxes = [
+        module._amax
+        for module in model.modules()
+        if type(module).__name__ == "TensorQuantizer" and getattr(module, "_amax", None) is not None
+    ]
+    shapes = ",".join(str(tuple(a.shape)) for a in amaxes)
+    agree({"calibrated quantizers": shapes}, "a rank calibrated other quantizers: report it with the recipe")
+    reduce_max(amaxes)
 
 
 def layer_quants(qmodule: StepModel, exclude: tuple[str, ...], config: Int8Config | Fp8Config) -> dict[str, LayerQuant]:
@@ -96,8 +109,7 @@ def quantize_modelopt(
     qmodule = copy_sharing_weights(fp_module)  # max calibration reads the weights, never writes them
 
     def forward_loop(_denoiser: nn.Module) -> None:
-        """This rank's share of the batches (a rank without one repeats the first: max is idempotent);
-        modelopt then takes each amax's maximum over the ranks (distributed_sync)."""
+        """This rank's share of the batches (a rank without one repeats the first: max is idempotent)."""
         from tqdm import tqdm
 
         batches = list(calib.batches(config.calib_batch_size))
@@ -106,6 +118,7 @@ def quantize_modelopt(
             qmodule.run(x, step, cond)
 
     mtq.quantize(qmodule.model, modelopt_config(config, exclude), forward_loop)
+    sync_amax(qmodule.model)
     layers = layer_quants(qmodule, exclude, config)
     if not layers:
         raise FlowpressError("quantize: no Conv2d or Linear layer was quantized; check quantize.exclude in the recipe")
