@@ -61,10 +61,10 @@ def modelopt_config(config: Int8Config | Fp8Config, exclude: tuple[str, ...]) ->
 def sync_amax(model: nn.Module) -> None:
     """Every calibrated range becomes its maximum over the ranks, in one collective (exact: every
     rank calibrated on its share of the batches; modelopt's own sync takes one per quantizer)."""
-    amaxes = [
-        module._amax
+    amaxes: list[torch.Tensor] = [
+        module._amax  # type: ignore[misc]
         for module in model.modules()
-        if type(module).__name__ == "TensorQuantizer" and getattr(module, "_amax", None) is not None
+        if type(module).__name__ == "TensorQuantizer" and isinstance(getattr(module, "_amax", None), torch.Tensor)
     ]
     shapes = ",".join(str(tuple(a.shape)) for a in amaxes)
     agree({"calibrated quantizers": shapes}, "a rank calibrated other quantizers: report it with the recipe")
