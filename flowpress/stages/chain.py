@@ -115,13 +115,12 @@ def _same_inputs(recipe: Recipe) -> None:
 
 def _source_hash() -> str:
     """sha256 over flowpress's own Python files (its version is the code each rank runs)."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent.parent
-    for folder, dirs, files in sorted(os.walk(package, followlinks=True)):
-        dirs.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = Path(folder) / name
-            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    digest, package = hashlib.sha256(), Path(__file__).resolve().parent.parent
+    sources = sorted(
+        Path(f) / n for f, _, names in os.walk(package, followlinks=True) for n in names if n.endswith(".py")
+    )
+    for path in sources:  # os.walk follows the symlinked layers (compress/, export/, ...); rglob does not
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
